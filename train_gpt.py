@@ -1,0 +1,1188 @@
+"""Parameter Golf, 10 min / 16 MB track: train, pack and evaluate one GPT in a single torchrun-launched file.
+
+The model: 11 layers of width 512 whose layers 4 and 5 run twice (13 passes, shared weights, per-pass
+conditioning), trained with Muon + AdamW inside a 600 s wall-clock cap, quantized to int6 (int8 embedding),
+packed with LZMA / brotli / zstd under 16,000,000 bytes, read back from disk and scored with an exact,
+single-pass sliding window. Settings are environment variables named after the fields of `Config`.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import difflib
+import glob
+import io
+import json
+import lzma
+import math
+import os
+import platform
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ==================================================================================================
+# Config
+# ==================================================================================================
+
+BOS_ID = 1                       # every document starts with BOS (id 1); there is no EOS
+ARTIFACT_LIMIT_BYTES = 16_000_000
+REFERENCE_GPUS = 8               # the batch is defined for 8 GPUs; fewer GPUs accumulate gradients
+INT6_MAX, INT8_MAX = 31, 127
+PHASE_SETS = ({"train", "export", "eval"}, {"train", "export"}, {"eval"})
+
+
+class RunError(Exception):
+    """A problem the user must fix (bad setting, bad data, over-size artifact): one line, exit code 1."""
+
+
+@dataclass
+class Config:
+    """Every setting of a run. The defaults ARE the submitted configuration; env var = field name in upper case."""
+    # ---- run and data
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    run_id: str = ""                 # default: a timestamp, the same on every rank
+    seed: int = 1337
+    phases: str = "train,export,eval"
+    log_dir: str = "logs"
+    artifact_path: str = ""          # default: <log_dir>/<run_id>.pgz; with PHASES=eval, the artifact to read
+    nll_dump_path: str = ""          # when set: per-target NLL of the final evaluation (.npy, float64)
+    # ---- model
+    vocab_size: int = 1024
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: int = 3
+    rope_dims: int = 16              # partial RoPE: rotate 16 of the 64 head dims
+    rope_base: float = 10000.0
+    qk_gain_init: float = 5.0        # per-head gain on the normalized q (QK gain 5: PR #1217)
+    logit_softcap: float = 30.0
+    bigram_vocab_size: int = 2048    # BigramHash buckets (0 = off)
+    bigram_dim: int = 128
+    recur_layers: tuple[int, ...] = (4, 5)   # layers run twice; empty = the plain model
+    # ---- training
+    iterations: int = 20000          # an upper bound: the wall-clock cap ends a real run first
+    max_wallclock_seconds: float = 600.0
+    train_batch_tokens: int = 786_432
+    train_seq_len: int = 2048
+    warmup_steps: int = 20           # compile warm-up steps, discarded before the clock starts
+    warmdown_frac: float = 0.5       # last fraction of the expected run with a linear LR decay to 0
+    matrix_lr: float = 0.025
+    scalar_lr: float = 0.025
+    tied_embed_lr: float = 0.035
+    muon_momentum: float = 0.99
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_wd: float = 0.04
+    adam_wd: float = 0.04
+    beta1: float = 0.9
+    beta2: float = 0.95
+    ema_decay: float = 0.997
+    late_qat_frac: float = 0.1       # last fraction of the expected run trained through fake int6 weights
+    val_loss_every: int = 0          # 0 = no validation during training (the final one always runs)
+    train_log_every: int = 100
+    compile: bool = True             # torch.compile on CUDA; CPU runs are eager
+    # ---- evaluation
+    eval_seq_len: int = 2048
+    eval_stride: int = 64
+    eval_batch_windows: int = 32     # windows per forward, per rank
+
+    def phase_set(self) -> set[str]:
+        return {p.strip() for p in self.phases.split(",") if p.strip()}
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise RunError(msg)
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                need(math.isfinite(v) and v >= 0, f"{f.name.upper()}={v} must be a finite number >= 0")
+        need(self.phase_set() in PHASE_SETS, f"PHASES={self.phases!r} must be one of: train,export,eval | train,export | eval")
+        for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
+                     "iterations", "train_batch_tokens", "train_seq_len", "eval_seq_len", "eval_stride",
+                     "eval_batch_windows", "train_log_every"):
+            need(getattr(self, name) > 0, f"{name.upper()} must be > 0")
+        need(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
+        need(self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        head_dim = self.model_dim // self.num_heads
+        need(self.rope_dims % 2 == 0 and self.rope_dims <= head_dim, f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {head_dim}")
+        need(self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shards")
+        need(self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE must be 0 or >= 2")
+        need(self.bigram_vocab_size == 0 or self.bigram_dim > 0, "BIGRAM_DIM must be > 0 when BIGRAM_VOCAB_SIZE > 0")
+        need(len(set(self.recur_layers)) == len(self.recur_layers), f"RECUR_LAYERS={self.recur_layers} repeats a layer")
+        need(all(0 <= i < self.num_layers for i in self.recur_layers),
+             f"RECUR_LAYERS={self.recur_layers} must name layers in 0..{self.num_layers - 1}")
+        need(self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
+        need(self.warmdown_frac <= 1 and self.late_qat_frac <= 1, "WARMDOWN_FRAC and LATE_QAT_FRAC must be <= 1")
+        need(self.ema_decay < 1, "EMA_DECAY must be < 1")
+
+
+# Fields that describe the network: stored in the artifact so PHASES=eval rebuilds exactly what was trained.
+MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
+                "rope_base", "qk_gain_init", "logit_softcap", "bigram_vocab_size", "bigram_dim", "recur_layers")
+# Names other submissions use, so a copied launch command fails loudly instead of being ignored.
+RENAMED = {"WARMDOWN_ITERS": "WARMDOWN_FRAC (a fraction of the expected run)",
+           "EVAL_BATCH_SEQS": "EVAL_BATCH_WINDOWS", "NUM_LOOPS": "RECUR_LAYERS", "LATE_QAT_THRESHOLD": "LATE_QAT_FRAC"}
+
+
+def parse_setting(name: str, text: str, hint) -> object:
+    text = text.strip()
+    try:
+        if hint is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if hint is int:
+            return int(text)
+        if hint is float:
+            return float(text)
+        if hint is str:
+            return text
+        return tuple(int(t) for t in text.replace(" ", "").split(",") if t)   # tuple[int, ...]
+    except ValueError:
+        raise RunError(f"{name}={text!r} is not a valid {getattr(hint, '__name__', 'list of ints')}") from None
+
+
+def config_from_env(env: typing.Mapping[str, str]) -> tuple[Config, set[str]]:
+    """Apply env overrides to the defaults; a name close to one of ours is an error that names the right one."""
+    hints = typing.get_type_hints(Config)
+    ours = {f.name.upper(): f.name for f in dataclasses.fields(Config)}
+    for key in env:
+        if key in RENAMED:
+            raise RunError(f"{key} is not a setting of this script; use {RENAMED[key]}")
+        if key not in ours:
+            close = difflib.get_close_matches(key, list(ours), n=1, cutoff=0.8)
+            if close:
+                raise RunError(f"unknown setting {key}={env[key]!r}: did you mean {close[0]}?")
+    values = {ours[k]: parse_setting(k, v, hints[ours[k]]) for k, v in env.items() if k in ours}
+    cfg = Config(**values)
+    cfg.validate()
+    return cfg, set(values)
+
+
+# ==================================================================================================
+# Utilities: run context, log, timers, wall-clock budget
+# ==================================================================================================
+
+@dataclass
+class Run:
+    """Where this process runs. Kept apart from Config: the same config runs on 1 or 8 ranks."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def start_run(env: typing.Mapping[str, str]) -> Run:
+    """Read torchrun's variables, pick the device and open the process group (nccl on GPUs, gloo on CPU)."""
+    world = int(env.get("WORLD_SIZE", "1"))
+    if REFERENCE_GPUS % world != 0:
+        raise RunError(f"WORLD_SIZE={world} must divide {REFERENCE_GPUS} (the batch is split into {REFERENCE_GPUS} micro-batches)")
+    run = Run(rank=int(env.get("RANK", "0")), world_size=world, local_rank=int(env.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available():
+        run.device = torch.device("cuda", run.local_rank)
+        torch.cuda.set_device(run.device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if run.distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if run.device.type == "cuda" else "gloo", device_id=run.device if run.device.type == "cuda" else None)
+    return run
+
+
+class Log:
+    """Rank-0 log: console and logs/<run_id>.txt, one flushed line at a time, so a crash leaves a complete prefix."""
+
+    def __init__(self) -> None:
+        self.file = None
+        self.enabled = True
+
+    def open(self, path: Path | None, enabled: bool) -> None:
+        self.enabled = enabled
+        if enabled and path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a", encoding="utf-8")
+
+    def __call__(self, msg: str, console: bool = True) -> None:
+        if not self.enabled:
+            return
+        if console:
+            print(msg, flush=True)
+        if self.file is not None:
+            self.file.write(msg + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+log = Log()
+
+
+@contextlib.contextmanager
+def timed(label: str, run: Run):
+    """Log `<label>_time:<ms>ms` for the block, with the device synchronized on both sides."""
+    run.sync()
+    t0 = time.perf_counter()
+    yield
+    run.sync()
+    log(f"{label}_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+
+
+class WallClock:
+    """Training time against the cap. Pauses (validation during training) are not counted, as in the baseline."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self.t0 = time.perf_counter()
+        self.paused_s = 0.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0 - self.paused_s
+
+    @contextlib.contextmanager
+    def paused(self):
+        t = time.perf_counter()
+        yield
+        self.paused_s += time.perf_counter() - t
+
+    def progress(self, step: int, iterations: int) -> float:
+        """Fraction of the expected run done: by steps, or by time when the cap comes first."""
+        by_time = self.elapsed() / self.limit_s if self.limit_s > 0 else 0.0
+        return min(1.0, max(step / iterations, by_time))
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename: readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ==================================================================================================
+# Data: challenge shards (256 x int32 header, then uint16 tokens)
+# ==================================================================================================
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+
+
+def read_shard(path: str | Path, vocab_size: int) -> np.ndarray:
+    """Read one shard, checking magic, version, size against the header, and every id against VOCAB_SIZE."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < HEADER_INTS * 4:
+        raise RunError(f"{path}: {size} bytes is shorter than the {HEADER_INTS * 4}-byte shard header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise RunError(f"{path}: bad header (magic {header[0]}, version {header[1]}; expected {SHARD_MAGIC}, {SHARD_VERSION})")
+    n = int(header[2])
+    if size != HEADER_INTS * 4 + 2 * n:
+        raise RunError(f"{path}: header says {n} tokens ({HEADER_INTS * 4 + 2 * n} bytes) but the file has {size} bytes")
+    tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_INTS * 4)
+    if n and int(tokens.max()) >= vocab_size:
+        raise RunError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
+    return tokens
+
+
+def shard_files(data_path: str, split: str) -> list[str]:
+    pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise RunError(f"DATA_PATH={data_path!r}: no {split} shards match {pattern}")
+    return files
+
+
+def load_val_tokens(cfg: Config) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate([read_shard(f, cfg.vocab_size) for f in shard_files(cfg.data_path, "val")]).astype(np.int64))
+
+
+class TokenStream:
+    """The train shards in name order as one endless stream; every rank walks the same stream."""
+
+    def __init__(self, files: list[str], vocab_size: int) -> None:
+        self.files, self.vocab_size = files, vocab_size
+        self.index, self.pos = 0, 0
+        self.tokens = read_shard(files[0], vocab_size)
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            if self.pos == len(self.tokens):
+                self.index = (self.index + 1) % len(self.files)
+                self.tokens, self.pos = read_shard(self.files[self.index], self.vocab_size), 0
+            k = min(n, len(self.tokens) - self.pos)
+            parts.append(self.tokens[self.pos:self.pos + k])
+            self.pos += k
+            n -= k
+        return np.concatenate(parts)
+
+
+class TrainLoader:
+    """Each micro-step takes world_size consecutive spans of (local tokens + 1) and keeps span `rank`: disjoint, deterministic."""
+
+    def __init__(self, cfg: Config, run: Run, local_tokens: int) -> None:
+        self.stream = TokenStream(shard_files(cfg.data_path, "train"), cfg.vocab_size)
+        self.run, self.local_tokens, self.seq_len = run, local_tokens, cfg.train_seq_len
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        span = self.local_tokens + 1
+        chunk = self.stream.take(span * self.run.world_size)[self.run.rank * span:(self.run.rank + 1) * span]
+        t = torch.from_numpy(chunk.astype(np.int64))
+        if self.run.device.type == "cuda":
+            t = t.pin_memory().to(self.run.device, non_blocking=True)
+        return t[:-1].view(-1, self.seq_len), t[1:].view(-1, self.seq_len)
+
+
+# ==================================================================================================
+# Tokenizer and exact bits per byte
+# ==================================================================================================
+
+@dataclass
+class ByteTables:
+    """UTF-8 bytes of each target: base[t] + (space[t] and not boundary[prev]) (RULES.md, as the baseline counts)."""
+    base: torch.Tensor       # int64 [V]: bytes of the piece without its leading "▁"; byte-fallback pieces count 1
+    space: torch.Tensor      # bool [V]: the piece starts with "▁"
+    boundary: torch.Tensor   # bool [V]: control / unknown / unused (BOS): counts 0 and swallows the next space
+
+    def count(self, prev: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.base[target] + (self.space[target] & ~self.boundary[prev]).long()
+
+    def to(self, device) -> "ByteTables":
+        return ByteTables(self.base.to(device), self.space.to(device), self.boundary.to(device))
+
+
+def load_byte_tables(path: str, vocab_size: int) -> ByteTables:
+    import sentencepiece as spm
+    if not os.path.isfile(path):
+        raise RunError(f"TOKENIZER_PATH={path!r}: file not found")
+    sp = spm.SentencePieceProcessor(model_file=path)
+    if sp.vocab_size() != vocab_size:
+        raise RunError(f"TOKENIZER_PATH={path!r} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
+    base = torch.zeros(vocab_size, dtype=torch.int64)
+    space = torch.zeros(vocab_size, dtype=torch.bool)
+    boundary = torch.zeros(vocab_size, dtype=torch.bool)
+    for i in range(vocab_size):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            boundary[i] = True
+        elif sp.is_byte(i):
+            base[i] = 1
+        else:
+            piece = sp.id_to_piece(i)
+            space[i] = piece.startswith("\u2581")
+            base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
+    return ByteTables(base, space, boundary)
+
+
+# ==================================================================================================
+# Model
+# ==================================================================================================
+# Every parameter carries one label; this table maps it to its optimizer, learning rate, weight decay and storage.
+# label: (optimizer, learning-rate field, weight-decay field or None, storage in the artifact)
+PARAM_TABLE = {
+    "matrix": ("muon", "matrix_lr", "muon_wd", "int6"),
+    "embed": ("adam", "tied_embed_lr", "adam_wd", "int8"),
+    "bigram": ("adam", "tied_embed_lr", "adam_wd", "int6"),
+    "scalar": ("adam", "scalar_lr", None, "fp16"),
+    "recur": ("adam", "scalar_lr", None, "fp32"),    # iter_embed / iter_gate: fp32, no decay (the -2 gate must hold)
+}
+
+
+def labelled(p: torch.Tensor, label: str) -> nn.Parameter:
+    assert label in PARAM_TABLE, label
+    p = p if isinstance(p, nn.Parameter) else nn.Parameter(p)
+    p.label = label
+    return p
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def fake_quant_rows(w: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Round each row to qmax levels each side of 0 with an abs-max scale: the shape of the export quantizer."""
+    scale = w.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / qmax
+    return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
+
+
+class QLinear(nn.Module):
+    """A bias-free linear layer exported as int6. Late QAT is a tensor switch (not a Python flag), so a compiled
+    graph honours it: w + qat * (fake_int6(w) - w).detach() is w when off and a straight-through int6 w when on."""
+
+    def __init__(self, in_features: int, out_features: int, label: str = "matrix", init: str = "orthogonal") -> None:
+        super().__init__()
+        w = torch.empty(out_features, in_features)
+        nn.init.orthogonal_(w) if init == "orthogonal" else nn.init.zeros_(w)
+        self.weight = labelled(w, label)
+        self.register_buffer("qat", torch.zeros(()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = w + self.qat.to(w.dtype) * (fake_quant_rows(w, INT6_MAX) - w).detach()
+        return F.linear(x, w)
+
+
+class Rotary(nn.Module):
+    """Partial RoPE: rotate the first `dims` of each head, leave the rest position-free."""
+
+    def __init__(self, dims: int, base: float) -> None:
+        super().__init__()
+        self.dims = dims
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # [B, T, H, D]
+        if self.dims == 0:
+            return x
+        t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq)
+        cos, sin = freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype)
+        x1, x2, rest = x[..., :self.dims // 2], x[..., self.dims // 2:self.dims], x[..., self.dims:]
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest), dim=-1)
+
+
+def flash_attention_available() -> bool:
+    try:
+        import flash_attn_interface  # noqa: F401  (FlashAttention-3, Hopper; not on PyPI)
+        return True
+    except ImportError:
+        return False
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    """Causal GQA attention on [B, T, H, D] tensors (k, v with fewer heads)."""
+    if backend == "fa3" and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        from flash_attn_interface import flash_attn_func
+        out = flash_attn_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config, value_residual: bool, backend: str) -> None:
+        super().__init__()
+        d, self.h, self.hkv = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads
+        self.hd, self.backend = d // cfg.num_heads, backend
+        self.c_q = QLinear(d, d)
+        self.c_k = QLinear(d, self.hkv * self.hd)
+        self.c_v = QLinear(d, self.hkv * self.hd)
+        self.proj = QLinear(d, d, init="zeros")
+        self.q_gain = labelled(torch.full((self.h,), cfg.qk_gain_init), "scalar")
+        self.rotary = Rotary(cfg.rope_dims, cfg.rope_base)
+        # value residual (ResFormer): mix this layer's values with layer 0's; layer 0 has no mix (it would be unused)
+        self.vr_mix = labelled(torch.tensor([0.5, 0.5]), "scalar") if value_residual else None
+
+    def forward(self, x: torch.Tensor, v0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.h, self.hd)
+        k = self.c_k(x).view(B, T, self.hkv, self.hd)
+        v = self.c_v(x).view(B, T, self.hkv, self.hd)
+        if self.vr_mix is None:
+            v0 = v
+        else:
+            v = self.vr_mix[0].to(v.dtype) * v + self.vr_mix[1].to(v.dtype) * v0
+        q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[None, None, :, None]
+        k = self.rotary(rms_norm(k))
+        y = causal_attention(q, k, v, self.backend)
+        # XSA (exclusive self attention): remove from each head's output its component along its own token's value
+        g = y.view(B, T, self.hkv, self.h // self.hkv, self.hd)
+        vn = F.normalize(v, dim=-1).unsqueeze(3)
+        y = (g - (g * vn).sum(-1, keepdim=True) * vn).reshape(B, T, self.h * self.hd)
+        return self.proj(y), v0
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.fc = QLinear(cfg.model_dim, cfg.mlp_mult * cfg.model_dim)
+        self.proj = QLinear(cfg.mlp_mult * cfg.model_dim, cfg.model_dim, init="zeros")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.leaky_relu(self.fc(x), negative_slope=0.5).square())   # LeakyReLU(0.5)^2: PR #493
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, index: int, backend: str) -> None:
+        super().__init__()
+        d = cfg.model_dim
+        self.attn = Attention(cfg, value_residual=index > 0, backend=backend)
+        self.mlp = MLP(cfg)
+        self.attn_scale = labelled(torch.ones(d), "scalar")
+        self.mlp_scale = labelled(torch.ones(d), "scalar")
+        self.resid_mix = labelled(torch.stack((torch.ones(d), torch.zeros(d))), "scalar")   # x <- a x + b x0
+
+    def forward(self, x, x0, v0):
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        a, v0 = self.attn(rms_norm(x), v0)
+        x = x + self.attn_scale.to(x.dtype) * a
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        return x, v0
+
+
+def doc_continues(idx: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: position t>0 whose token is not BOS, i.e. token t-1 belongs to the same document."""
+    keep = idx != BOS_ID
+    keep[:, 0] = False
+    return keep
+
+
+class BigramHash(nn.Module):
+    """Embedding of a hash of (previous token, token), projected to the model width; a BOS gets the 'no bigram' bucket."""
+
+    def __init__(self, vocab: int, buckets: int, dim: int, width: int) -> None:
+        super().__init__()
+        self.buckets = buckets
+        self.embed = labelled(torch.randn(buckets, dim) * 0.02, "bigram")
+        self.proj = QLinear(dim, width, label="bigram", init="zeros")
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        prev = F.pad(idx[:, :-1], (1, 0))
+        h = torch.bitwise_xor(36313 * idx, 27191 * prev) % (self.buckets - 1)
+        h = torch.where(doc_continues(idx), h, self.buckets - 1)
+        return self.proj(F.embedding(h, self.embed))
+
+
+class SmearGate(nn.Module):
+    """x_t += sigmoid(gate) * (x_{t-1} - x_t) inside a document; a BOS keeps its own vector (no cross-document leak)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.gate = labelled(torch.zeros(width), "scalar")
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        g = torch.sigmoid(self.gate).to(x.dtype) * doc_continues(idx).unsqueeze(-1).to(x.dtype)
+        return x + g * (prev - x)
+
+
+def layer_schedule(num_layers: int, recur_layers: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(physical layer, repeat index or -1) per pass: recur (4, 5) on 11 layers gives 0,1,2,3,4,4',5,5',6,...,10."""
+    order = []
+    for i in range(num_layers):
+        order.append((i, -1))
+        if i in recur_layers:
+            order.append((i, recur_layers.index(i)))
+    return order
+
+
+class GPT(nn.Module):
+    """Training, evaluation and SLOT all go through hidden() then head(): one forward path."""
+
+    def __init__(self, cfg: Config, attention: str = "sdpa") -> None:
+        super().__init__()
+        d = cfg.model_dim
+        self.softcap = cfg.logit_softcap
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        self.tok_emb.weight = labelled(torch.randn(cfg.vocab_size, d) * 0.005, "embed")
+        self.bigram = BigramHash(cfg.vocab_size, cfg.bigram_vocab_size, cfg.bigram_dim, d) if cfg.bigram_vocab_size else None
+        self.smear = SmearGate(d)
+        self.blocks = nn.ModuleList(Block(cfg, i, attention) for i in range(cfg.num_layers))
+        self.schedule = layer_schedule(cfg.num_layers, cfg.recur_layers)
+        self.n_enc = len(self.schedule) // 2          # U-Net: the first half of the passes feed the second half
+        n_skip = min(self.n_enc, len(self.schedule) - self.n_enc)
+        self.skip_weights = labelled(torch.ones(n_skip, d), "scalar")
+        n_rep = len(cfg.recur_layers)
+        self.iter_embed = labelled(torch.randn(n_rep, d) * 0.02, "recur") if n_rep else None   # PR #1278
+        self.iter_gate = labelled(torch.full((n_rep, d), -2.0), "recur") if n_rep else None
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, T] -> final residual stream [B, T, d] (before the final norm)."""
+        x = self.tok_emb(idx)
+        if self.bigram is not None:
+            x = x + self.bigram(idx)
+        x = self.smear(rms_norm(x), idx)
+        x0, v0, skips = x, None, []
+        for i, (layer, rep) in enumerate(self.schedule):
+            if rep >= 0:   # second pass of a recurrent layer: per-pass conditioning
+                x = x + torch.sigmoid(self.iter_gate[rep]).to(x.dtype) * self.iter_embed[rep].to(x.dtype)
+            j = i - self.n_enc
+            if 0 <= j < len(self.skip_weights):
+                x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
+            x, v0 = self.blocks[layer](x, x0, v0)
+            if i < self.n_enc:
+                skips.append(x)
+        return x
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm, tied LM head and logit soft-cap, in float32."""
+        logits = F.linear(rms_norm(h), self.tok_emb.weight.to(h.dtype)).float()
+        return self.softcap * torch.tanh(logits / self.softcap)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.hidden(idx))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def set_qat(self, on: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, QLinear):
+                m.qat.fill_(float(on))
+
+
+def param_labels(model: nn.Module) -> dict[str, str]:
+    """name -> label for every parameter; asserts each is labelled exactly once (tied weights appear once)."""
+    labels = {name: getattr(p, "label", None) for name, p in model.named_parameters()}
+    missing = [n for n, lab in labels.items() if lab not in PARAM_TABLE]
+    assert not missing, f"parameters without a label in PARAM_TABLE: {missing}"
+    return labels
+
+
+# ==================================================================================================
+# Optimizers: Muon for block matrices, AdamW for the rest
+# ==================================================================================================
+
+def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximate the orthogonal factor U V^T of g with a quintic Newton-Schulz iteration (Muon, K. Jordan 2024)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    x = x / (x.norm() + 1e-7)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        A = x @ x.T
+        x = a * x + (b * A + c * A @ A) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, row normalisation (MuonEq-R, arXiv 2603.28254), Newton-Schulz orthogonalisation and
+    decoupled weight decay. Each rank orthogonalises every world_size-th matrix; one all-reduce shares the results."""
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float, run: Run) -> None:
+        super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.run = run
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            params = group["params"]
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16 if params[0].is_cuda else torch.float32)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % self.run.world_size == self.run.rank:
+                    buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    g = p.grad.add(buf, alpha=group["momentum"])
+                    g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-7)
+                    g = newton_schulz(g) * max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    flat[offset:offset + p.numel()] = g.reshape(-1)
+                offset += p.numel()
+            self.run.all_reduce(flat)
+            offset = 0
+            for p in params:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+def build_optimizers(model: GPT, cfg: Config, run: Run) -> list[torch.optim.Optimizer]:
+    """One group per label of PARAM_TABLE; asserts every parameter is claimed exactly once."""
+    by_label: dict[str, list[nn.Parameter]] = {}
+    for p in model.parameters():
+        by_label.setdefault(p.label, []).append(p)
+    claimed = [id(p) for ps in by_label.values() for p in ps]
+    assert len(claimed) == len(set(claimed)) == len(list(model.parameters())), "a parameter is claimed twice or not at all"
+    muon_groups, adam_groups = [], []
+    for label, params in by_label.items():
+        opt, lr_field, wd_field, _ = PARAM_TABLE[label]
+        group = dict(params=params, lr=getattr(cfg, lr_field), base_lr=getattr(cfg, lr_field), label=label,
+                     weight_decay=getattr(cfg, wd_field) if wd_field else 0.0)
+        (muon_groups if opt == "muon" else adam_groups).append(group)
+    opts: list[torch.optim.Optimizer] = []
+    if adam_groups:
+        fused = dict(fused=True) if run.device.type == "cuda" else dict(foreach=True)
+        opts.append(torch.optim.AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **fused))
+    for group in muon_groups:
+        muon = Muon(group.pop("params"), lr=group["lr"], momentum=cfg.muon_momentum, weight_decay=group["weight_decay"], run=run)
+        muon.param_groups[0].update(base_lr=group["base_lr"], label=group["label"])
+        opts.append(muon)
+    return opts
+
+
+def lr_scale(progress: float, warmdown_frac: float) -> float:
+    """1 until the warm-down, then linear to 0 at the end of the expected run."""
+    if warmdown_frac <= 0 or progress < 1 - warmdown_frac:
+        return 1.0
+    return max(0.0, (1 - progress) / warmdown_frac)
+
+
+# ==================================================================================================
+# Quantization and serialization
+# ==================================================================================================
+ARTIFACT_MAGIC = b"PGOLF-1\n"
+CLIP_FRACTIONS = (1.0, 0.995, 0.99, 0.98, 0.97, 0.96, 0.94, 0.92, 0.9, 0.87, 0.84, 0.8)
+
+
+def quantize_rows(w: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric quantization; each row's clip is the fraction of its abs-max with the least squared error."""
+    w = w.float()
+    amax = w.abs().amax(dim=1).clamp_min(1e-12)
+    best_err = torch.full_like(amax, float("inf"))
+    best_scale = amax / qmax
+    for frac in CLIP_FRACTIONS:
+        scale = (amax * frac / qmax).half().float()   # the scale as it will be stored
+        q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
+        err = ((q * scale[:, None] - w) ** 2).sum(dim=1)
+        better = err < best_err
+        best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
+    q = torch.clamp(torch.round(w / best_scale[:, None]), -qmax, qmax).to(torch.int8)
+    return q, best_scale.half()
+
+
+def shuffle_bytes(a: np.ndarray) -> bytes:
+    """Byte-plane shuffle (all first bytes, then all second bytes ...): fp16 scales and values compress better."""
+    return np.ascontiguousarray(a).view(np.uint8).reshape(-1, a.itemsize).T.tobytes()
+
+
+def unshuffle_bytes(b: bytes, dtype: str, shape: list[int]) -> np.ndarray:
+    dt = np.dtype(dtype)
+    n = int(np.prod(shape))
+    return np.frombuffer(b, np.uint8).reshape(dt.itemsize, n).T.copy().view(dt).reshape(shape)
+
+
+def pack_state(state: dict[str, torch.Tensor], labels: dict[str, str], model_cfg: dict) -> bytes:
+    """Quantize each tensor by its label's storage and lay out one plain payload: header length, JSON header, bytes."""
+    entries, chunks, offset = [], [], 0
+
+    def add(name: str, role: str, arr: np.ndarray) -> None:
+        nonlocal offset
+        data = shuffle_bytes(arr)
+        entries.append(dict(name=name, role=role, dtype=arr.dtype.str, shape=list(arr.shape), offset=offset, nbytes=len(data)))
+        chunks.append(data)
+        offset += len(data)
+
+    storage = {}
+    for name, t in state.items():
+        kind = PARAM_TABLE[labels[name]][3]
+        if kind in ("int6", "int8") and t.dim() == 2:
+            q, scale = quantize_rows(t, INT6_MAX if kind == "int6" else INT8_MAX)
+            add(name, "q", q.numpy())
+            add(name, "scale", scale.numpy())
+        else:
+            kind = "fp32" if kind == "fp32" else "fp16"
+            add(name, "value", t.detach().cpu().to(torch.float32 if kind == "fp32" else torch.float16).numpy())
+        storage[name] = kind
+    header = json.dumps(dict(model=model_cfg, storage=storage, tensors=entries)).encode()
+    return len(header).to_bytes(4, "little") + header + b"".join(chunks)
+
+
+def unpack_state(payload: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
+    n = int.from_bytes(payload[:4], "little")
+    header = json.loads(payload[4:4 + n])
+    blob = payload[4 + n:]
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    for e in header["tensors"]:
+        parts.setdefault(e["name"], {})[e["role"]] = unshuffle_bytes(blob[e["offset"]:e["offset"] + e["nbytes"]], e["dtype"], e["shape"])
+    state = {}
+    for name, p in parts.items():
+        if "q" in p:
+            state[name] = torch.from_numpy(p["q"]).float() * torch.from_numpy(p["scale"]).float()[:, None]
+        else:
+            state[name] = torch.from_numpy(p["value"]).float()
+    return header["model"], state
+
+
+def _brotli(data: bytes) -> bytes:
+    import brotli
+    return brotli.compress(data, quality=11, lgwin=24)
+
+
+def _zstd(data: bytes) -> bytes:
+    import zstandard
+    return zstandard.ZstdCompressor(level=22).compress(data)
+
+
+def _unbrotli(data: bytes) -> bytes:
+    import brotli
+    return brotli.decompress(data)
+
+
+def _unzstd(data: bytes) -> bytes:
+    import zstandard
+    return zstandard.ZstdDecompressor().decompress(data)
+
+
+# name: (id byte, compress, decompress); pack_artifact keeps whichever is smallest
+COMPRESSORS = {
+    "lzma": (1, lambda d: lzma.compress(d, preset=9 | lzma.PRESET_EXTREME), lzma.decompress),
+    "brotli": (2, _brotli, _unbrotli),
+    "zstd": (3, _zstd, _unzstd),
+}
+
+
+def pack_artifact(payload: bytes) -> tuple[bytes, str, dict[str, int]]:
+    sizes, best = {}, None
+    for name, (ident, compress, _) in COMPRESSORS.items():
+        blob = ARTIFACT_MAGIC + bytes([ident]) + compress(payload)
+        sizes[name] = len(blob)
+        if best is None or len(blob) < len(best[0]):
+            best = (blob, name)
+    return best[0], best[1], sizes
+
+
+def read_artifact(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read an artifact written by pack_artifact: no pickle, nothing executed."""
+    if not path.is_file():
+        raise RunError(f"ARTIFACT_PATH={str(path)!r}: file not found")
+    data = path.read_bytes()
+    if not data.startswith(ARTIFACT_MAGIC) or len(data) <= len(ARTIFACT_MAGIC):
+        raise RunError(f"{path}: not an artifact of this script (bad magic)")
+    by_id = {ident: decompress for ident, _, decompress in COMPRESSORS.values()}
+    ident = data[len(ARTIFACT_MAGIC)]
+    if ident not in by_id:
+        raise RunError(f"{path}: unknown compressor id {ident}")
+    try:
+        return unpack_state(by_id[ident](data[len(ARTIFACT_MAGIC) + 1:]))
+    except Exception as e:
+        raise RunError(f"{path}: corrupt artifact ({type(e).__name__}: {e})") from None
+
+
+# ==================================================================================================
+# Evaluation: exact single-pass sliding window
+# ==================================================================================================
+
+def build_windows(n_tokens: int, seq_len: int, stride: int) -> np.ndarray:
+    """Windows [start, end, first_scored] over tokens x[0..N-1]: inputs x[start:end] predict targets start+1..end, of
+    which first_scored..end are scored. Every target 1..N-1 is scored exactly once: the first window scores all of
+    its targets, each later one its last `stride`; the last window ends at N-1 with a full-length context."""
+    last = n_tokens - 1
+    windows, start, scored_to = [], 0, 0
+    while scored_to < last:
+        if start + seq_len > last:
+            start = max(0, last - seq_len)
+        end = min(start + seq_len, last)
+        windows.append((start, end, scored_to + 1))
+        scored_to = end
+        start += stride
+    return np.asarray(windows, dtype=np.int64).reshape(-1, 3)
+
+
+@dataclass
+class EvalResult:
+    loss: float            # mean NLL per scored target, nats
+    bpb: float
+    tokens: int
+    bytes: int
+    seconds: float
+    nll: np.ndarray | None = None   # per target, stream order (rank 0, when asked)
+
+
+def score_plain(model: GPT, h: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """NLL of each scored target: the LM head runs only at scored positions."""
+    logits = model.head(h[mask])
+    return F.cross_entropy(logits, y[mask], reduction="none")
+
+
+@torch.no_grad()
+def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq_len: int, stride: int,
+             batch_windows: int, hidden_fn=None, want_nll: bool = False) -> EvalResult:
+    """Score every target of `tokens` once. Windows are split across ranks in contiguous stream order."""
+    t0 = time.perf_counter()
+    hidden_fn = hidden_fn or model.hidden
+    windows = build_windows(len(tokens), seq_len, stride)
+    lo, hi = len(windows) * run.rank // run.world_size, len(windows) * (run.rank + 1) // run.world_size
+    tables = tables.to(run.device)
+    totals = torch.zeros(3, dtype=torch.float64, device=run.device)   # nll, tokens, bytes
+    nll_parts = []
+    for b0 in range(lo, hi, batch_windows):
+        w = windows[b0:min(b0 + batch_windows, hi)]
+        width = int(w[0, 1] - w[0, 0])      # all windows have the same length (see build_windows)
+        x = torch.stack([tokens[s:e] for s, e, _ in w]).to(run.device)
+        y = torch.stack([tokens[s + 1:e + 1] for s, e, _ in w]).to(run.device)
+        first = torch.as_tensor(w[:, 2] - 1 - w[:, 0], device=run.device)
+        mask = torch.arange(width, device=run.device)[None, :] >= first[:, None]
+        with run.autocast():
+            h = hidden_fn(x)
+        nll = score_plain(model, h, mask, y).double()
+        totals += torch.stack((nll.sum(), torch.tensor(float(nll.numel()), dtype=torch.float64, device=run.device),
+                               tables.count(x[mask], y[mask]).sum().double()))
+        if want_nll:
+            nll_parts.append(nll.cpu())
+    run.all_reduce(totals)
+    nll_sum, n_tok, n_bytes = totals.tolist()
+    nll_all = None
+    if want_nll:
+        local = torch.cat(nll_parts).numpy() if nll_parts else np.zeros(0)
+        if run.distributed:
+            gathered = [None] * run.world_size
+            dist.all_gather_object(gathered, local)
+            local = np.concatenate(gathered)
+        nll_all = local
+    run.sync()
+    return EvalResult(loss=nll_sum / n_tok, bpb=nll_sum / math.log(2) / n_bytes, tokens=int(n_tok), bytes=int(n_bytes),
+                      seconds=time.perf_counter() - t0, nll=nll_all)
+
+
+# ==================================================================================================
+# Training
+# ==================================================================================================
+
+def train_step(model, opts, loader: TrainLoader, grad_accum: int, run: Run) -> torch.Tensor:
+    """One optimizer step over grad_accum micro-batches; DDP all-reduces gradients on the last one only."""
+    total = torch.zeros((), device=run.device)
+    for i in range(grad_accum):
+        x, y = loader.next()
+        sync = contextlib.nullcontext() if (not run.distributed or i == grad_accum - 1) else model.no_sync()
+        with sync:
+            with run.autocast():
+                loss = model(x, y)
+            (loss / grad_accum).backward()
+        total += loss.detach()
+    for opt in opts:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return total / grad_accum
+
+
+def set_schedule(opts, cfg: Config, step: int, progress: float) -> None:
+    scale = lr_scale(progress, cfg.warmdown_frac)
+    warm = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps else 1.0
+    momentum = cfg.muon_momentum_warmup_start + warm * (cfg.muon_momentum - cfg.muon_momentum_warmup_start)
+    for opt in opts:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * scale
+            if isinstance(opt, Muon):
+                group["momentum"] = momentum
+
+
+class EMA:
+    """Exponential moving average of the weights, exported instead of the raw weights. The decay ramps up
+    ((1+t)/(10+t)) so that short runs are not dominated by the initialisation."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay, self.updates = decay, 0
+        self.params = [p for p in model.parameters()]
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - d)
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        by_id = {id(p): s for p, s in zip(self.params, self.shadow)}
+        return {name: by_id[id(p)].cpu() for name, p in model.named_parameters()}
+
+
+def compile_warmup(model, ddp_model, opts, cfg: Config, run: Run, grad_accum: int, local_tokens: int) -> None:
+    """Run WARMUP_STEPS real steps so compilation happens before the clock, then restore model and optimizers."""
+    if cfg.warmup_steps == 0:
+        return
+    model_state = copy.deepcopy(model.state_dict())
+    opt_states = [copy.deepcopy(o.state_dict()) for o in opts]
+    loader = TrainLoader(cfg, run, local_tokens)
+    with timed("compile_warmup", run):
+        for _ in range(cfg.warmup_steps):
+            train_step(ddp_model, opts, loader, grad_accum, run)
+    model.load_state_dict(model_state)
+    for o, s in zip(opts, opt_states):
+        o.load_state_dict(s)
+        o.zero_grad(set_to_none=True)
+
+
+def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Train under the wall-clock cap and return the EMA weights (CPU, fp32) and their labels."""
+    grad_accum = REFERENCE_GPUS // run.world_size
+    local_tokens = cfg.train_batch_tokens // (run.world_size * grad_accum)
+    if local_tokens * run.world_size * grad_accum != cfg.train_batch_tokens or local_tokens % cfg.train_seq_len:
+        raise RunError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} must split into {REFERENCE_GPUS} micro-batches "
+                       f"of whole TRAIN_SEQ_LEN={cfg.train_seq_len} sequences")
+    torch.manual_seed(cfg.seed)
+    backend = "fa3" if run.device.type == "cuda" and flash_attention_available() else "sdpa"
+    model = GPT(cfg, attention=backend).to(run.device)
+    labels = param_labels(model)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())} attention:{backend} "
+        f"passes:{len(model.schedule)} grad_accum:{grad_accum} local_batch_tokens:{local_tokens}")
+    opts = build_optimizers(model, cfg, run)
+    fwd = torch.compile(model, dynamic=False, fullgraph=True) if cfg.compile and run.device.type == "cuda" else model
+    if run.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        fwd = DDP(fwd, device_ids=[run.local_rank] if run.device.type == "cuda" else None, broadcast_buffers=False)
+    compile_warmup(model, fwd, opts, cfg, run, grad_accum, local_tokens)
+    val_tokens = load_val_tokens(cfg) if cfg.val_loss_every else None
+    loader, ema = TrainLoader(cfg, run, local_tokens), EMA(model, cfg.ema_decay)
+    clock, step, step_avg_s, qat_on = WallClock(cfg.max_wallclock_seconds), 0, 0.0, False
+    while step < cfg.iterations:
+        progress = clock.progress(step, cfg.iterations)
+        if not qat_on and cfg.late_qat_frac > 0 and progress >= 1 - cfg.late_qat_frac:
+            model.set_qat(True)
+            qat_on = True
+            log(f"late_qat:on step:{step} train_time:{1000 * clock.elapsed():.0f}ms")
+        set_schedule(opts, cfg, step, progress)
+        elapsed_before = clock.elapsed()
+        loss = train_step(fwd, opts, loader, grad_accum, run)
+        ema.update()
+        # Will one more step fit? Assume this step and the next each take step_avg. One all-reduce (and the step's
+        # only host sync) lets every rank agree on that and on a non-finite loss.
+        cap_hit = cfg.max_wallclock_seconds > 0 and elapsed_before + 2 * step_avg_s > cfg.max_wallclock_seconds
+        flags = torch.stack((loss.float(), (~torch.isfinite(loss)).float(), torch.tensor(float(cap_hit), device=run.device)))
+        loss_sum, bad, cap = run.all_reduce(flags).tolist()
+        step += 1
+        step_avg_s = clock.elapsed() / step
+        if bad:
+            raise RunError(f"non-finite training loss at step {step}; nothing was exported")
+        if step % cfg.train_log_every == 0 or step == cfg.iterations or cap:
+            log(f"step:{step}/{cfg.iterations} train_loss:{loss_sum / run.world_size:.4f} "
+                f"train_time:{1000 * clock.elapsed():.0f}ms step_avg:{1000 * step_avg_s:.2f}ms")
+        if cfg.val_loss_every and step % cfg.val_loss_every == 0:
+            with clock.paused():
+                model.eval()
+                r = evaluate(model, val_tokens, tables, run, cfg.train_seq_len, cfg.train_seq_len, cfg.eval_batch_windows)
+                model.train()
+            log(f"step:{step}/{cfg.iterations} val_loss:{r.loss:.4f} val_bpb:{r.bpb:.4f} train_time:{1000 * clock.elapsed():.0f}ms")
+        if cap:
+            log(f"stopping_early: wallclock_cap train_time:{1000 * clock.elapsed():.0f}ms step:{step}/{cfg.iterations}")
+            break
+    log(f"train_done steps:{step} train_time:{1000 * clock.elapsed():.0f}ms step_avg:{1000 * step_avg_s:.2f}ms")
+    if run.device.type == "cuda":
+        log(f"peak_memory_allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB")
+    return ema.state_dict(model), labels
+
+
+# ==================================================================================================
+# Phases and main
+# ==================================================================================================
+
+def export_phase(cfg: Config, run: Run, state: dict[str, torch.Tensor], labels: dict[str, str], path: Path) -> None:
+    """Quantize, pack and write the artifact (rank 0, atomically); refuse to call an over-size artifact a success."""
+    code_bytes = len(Path(__file__).read_bytes())
+    if run.is_main:
+        with timed("export", run):
+            payload = pack_state(state, labels, {f: getattr(cfg, f) for f in MODEL_FIELDS})
+            blob, name, sizes = pack_artifact(payload)
+            write_atomic(path, blob)
+        log(f"artifact:{path} raw_payload_bytes:{len(payload)} " + " ".join(f"{k}_bytes:{v}" for k, v in sizes.items()))
+        log(f"code_bytes:{code_bytes} model_bytes:{len(blob)} total_submission_bytes:{code_bytes + len(blob)} compressor:{name}")
+    run.barrier()
+    total = code_bytes + path.stat().st_size
+    if total > ARTIFACT_LIMIT_BYTES:
+        raise RunError(f"total submission {total} bytes exceeds the {ARTIFACT_LIMIT_BYTES}-byte limit (artifact kept at {path})")
+
+
+def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path) -> None:
+    """Rebuild the model from the artifact on disk and score the whole validation stream."""
+    t0 = time.perf_counter()
+    model_cfg, state = read_artifact(path)
+    model_cfg["recur_layers"] = tuple(model_cfg["recur_layers"])
+    clash = [f"{k.upper()}={getattr(cfg, k)} (artifact: {v})" for k, v in model_cfg.items() if k in explicit and getattr(cfg, k) != v]
+    if clash:
+        raise RunError(f"settings disagree with the artifact's model: {', '.join(clash)}")
+    cfg = dataclasses.replace(cfg, **model_cfg)
+    tables = load_byte_tables(cfg.tokenizer_path, cfg.vocab_size)
+    backend = "fa3" if run.device.type == "cuda" and flash_attention_available() else "sdpa"
+    model = GPT(cfg, attention=backend).to(run.device)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    tokens = load_val_tokens(cfg)
+    hidden_fn = torch.compile(model.hidden, dynamic=False) if cfg.compile and run.device.type == "cuda" else model.hidden
+    log(f"eval_tokens:{len(tokens)} eval_seq_len:{cfg.eval_seq_len} eval_stride:{cfg.eval_stride}")
+    r = evaluate(model, tokens, tables, run, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows, hidden_fn,
+                 want_nll=bool(cfg.nll_dump_path))
+    log(f"final_sliding_window_exact val_loss:{r.loss:.8f} val_bpb:{r.bpb:.8f} eval_time:{1000 * r.seconds:.0f}ms "
+        f"scored_tokens:{r.tokens} scored_bytes:{r.bytes}")
+    if cfg.nll_dump_path and run.is_main:
+        buf = io.BytesIO()
+        np.save(buf, r.nll.astype(np.float64))
+        write_atomic(Path(cfg.nll_dump_path), buf.getvalue())
+        log(f"nll_dump:{cfg.nll_dump_path} values:{len(r.nll)}")
+    log(f"eval_done eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+
+
+def log_header(cfg: Config, run: Run) -> None:
+    """The log opens with this file's source (as the baseline's does), then the config and the versions."""
+    log(Path(__file__).read_text(encoding="utf-8"), console=False)
+    log("=" * 100, console=False)
+    log(f"run_id:{cfg.run_id}")
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        log(f"config.{f.name}:{','.join(map(str, v)) if isinstance(v, tuple) else v}", console=False)
+    gpu = f"{torch.cuda.get_device_name(run.device)} x{run.world_size}" if run.device.type == "cuda" else f"cpu x{run.world_size}"
+    log(f"python:{platform.python_version()} torch:{torch.__version__} cuda:{torch.version.cuda} device:{gpu}")
+    log(f"world_size:{run.world_size} phases:{cfg.phases}")
+
+
+def main() -> int:
+    try:
+        cfg, explicit = config_from_env(os.environ)
+        run = start_run(os.environ)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        if not cfg.run_id:   # one timestamp for every rank
+            box = [time.strftime("%Y%m%d_%H%M%S") + f"_seed{cfg.seed}"]
+            if run.distributed:
+                dist.broadcast_object_list(box, src=0)
+            cfg.run_id = box[0]
+        path = Path(cfg.artifact_path or os.path.join(cfg.log_dir, f"{cfg.run_id}.pgz"))
+        log.open(Path(cfg.log_dir) / f"{cfg.run_id}.txt", enabled=run.is_main)
+        log_header(cfg, run)
+        phases = cfg.phase_set()
+        if "train" in phases:
+            tables = load_byte_tables(cfg.tokenizer_path, cfg.vocab_size) if cfg.val_loss_every else None
+            state, labels = train_phase(cfg, run, tables)
+            export_phase(cfg, run, state, labels, path)
+        if "eval" in phases:
+            eval_phase(cfg, run, explicit, path)
+        return 0
+    except RunError as e:
+        log(f"error: {e}")
+        if not run.is_main:
+            print(f"error (rank {run.rank}): {e}", file=sys.stderr)
+        return 1
+    finally:
+        log.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
