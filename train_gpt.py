@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import difflib
 import glob
+import inspect
 import io
 import json
 import lzma
@@ -632,12 +633,16 @@ class GPT(nn.Module):
         self.iter_embed = labelled(torch.randn(n_rep, d) * 0.02, "recur") if n_rep else None   # PR #1278
         self.iter_gate = labelled(torch.full((n_rep, d), -2.0), "recur") if n_rep else None
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, T] -> final residual stream [B, T, d] (before the final norm)."""
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """The only place neighbouring tokens mix before attention; both mixers stop at a BOS."""
         x = self.tok_emb(idx)
         if self.bigram is not None:
             x = x + self.bigram(idx)
-        x = self.smear(rms_norm(x), idx)
+        return self.smear(rms_norm(x), idx)
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, T] -> final residual stream [B, T, d] (before the final norm)."""
+        x = self.embed(idx)
         x0, v0, skips = x, None, []
         for i, (layer, rep) in enumerate(self.schedule):
             if rep >= 0:   # second pass of a recurrent layer: per-pass conditioning
@@ -1045,7 +1050,9 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
     fwd = torch.compile(model, dynamic=False, fullgraph=True) if cfg.compile and run.device.type == "cuda" else model
     if run.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        fwd = DDP(fwd, device_ids=[run.local_rank] if run.device.type == "cuda" else None, broadcast_buffers=False)
+        # our buffers (RoPE frequencies, QAT switches) are equal on every rank: never re-broadcast them per forward
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+        fwd = DDP(fwd, device_ids=[run.local_rank] if run.device.type == "cuda" else None, **{no_sync: False})
     compile_warmup(model, fwd, opts, cfg, run, grad_accum, local_tokens)
     val_tokens = load_val_tokens(cfg) if cfg.val_loss_every else None
     loader, ema = TrainLoader(cfg, run, local_tokens), EMA(model, cfg.ema_decay)
@@ -1167,7 +1174,8 @@ def main() -> int:
         log_header(cfg, run)
         phases = cfg.phase_set()
         if "train" in phases:
-            tables = load_byte_tables(cfg.tokenizer_path, cfg.vocab_size) if cfg.val_loss_every else None
+            # check the tokenizer now, not after 600 s of training
+            tables = load_byte_tables(cfg.tokenizer_path, cfg.vocab_size) if "eval" in phases or cfg.val_loss_every else None
             state, labels = train_phase(cfg, run, tables)
             export_phase(cfg, run, state, labels, path)
         if "eval" in phases:

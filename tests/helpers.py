@@ -44,6 +44,7 @@ def make_documents(n: int, seed: int = 0) -> list[str]:
 def train_tokenizer(out_prefix: Path, docs: list[str], vocab_size: int = 320) -> Path:
     """A BPE model laid out like the official one: pad 0, BOS 1, unk 2, byte fallback on."""
     import sentencepiece as spm
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(sentence_iterator=iter(docs), model_prefix=str(out_prefix), vocab_size=vocab_size,
                                    model_type="bpe", byte_fallback=True, character_coverage=0.995, pad_id=0, bos_id=1,
                                    unk_id=2, eos_id=-1, hard_vocab_limit=False, minloglevel=2)

@@ -1,0 +1,58 @@
+"""Config: typed env overrides, and a misspelt setting is an error that names the right one."""
+import pytest
+
+import train_gpt as T
+
+
+def test_defaults_are_the_submitted_model():
+    cfg, explicit = T.config_from_env({})
+    assert explicit == set()
+    assert (cfg.num_layers, cfg.model_dim, cfg.vocab_size, cfg.recur_layers) == (11, 512, 1024, (4, 5))
+    assert (cfg.train_batch_tokens, cfg.train_seq_len, cfg.max_wallclock_seconds) == (786_432, 2048, 600.0)
+    assert (cfg.eval_seq_len, cfg.eval_stride) == (2048, 64)
+
+
+def test_overrides_are_typed():
+    cfg, explicit = T.config_from_env({"NUM_LAYERS": "9", "MATRIX_LR": "0.03", "COMPILE": "0", "RECUR_LAYERS": "3,4,5",
+                                       "RUN_ID": "abc", "PATH": "/bin"})
+    assert cfg.num_layers == 9 and cfg.matrix_lr == 0.03 and cfg.compile is False
+    assert cfg.recur_layers == (3, 4, 5) and cfg.run_id == "abc"
+    assert explicit == {"num_layers", "matrix_lr", "compile", "recur_layers", "run_id"}
+
+
+def test_empty_recur_layers_is_the_plain_model():
+    cfg, _ = T.config_from_env({"RECUR_LAYERS": ""})
+    assert cfg.recur_layers == ()
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"NUM_LAYER": "9"}, "did you mean NUM_LAYERS"),
+    ({"SEEDS": "1"}, "did you mean SEED"),
+    ({"EVAL_STRID": "32"}, "did you mean EVAL_STRIDE"),
+    ({"WARMDOWN_ITERS": "3500"}, "WARMDOWN_FRAC"),
+    ({"NUM_LAYERS": "eleven"}, "NUM_LAYERS='eleven' is not a valid int"),
+    ({"COMPILE": "maybe"}, "COMPILE='maybe'"),
+    ({"NUM_HEADS": "7"}, "MODEL_DIM=512 must be divisible by NUM_HEADS=7"),
+    ({"NUM_KV_HEADS": "3"}, "NUM_HEADS=8 must be divisible by NUM_KV_HEADS=3"),
+    ({"RECUR_LAYERS": "4,11"}, "RECUR_LAYERS=(4, 11) must name layers in 0..10"),
+    ({"RECUR_LAYERS": "4,4"}, "repeats a layer"),
+    ({"EVAL_STRIDE": "4096"}, "EVAL_STRIDE=4096 must be <= EVAL_SEQ_LEN=2048"),
+    ({"PHASES": "export"}, "PHASES='export'"),
+    ({"MATRIX_LR": "nan"}, "MATRIX_LR=nan must be a finite number"),
+    ({"ROPE_DIMS": "15"}, "ROPE_DIMS=15 must be even"),
+])
+def test_bad_settings_name_the_value(env, fragment):
+    with pytest.raises(T.RunError, match=None) as e:
+        T.config_from_env(env)
+    assert fragment in str(e.value)
+
+
+def test_unrelated_environment_is_ignored():
+    env = {"OMP_NUM_THREADS": "4", "TOKENIZERS_PARALLELISM": "false", "LOCAL_WORLD_SIZE": "8", "PYTHONPATH": "x",
+           "TORCHELASTIC_RUN_ID": "1", "MASTER_PORT": "29500", "HF_ENDPOINT": "http://x", "CUDA_VISIBLE_DEVICES": "0"}
+    T.config_from_env(env)
+
+
+def test_world_size_must_divide_eight():
+    with pytest.raises(T.RunError, match="WORLD_SIZE=3 must divide 8"):
+        T.start_run({"WORLD_SIZE": "3", "RANK": "0"})

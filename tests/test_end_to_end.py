@@ -1,0 +1,130 @@
+"""The real script, start to finish on a CPU: train -> export -> read back -> sliding eval, and every bad input."""
+import shutil
+
+import numpy as np
+import pytest
+
+from helpers import ROOT, parse_log, run_script, script_env, write_shard
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_data, tmp_path_factory):
+    data, tok = tiny_data
+    work = tmp_path_factory.mktemp("e2e")
+    env = script_env(data, tok, work / "logs", RUN_ID="e2e", NLL_DUMP_PATH=str(work / "nll.npy"))
+    r = run_script(env, work)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return work, env, r
+
+
+def test_log_is_complete(full_run):
+    work, env, r = full_run
+    text = (work / "logs" / "e2e.txt").read_text()
+    source = (ROOT / "train_gpt.py").read_text()
+    assert text.startswith(source + "\n" + "=" * 100 + "\n"), "the log opens with the exact source"
+    lines = parse_log(work / "logs" / "e2e.txt")
+    for key in ("run_id", "config.seed", "config.recur_layers", "python", "model_params", "step", "train_done",
+                "code_bytes", "final_sliding_window_exact", "eval_done"):
+        assert key in lines, key
+    assert int(lines["model_params"]["model_params"]) > 0
+    assert lines["step"]["step"] == "6/6" and "train_loss" in lines["step"]
+    final = lines["final_sliding_window_exact"]
+    assert len(final["val_loss"].split(".")[1]) == 8 and len(final["val_bpb"].split(".")[1]) == 8
+    assert float(final["val_bpb"]) > 0 and final["eval_time"].endswith("ms")
+
+
+def test_sizes_add_up(full_run):
+    work, env, r = full_run
+    b = parse_log(work / "logs" / "e2e.txt")["code_bytes"]
+    artifact = work / "logs" / "e2e.pgz"
+    assert int(b["code_bytes"]) == (ROOT / "train_gpt.py").stat().st_size
+    assert int(b["model_bytes"]) == artifact.stat().st_size
+    assert int(b["total_submission_bytes"]) == int(b["code_bytes"]) + int(b["model_bytes"])
+
+
+def test_eval_alone_reproduces_the_score(full_run):
+    work, env, r = full_run
+    first = parse_log(work / "logs" / "e2e.txt")["final_sliding_window_exact"]
+    env2 = dict(env, PHASES="eval", RUN_ID="e2e_eval", ARTIFACT_PATH=str(work / "logs" / "e2e.pgz"))
+    del env2["NLL_DUMP_PATH"]
+    r2 = run_script(env2, work)
+    assert r2.returncode == 0, r2.stdout[-2000:] + r2.stderr[-2000:]
+    again = parse_log(work / "logs" / "e2e_eval.txt")
+    assert again["final_sliding_window_exact"]["val_loss"] == first["val_loss"]
+    assert again["final_sliding_window_exact"]["val_bpb"] == first["val_bpb"]
+    assert "train_done" not in again
+
+
+def test_nll_dump(full_run, tiny_data):
+    work, env, r = full_run
+    nll = np.load(work / "nll.npy")
+    val = np.fromfile(tiny_data[0] / "fineweb_val_000000.bin", dtype="<u2", offset=1024)
+    final = parse_log(work / "logs" / "e2e.txt")["final_sliding_window_exact"]
+    assert nll.dtype == np.float64 and len(nll) == len(val) - 1 == int(final["scored_tokens"])
+    assert float(final["val_loss"]) == pytest.approx(nll.mean(), abs=1e-8)
+
+
+def test_eval_refuses_settings_that_contradict_the_artifact(full_run):
+    work, env, r = full_run
+    env2 = dict(env, PHASES="eval", RUN_ID="clash", ARTIFACT_PATH=str(work / "logs" / "e2e.pgz"), NUM_LAYERS="5")
+    r2 = run_script(env2, work)
+    assert r2.returncode == 1 and "NUM_LAYERS=5 (artifact: 3)" in r2.stdout
+
+
+def _fails(env, cwd, fragment):
+    r = run_script(env, cwd)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out[-2000:]
+    assert fragment in out, out[-2000:]
+    assert not list(cwd.rglob("*.pgz")), "no artifact may be written by a failed run"
+    return out
+
+
+def test_missing_data(tiny_data, tmp_path):
+    env = script_env(tmp_path / "nowhere", tiny_data[1], tmp_path / "logs", RUN_ID="x")
+    _fails(env, tmp_path, "no train shards match")
+
+
+def test_bad_shard_magic(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data[0], data)
+    write_shard(data / "fineweb_train_000001.bin", [1, 2, 3], magic=7)
+    env = script_env(data, tiny_data[1], tmp_path / "logs", RUN_ID="x", ITERATIONS="200")
+    _fails(env, tmp_path, "fineweb_train_000001.bin: bad header (magic 7")
+
+
+def test_token_out_of_vocab(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data[0], data)
+    write_shard(data / "fineweb_train_000000.bin", [1, 5, 400, 6] * 300)
+    env = script_env(data, tiny_data[1], tmp_path / "logs", RUN_ID="x")
+    _fails(env, tmp_path, "token id 400 >= VOCAB_SIZE=320")
+
+
+def test_tokenizer_vocab_mismatch_fails_before_training(tiny_data, tmp_path):
+    env = script_env(tiny_data[0], tiny_data[1], tmp_path / "logs", RUN_ID="x", VOCAB_SIZE="1024")
+    out = _fails(env, tmp_path, "has 320 pieces but VOCAB_SIZE=1024")
+    assert "step:" not in out
+
+
+def test_misspelt_setting(tiny_data, tmp_path):
+    env = script_env(tiny_data[0], tiny_data[1], tmp_path / "logs", RUN_ID="x", NUM_LAYER="2")
+    _fails(env, tmp_path, "did you mean NUM_LAYERS?")
+
+
+def test_non_finite_loss_stops_and_exports_nothing(tiny_data, tmp_path):
+    env = script_env(tiny_data[0], tiny_data[1], tmp_path / "logs", RUN_ID="x",
+                     MATRIX_LR="1e30", SCALAR_LR="1e30", TIED_EMBED_LR="1e30")
+    out = _fails(env, tmp_path, "non-finite training loss at step")
+    assert "error: non-finite" in (tmp_path / "logs" / "x.txt").read_text()
+
+
+def test_wallclock_cap_stops_training(tiny_data, tmp_path):
+    env = script_env(tiny_data[0], tiny_data[1], tmp_path / "logs", RUN_ID="cap", ITERATIONS="100000",
+                     MAX_WALLCLOCK_SECONDS="1.5", PHASES="train,export")
+    r = run_script(env, tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = parse_log(tmp_path / "logs" / "cap.txt")
+    assert "stopping_early" in lines
+    assert int(lines["train_done"]["train_time"].removesuffix("ms")) <= 1500
+    assert int(lines["train_done"]["steps"]) < 100000

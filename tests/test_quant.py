@@ -1,0 +1,105 @@
+"""int6 / int8 quantization, the artifact format, and atomic writes."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as T
+from helpers import TINY_ENV
+
+
+def _candidate_errors(w, qmax):
+    """Squared error of every clip candidate, each row on its own: the oracle for the search."""
+    amax = w.abs().amax(1)
+    errs = []
+    for frac in T.CLIP_FRACTIONS:
+        scale = (amax * frac / qmax).half().float()[:, None]
+        errs.append(((torch.clamp(torch.round(w / scale), -qmax, qmax) * scale - w) ** 2).sum(1))
+    return torch.stack(errs)
+
+
+@pytest.mark.parametrize("qmax", [T.INT6_MAX, T.INT8_MAX])
+def test_rows_in_range_and_each_row_takes_its_best_clip(qmax):
+    torch.manual_seed(0)
+    w = torch.randn(64, 96) * torch.rand(64, 1)    # rows of very different scales
+    q, scale = T.quantize_rows(w, qmax)
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= qmax and scale.dtype == torch.float16
+    err = ((q.float() * scale.float()[:, None] - w) ** 2).sum(1)
+    torch.testing.assert_close(err, _candidate_errors(w, qmax).min(0).values, rtol=1e-6, atol=0)
+    assert float(err.sum() / (w ** 2).sum()) < (2e-3 if qmax == T.INT6_MAX else 1e-4)
+
+
+def test_clip_search_clips_heavy_tails():
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(2.0).sample((64, 512))   # heavy tails: clipping the extremes pays off
+    _, scale = T.quantize_rows(w, T.INT6_MAX)
+    clipped = scale.float() < 0.999 * (w.abs().amax(1) / T.INT6_MAX)
+    assert clipped.float().mean() > 0.5
+
+
+def test_byte_shuffle_round_trip():
+    a = np.random.default_rng(0).standard_normal((5, 7)).astype(np.float16)
+    assert np.array_equal(T.unshuffle_bytes(T.shuffle_bytes(a), a.dtype.str, list(a.shape)), a)
+
+
+def _model_state():
+    cfg, _ = T.config_from_env(TINY_ENV)
+    torch.manual_seed(0)
+    model = T.GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return cfg, model, state, T.param_labels(model)
+
+
+def test_pack_unpack_follows_the_label_table():
+    cfg, model, state, labels = _model_state()
+    model_cfg = {f: getattr(cfg, f) for f in T.MODEL_FIELDS}
+    got_cfg, got = T.unpack_state(T.pack_state(state, labels, model_cfg))
+    assert got_cfg["num_layers"] == cfg.num_layers and set(got) == set(state)
+    for name, t in state.items():
+        kind = T.PARAM_TABLE[labels[name]][3]
+        if kind == "fp32":
+            assert torch.equal(got[name], t), name
+        elif kind == "fp16":
+            assert torch.equal(got[name], t.half().float()), name
+        else:
+            q, scale = T.quantize_rows(t, T.INT6_MAX if kind == "int6" else T.INT8_MAX)
+            assert torch.equal(got[name], q.float() * scale.float()[:, None]), name
+    model.load_state_dict(got)   # the names and shapes rebuild the model exactly
+
+
+def test_artifact_round_trip_and_smallest_compressor(tmp_path):
+    cfg, model, state, labels = _model_state()
+    payload = T.pack_state(state, labels, {f: getattr(cfg, f) for f in T.MODEL_FIELDS})
+    blob, name, sizes = T.pack_artifact(payload)
+    assert set(sizes) == set(T.COMPRESSORS) and len(blob) == min(sizes.values()) == sizes[name]
+    path = tmp_path / "a.pgz"
+    T.write_atomic(path, blob)
+    assert os.listdir(tmp_path) == ["a.pgz"]   # no temporary file left behind
+    assert T.read_artifact(path)[0] == T.unpack_state(payload)[0]
+
+
+def test_corrupt_artifacts_are_clear_errors(tmp_path):
+    cfg, model, state, labels = _model_state()
+    blob, _, _ = T.pack_artifact(T.pack_state(state, labels, {f: getattr(cfg, f) for f in T.MODEL_FIELDS}))
+    bad = tmp_path / "bad.pgz"
+    bad.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(T.RunError, match="bad.pgz: corrupt artifact"):
+        T.read_artifact(bad)
+    bad.write_bytes(b"PK\x03\x04 not ours")
+    with pytest.raises(T.RunError, match="bad magic"):
+        T.read_artifact(bad)
+    with pytest.raises(T.RunError, match="file not found"):
+        T.read_artifact(tmp_path / "missing.pgz")
+
+
+def test_over_size_artifact_fails_and_is_kept(tmp_path, monkeypatch):
+    cfg, model, state, labels = _model_state()
+    monkeypatch.setattr(T, "ARTIFACT_LIMIT_BYTES", 1000)
+    path = tmp_path / "big.pgz"
+    with pytest.raises(T.RunError, match=r"exceeds the 1000-byte limit \(artifact kept at"):
+        T.export_phase(cfg, T.Run(), state, labels, path)
+    assert path.is_file() and path.stat().st_size > 0
