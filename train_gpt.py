@@ -99,7 +99,17 @@ class Config:
     # ---- evaluation
     eval_seq_len: int = 2048
     eval_stride: int = 64
-    eval_batch_windows: int = 32     # windows per forward, per rank
+    eval_batch_windows: int = 32     # windows per forward (and per SLOT batch), per rank
+    eval_budget_seconds: float = 540.0   # the eval phase's deadline (600 s less 10%): SLOT steps are cut to meet it
+    eval_compare_plain: bool = False # also run the plain sliding eval first (final_sliding_window_exact)
+    # ---- SLOT (causal, context-only; see Slot and README)
+    slot_steps: int = 8              # 0 = plain sliding-window eval
+    slot_lr: float = 0.01
+    slot_lr_min: float = 0.001       # cosine floor
+    slot_focal: int = 0              # context targets in the loss: the last N before the scored slice; 0 = all
+    slot_bias: bool = True           # also a per-window logit bias [V]
+    slot_warm_start: float = 0.0     # alpha: start from alpha x the previous batch's mean delta; 0 = off
+    slot_optimizer: str = "adamw"    # adamw | lbfgs
 
     def phase_set(self) -> set[str]:
         return {p.strip() for p in self.phases.split(",") if p.strip()}
@@ -130,6 +140,8 @@ class Config:
         need(self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
         need(self.warmdown_frac <= 1 and self.late_qat_frac <= 1, "WARMDOWN_FRAC and LATE_QAT_FRAC must be <= 1")
         need(self.ema_decay < 1, "EMA_DECAY must be < 1")
+        need(self.slot_optimizer in SLOT_OPTIMIZERS, f"SLOT_OPTIMIZER={self.slot_optimizer!r} must be one of {sorted(SLOT_OPTIMIZERS)}")
+        need(self.slot_steps == 0 or self.slot_lr > 0, "SLOT_LR must be > 0 when SLOT_STEPS > 0")
 
 
 # Fields that describe the network: stored in the artifact so PHASES=eval rebuilds exactly what was trained.
@@ -657,7 +669,8 @@ class GPT(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm, tied LM head and logit soft-cap, in float32."""
-        logits = F.linear(rms_norm(h), self.tok_emb.weight.to(h.dtype)).float()
+        logits = F.linear(rms_norm(h), self.tok_emb.weight.to(h.dtype))
+        logits = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits   # float64 stays
         return self.softcap * torch.tanh(logits / self.softcap)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -909,6 +922,25 @@ def build_windows(n_tokens: int, seq_len: int, stride: int) -> np.ndarray:
     return np.asarray(windows, dtype=np.int64).reshape(-1, 3)
 
 
+@dataclass(frozen=True)
+class Slot:
+    """Causal, context-only SLOT (see README): per window, a delta [1, d] on the final residual stream and a logit
+    bias [1, V], optimized on that window's already-scored context, then used to score its slice and discarded."""
+    steps: int = 8
+    lr: float = 0.01
+    lr_min: float = 0.001
+    focal: int = 0                 # context targets in the loss: the last `focal` before the scored slice; 0 = all
+    bias: bool = True
+    warm_start: float = 0.0        # start at alpha x the mean final delta (and bias) of the previous batch
+    optimizer: str = "adamw"       # "adamw" (batched, element-wise) or "lbfgs" (one window at a time)
+
+    @classmethod
+    def from_config(cls, cfg: "Config") -> "Slot | None":
+        if cfg.slot_steps == 0:
+            return None
+        return cls(cfg.slot_steps, cfg.slot_lr, cfg.slot_lr_min, cfg.slot_focal, cfg.slot_bias, cfg.slot_warm_start, cfg.slot_optimizer)
+
+
 @dataclass
 class EvalResult:
     loss: float            # mean NLL per scored target, nats
@@ -916,45 +948,195 @@ class EvalResult:
     tokens: int
     bytes: int
     seconds: float
-    nll: np.ndarray | None = None   # per target, stream order (rank 0, when asked)
+    nll: np.ndarray | None = None   # per target, stream order (when asked)
+    slot_steps_mean: float = 0.0    # SLOT steps per window actually run (the budget guard may lower them)
+    slot_steps_min: int = 0
 
 
-def score_plain(model: GPT, h: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """NLL of each scored target: the LM head runs only at scored positions."""
-    logits = model.head(h[mask])
-    return F.cross_entropy(logits, y[mask], reduction="none")
+@dataclass
+class Shard:
+    """One rank's share of an evaluation, before the all-reduce."""
+    nll_sum: float = 0.0
+    tokens: int = 0
+    bytes: int = 0
+    nll: list = dataclasses.field(default_factory=list)
+    slot_step_sum: int = 0          # sum over windows of the SLOT steps used
+    slot_steps_min: int = 1 << 30
+
+
+def slot_context_weights(first: torch.Tensor, width: int, focal: int) -> torch.Tensor:
+    """[B, W] loss weights: 1/n on the n context targets strictly before each window's scored slice (the last `focal`
+    of them if focal > 0), 0 elsewhere. Each window's weights sum to 1 (or 0 without context): the batch loss is a
+    sum of per-window means, so no window's step size depends on another window."""
+    pos = torch.arange(width, device=first.device)[None, :]
+    lo = (first - focal).clamp_min(0)[:, None] if focal else torch.zeros_like(first)[:, None]
+    ctx = (pos >= lo) & (pos < first[:, None])
+    return ctx / ctx.sum(1, keepdim=True).clamp_min(1)
+
+
+def slot_init(n: int, d: int, vocab: int, prev: tuple | None, alpha: float, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-window parameters [n, 1, d] and [n, 1, V]: zero, or alpha x the previous batch's mean (already-scored context)."""
+    delta = torch.zeros(n, 1, d, dtype=like.dtype, device=like.device)
+    bias = torch.zeros(n, 1, vocab, dtype=like.dtype, device=like.device)
+    if prev is not None and alpha:
+        delta += alpha * prev[0]
+        bias += alpha * prev[1]
+    return delta, bias
+
+
+def slot_logits(model: GPT, h: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Logits at selected positions h [M, d], row m belonging to window rows[m]: softcap(head(h + delta)) + bias."""
+    logits = model.head(h + delta[rows, 0])
+    return logits + bias[rows, 0] if bias is not None else logits
+
+
+def slot_adamw(model, h, y, rows, w, delta, bias, slot: Slot, steps: int):
+    """`steps` AdamW steps (no weight decay, no clipping) with a cosine learning rate. AdamW is element-wise and the
+    loss is a sum of per-window means, so this is B independent optimizations run side by side."""
+    params = [delta.requires_grad_()] + ([bias.requires_grad_()] if bias is not None else [])
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for k in range(steps):
+        lr = slot.lr_min + 0.5 * (slot.lr - slot.lr_min) * (1 + math.cos(math.pi * k / steps))
+        loss = (F.cross_entropy(slot_logits(model, h, rows, delta, bias), y, reduction="none") * w).sum()
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g, mk, vk in zip(params, grads, m, v):
+                mk.mul_(b1).add_(g, alpha=1 - b1)
+                vk.mul_(b2).addcmul_(g, g, value=1 - b2)
+                p.sub_(lr * (mk / (1 - b1 ** (k + 1))) / ((vk / (1 - b2 ** (k + 1))).sqrt() + eps))
+    return delta.detach(), bias.detach() if bias is not None else None
+
+
+def slot_lbfgs(model, h, y, rows, w, delta, bias, slot: Slot, steps: int):
+    """L-BFGS (strong Wolfe) one window at a time: its history and line search never see another window."""
+    delta, bias = delta.clone(), bias.clone() if bias is not None else None
+    for b in rows.unique().tolist():
+        sel = rows == b
+        hb, yb, wb = h[sel], y[sel], w[sel]
+        ps = [delta[b:b + 1].clone().requires_grad_()] + ([bias[b:b + 1].clone().requires_grad_()] if bias is not None else [])
+        opt = torch.optim.LBFGS(ps, lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+        zero = torch.zeros_like(yb)
+
+        def closure():
+            opt.zero_grad()
+            loss = (F.cross_entropy(slot_logits(model, hb, zero, ps[0], ps[1] if len(ps) > 1 else None), yb, reduction="none") * wb).sum()
+            loss.backward()
+            return loss
+        with torch.enable_grad():
+            opt.step(closure)
+        delta[b] = ps[0].detach()[0]
+        if bias is not None:
+            bias[b] = ps[1].detach()[0]
+    return delta, bias
+
+
+SLOT_OPTIMIZERS = {"adamw": slot_adamw, "lbfgs": slot_lbfgs}
+
+
+class SlotBudget:
+    """Keeps SLOT inside the eval deadline: from measured per-batch costs (forward, per SLOT step) project the rest of
+    this rank's batches and lower the step count (down to 0 = plain) as soon as the projection does not fit."""
+
+    def __init__(self, steps: int, deadline: float | None) -> None:
+        self.steps, self.deadline = steps, deadline
+        self.fwd_s = self.step_s = None
+
+    def observe(self, batch_index: int, fwd_s: float, slot_s: float, steps: int) -> None:
+        if batch_index == 0:       # the first batch pays for compilation: not representative
+            return
+        self.fwd_s = fwd_s if self.fwd_s is None else 0.8 * self.fwd_s + 0.2 * fwd_s
+        if steps:
+            per = slot_s / steps
+            self.step_s = per if self.step_s is None else 0.8 * self.step_s + 0.2 * per
+
+    def plan(self, batches_left: int, batch_index: int) -> int:
+        if self.deadline is None or self.steps == 0 or self.fwd_s is None or self.step_s is None:
+            return self.steps
+        per_batch = (self.deadline - time.perf_counter()) / batches_left
+        fits = int((per_batch - self.fwd_s) / self.step_s) if per_batch > self.fwd_s else 0
+        if fits < self.steps:
+            log(f"slot_budget: steps {self.steps} -> {max(fits, 0)} at batch {batch_index} ({batches_left} left, "
+                f"{per_batch * 1000:.0f}ms per batch left, forward {self.fwd_s * 1000:.0f}ms, step {self.step_s * 1000:.1f}ms)")
+            self.steps = max(fits, 0)
+        return self.steps
 
 
 @torch.no_grad()
-def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq_len: int, stride: int,
-             batch_windows: int, hidden_fn=None, want_nll: bool = False) -> EvalResult:
-    """Score every target of `tokens` once. Windows are split across ranks in contiguous stream order."""
-    t0 = time.perf_counter()
+def eval_shard(model: GPT, tokens: torch.Tensor, windows: np.ndarray, tables: ByteTables, device: torch.device,
+               batch_windows: int, hidden_fn=None, slot: Slot | None = None, deadline: float | None = None,
+               capture: list | None = None, autocast=contextlib.nullcontext, want_nll: bool = False) -> Shard:
+    """Score `windows` (one rank's contiguous share, in stream order). With `capture`, append for every batch
+    (target indices, full log-probability rows): the causality harness checks those."""
     hidden_fn = hidden_fn or model.hidden
+    tables, out = tables.to(device), Shard()
+    budget = SlotBudget(slot.steps if slot else 0, deadline)
+    prev = None                       # the previous batch's mean final (delta, bias): the warm start
+    n_batches = (len(windows) + batch_windows - 1) // batch_windows
+    for i in range(n_batches):
+        w = windows[i * batch_windows:(i + 1) * batch_windows]
+        width = int(w[0, 1] - w[0, 0])      # all windows have the same length (see build_windows)
+        x = torch.stack([tokens[s:e] for s, e, _ in w]).to(device)
+        y = torch.stack([tokens[s + 1:e + 1] for s, e, _ in w]).to(device)
+        first = torch.as_tensor(w[:, 2] - 1 - w[:, 0], device=device)   # position of the first scored target
+        pos = torch.arange(width, device=device)[None, :]
+        mask = pos >= first[:, None]
+        steps = budget.plan(n_batches - i, i)
+        t0 = time.perf_counter()
+        with autocast():
+            h = hidden_fn(x)
+        h = h.float() if h.dtype in (torch.bfloat16, torch.float16) else h
+        delta = bias = None
+        t1 = time.perf_counter()
+        if slot is not None:
+            delta, bias = slot_init(len(w), h.size(-1), model.tok_emb.weight.size(0), prev, slot.warm_start, h)
+            bias = bias if slot.bias else None
+            weights = slot_context_weights(first, width, slot.focal)
+            ctx = weights > 0
+            if steps and bool(ctx.any()):
+                rows = ctx.nonzero(as_tuple=True)[0]
+                with torch.enable_grad():
+                    delta, bias = SLOT_OPTIMIZERS[slot.optimizer](model, h[ctx], y[ctx], rows, weights[ctx], delta, bias, slot, steps)
+                has_ctx = ctx.any(1)
+                prev = (delta[has_ctx].mean(0), bias[has_ctx].mean(0) if bias is not None else 0.0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t2 = time.perf_counter()
+        rows = mask.nonzero(as_tuple=True)[0]
+        logits = slot_logits(model, h[mask], rows, delta, bias) if delta is not None else model.head(h[mask])
+        logp = torch.log_softmax(logits, dim=-1)
+        target = y[mask]
+        nll = -logp.gather(1, target[:, None])[:, 0].double()
+        out.nll_sum += float(nll.sum())
+        out.tokens += nll.numel()
+        out.bytes += int(tables.count(x[mask], target).sum())
+        if want_nll:
+            out.nll.append(nll.cpu())
+        if capture is not None:
+            capture.append(((torch.as_tensor(w[:, 0], device=device)[:, None] + 1 + pos)[mask].cpu(), logp.cpu()))
+        if slot is not None:
+            out.slot_step_sum += steps * len(w)
+            out.slot_steps_min = min(out.slot_steps_min, steps)
+        budget.observe(i, (t1 - t0) + (time.perf_counter() - t2), t2 - t1, steps)
+    return out
+
+
+def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq_len: int, stride: int,
+             batch_windows: int, hidden_fn=None, want_nll: bool = False, slot: Slot | None = None,
+             deadline: float | None = None) -> EvalResult:
+    """Score every target of `tokens` once; windows are split across ranks in contiguous stream order."""
+    t0 = time.perf_counter()
     windows = build_windows(len(tokens), seq_len, stride)
     lo, hi = len(windows) * run.rank // run.world_size, len(windows) * (run.rank + 1) // run.world_size
-    tables = tables.to(run.device)
-    totals = torch.zeros(3, dtype=torch.float64, device=run.device)   # nll, tokens, bytes
-    nll_parts = []
-    for b0 in range(lo, hi, batch_windows):
-        w = windows[b0:min(b0 + batch_windows, hi)]
-        width = int(w[0, 1] - w[0, 0])      # all windows have the same length (see build_windows)
-        x = torch.stack([tokens[s:e] for s, e, _ in w]).to(run.device)
-        y = torch.stack([tokens[s + 1:e + 1] for s, e, _ in w]).to(run.device)
-        first = torch.as_tensor(w[:, 2] - 1 - w[:, 0], device=run.device)
-        mask = torch.arange(width, device=run.device)[None, :] >= first[:, None]
-        with run.autocast():
-            h = hidden_fn(x)
-        nll = score_plain(model, h, mask, y).double()
-        totals += torch.stack((nll.sum(), torch.tensor(float(nll.numel()), dtype=torch.float64, device=run.device),
-                               tables.count(x[mask], y[mask]).sum().double()))
-        if want_nll:
-            nll_parts.append(nll.cpu())
-    run.all_reduce(totals)
-    nll_sum, n_tok, n_bytes = totals.tolist()
+    s = eval_shard(model, tokens, windows[lo:hi], tables, run.device, batch_windows, hidden_fn, slot, deadline,
+                   autocast=run.autocast, want_nll=want_nll)
+    totals = run.all_reduce(torch.tensor([s.nll_sum, s.tokens, s.bytes, s.slot_step_sum, hi - lo], dtype=torch.float64, device=run.device))
+    steps_min = run.all_reduce(torch.tensor([s.slot_steps_min if hi > lo else 1 << 30], device=run.device), dist.ReduceOp.MIN if run.distributed else None)
+    nll_sum, n_tok, n_bytes, step_sum, n_windows = totals.tolist()
     nll_all = None
     if want_nll:
-        local = torch.cat(nll_parts).numpy() if nll_parts else np.zeros(0)
+        local = torch.cat(s.nll).numpy() if s.nll else np.zeros(0)
         if run.distributed:
             gathered = [None] * run.world_size
             dist.all_gather_object(gathered, local)
@@ -962,7 +1144,8 @@ def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq
         nll_all = local
     run.sync()
     return EvalResult(loss=nll_sum / n_tok, bpb=nll_sum / math.log(2) / n_bytes, tokens=int(n_tok), bytes=int(n_bytes),
-                      seconds=time.perf_counter() - t0, nll=nll_all)
+                      seconds=time.perf_counter() - t0, nll=nll_all, slot_steps_mean=step_sum / max(n_windows, 1),
+                      slot_steps_min=int(steps_min.item()) if slot else 0)
 
 
 # ==================================================================================================
@@ -1130,11 +1313,21 @@ def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path) -> None:
     model.eval()
     tokens = load_val_tokens(cfg)
     hidden_fn = torch.compile(model.hidden, dynamic=False) if cfg.compile and run.device.type == "cuda" else model.hidden
-    log(f"eval_tokens:{len(tokens)} eval_seq_len:{cfg.eval_seq_len} eval_stride:{cfg.eval_stride}")
-    r = evaluate(model, tokens, tables, run, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows, hidden_fn,
-                 want_nll=bool(cfg.nll_dump_path))
-    log(f"final_sliding_window_exact val_loss:{r.loss:.8f} val_bpb:{r.bpb:.8f} eval_time:{1000 * r.seconds:.0f}ms "
-        f"scored_tokens:{r.tokens} scored_bytes:{r.bytes}")
+    log(f"eval_tokens:{len(tokens)} eval_seq_len:{cfg.eval_seq_len} eval_stride:{cfg.eval_stride} "
+        f"eval_batch_windows:{cfg.eval_batch_windows} eval_budget:{cfg.eval_budget_seconds:.0f}s")
+    slot = Slot.from_config(cfg)
+    deadline = t0 + cfg.eval_budget_seconds
+    runs = [None, slot] if slot and cfg.eval_compare_plain else [slot]
+    for i, s in enumerate(runs):
+        last = i == len(runs) - 1
+        if s:
+            log(f"slot_settings steps:{s.steps} lr:{s.lr} lr_min:{s.lr_min} focal:{s.focal} bias:{int(s.bias)} "
+                f"warm_start:{s.warm_start} optimizer:{s.optimizer}")
+        r = evaluate(model, tokens, tables, run, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows, hidden_fn,
+                     want_nll=last and bool(cfg.nll_dump_path), slot=s, deadline=deadline if s else None)
+        name, extra = ("slot", f" slot_steps_mean:{r.slot_steps_mean:.2f} slot_steps_min:{r.slot_steps_min}") if s else ("sliding_window", "")
+        log(f"final_{name}_exact val_loss:{r.loss:.8f} val_bpb:{r.bpb:.8f} eval_time:{1000 * r.seconds:.0f}ms "
+            f"scored_tokens:{r.tokens} scored_bytes:{r.bytes}{extra}")
     if cfg.nll_dump_path and run.is_main:
         buf = io.BytesIO()
         np.save(buf, r.nll.astype(np.float64))

@@ -11,7 +11,7 @@ from helpers import ROOT, parse_log, run_script, script_env, write_shard
 def full_run(tiny_data, tmp_path_factory):
     data, tok = tiny_data
     work = tmp_path_factory.mktemp("e2e")
-    env = script_env(data, tok, work / "logs", RUN_ID="e2e", NLL_DUMP_PATH=str(work / "nll.npy"))
+    env = script_env(data, tok, work / "logs", RUN_ID="e2e", NLL_DUMP_PATH=str(work / "nll.npy"), EVAL_COMPARE_PLAIN="1")
     r = run_script(env, work)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return work, env, r
@@ -24,11 +24,13 @@ def test_log_is_complete(full_run):
     assert text.startswith(source + "\n" + "=" * 100 + "\n"), "the log opens with the exact source"
     lines = parse_log(work / "logs" / "e2e.txt")
     for key in ("run_id", "config.seed", "config.recur_layers", "python", "model_params", "step", "train_done",
-                "code_bytes", "final_sliding_window_exact", "eval_done"):
+                "code_bytes", "final_sliding_window_exact", "slot_settings", "final_slot_exact", "eval_done"):
         assert key in lines, key
     assert int(lines["model_params"]["model_params"]) > 0
     assert lines["step"]["step"] == "6/6" and "train_loss" in lines["step"]
-    final = lines["final_sliding_window_exact"]
+    final = lines["final_slot_exact"]
+    assert int(final["slot_steps_min"]) == int(lines["slot_settings"]["steps"]) > 0   # no budget cut on this tiny run
+    assert final["scored_tokens"] == lines["final_sliding_window_exact"]["scored_tokens"]
     assert len(final["val_loss"].split(".")[1]) == 8 and len(final["val_bpb"].split(".")[1]) == 8
     assert float(final["val_bpb"]) > 0 and final["eval_time"].endswith("ms")
 
@@ -44,22 +46,34 @@ def test_sizes_add_up(full_run):
 
 def test_eval_alone_reproduces_the_score(full_run):
     work, env, r = full_run
-    first = parse_log(work / "logs" / "e2e.txt")["final_sliding_window_exact"]
+    first = parse_log(work / "logs" / "e2e.txt")
     env2 = dict(env, PHASES="eval", RUN_ID="e2e_eval", ARTIFACT_PATH=str(work / "logs" / "e2e.pgz"))
     del env2["NLL_DUMP_PATH"]
     r2 = run_script(env2, work)
     assert r2.returncode == 0, r2.stdout[-2000:] + r2.stderr[-2000:]
     again = parse_log(work / "logs" / "e2e_eval.txt")
-    assert again["final_sliding_window_exact"]["val_loss"] == first["val_loss"]
-    assert again["final_sliding_window_exact"]["val_bpb"] == first["val_bpb"]
+    for name in ("final_sliding_window_exact", "final_slot_exact"):
+        assert again[name]["val_loss"] == first[name]["val_loss"] and again[name]["val_bpb"] == first[name]["val_bpb"]
     assert "train_done" not in again
+
+
+def test_slot_steps_zero_is_the_plain_sliding_eval(full_run):
+    work, env, r = full_run
+    env2 = dict(env, PHASES="eval", RUN_ID="plain", ARTIFACT_PATH=str(work / "logs" / "e2e.pgz"), SLOT_STEPS="0")
+    del env2["NLL_DUMP_PATH"]
+    r2 = run_script(env2, work)
+    assert r2.returncode == 0, r2.stdout[-2000:] + r2.stderr[-2000:]
+    plain = parse_log(work / "logs" / "plain.txt")
+    assert "final_slot_exact" not in plain and "slot_settings" not in plain
+    first = parse_log(work / "logs" / "e2e.txt")["final_sliding_window_exact"]
+    assert plain["final_sliding_window_exact"]["val_loss"] == first["val_loss"]
 
 
 def test_nll_dump(full_run, tiny_data):
     work, env, r = full_run
     nll = np.load(work / "nll.npy")
     val = np.fromfile(tiny_data[0] / "fineweb_val_000000.bin", dtype="<u2", offset=1024)
-    final = parse_log(work / "logs" / "e2e.txt")["final_sliding_window_exact"]
+    final = parse_log(work / "logs" / "e2e.txt")["final_slot_exact"]   # the dump is of the final (SLOT) evaluation
     assert nll.dtype == np.float64 and len(nll) == len(val) - 1 == int(final["scored_tokens"])
     assert float(final["val_loss"]) == pytest.approx(nll.mean(), abs=1e-8)
 
