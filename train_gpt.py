@@ -97,6 +97,7 @@ class Config:
     train_log_every: int = 100
     compile: bool = True             # torch.compile on CUDA; CPU runs are eager
     # ---- evaluation
+    val_tokens: int = 0              # 0 = the whole validation stream; N = its first N tokens (quick checks only)
     eval_seq_len: int = 2048
     eval_stride: int = 64
     eval_batch_windows: int = 32     # windows per forward (and per SLOT batch), per rank
@@ -137,6 +138,7 @@ class Config:
         need(len(set(self.recur_layers)) == len(self.recur_layers), f"RECUR_LAYERS={self.recur_layers} repeats a layer")
         need(all(0 <= i < self.num_layers for i in self.recur_layers),
              f"RECUR_LAYERS={self.recur_layers} must name layers in 0..{self.num_layers - 1}")
+        need(self.val_tokens == 0 or self.val_tokens >= 2, "VAL_TOKENS must be 0 (all) or >= 2")
         need(self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
         need(self.warmdown_frac <= 1 and self.late_qat_frac <= 1, "WARMDOWN_FRAC and LATE_QAT_FRAC must be <= 1")
         need(self.ema_decay < 1, "EMA_DECAY must be < 1")
@@ -251,11 +253,20 @@ class Log:
         self.file = None
         self.enabled = True
 
-    def open(self, path: Path | None, enabled: bool) -> None:
+    def open(self, log_dir: str, run_id: str, enabled: bool) -> None:
+        """logs/<run_id>.txt, or <run_id>_2.txt ... when that exists (PHASES=eval reusing a RUN_ID): no log is ever
+        appended to or overwritten."""
         self.enabled = enabled
-        if enabled and path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "a", encoding="utf-8")
+        if enabled:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            for n in range(1, 1000):
+                path = Path(log_dir) / (f"{run_id}.txt" if n == 1 else f"{run_id}_{n}.txt")
+                try:
+                    self.file = open(path, "x", encoding="utf-8")
+                    return
+                except FileExistsError:
+                    continue
+            raise RunError(f"too many logs named {run_id}_N.txt in {log_dir}")
 
     def __call__(self, msg: str, console: bool = True) -> None:
         if not self.enabled:
@@ -353,7 +364,8 @@ def shard_files(data_path: str, split: str) -> list[str]:
 
 
 def load_val_tokens(cfg: Config) -> torch.Tensor:
-    return torch.from_numpy(np.concatenate([read_shard(f, cfg.vocab_size) for f in shard_files(cfg.data_path, "val")]).astype(np.int64))
+    tokens = np.concatenate([read_shard(f, cfg.vocab_size) for f in shard_files(cfg.data_path, "val")])
+    return torch.from_numpy((tokens[:cfg.val_tokens] if cfg.val_tokens else tokens).astype(np.int64))
 
 
 class TokenStream:
@@ -1216,18 +1228,29 @@ def compile_warmup(model, ddp_model, opts, cfg: Config, run: Run, grad_accum: in
         o.zero_grad(set_to_none=True)
 
 
-def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Train under the wall-clock cap and return the EMA weights (CPU, fp32) and their labels."""
+def batch_split(cfg: Config, run: Run) -> tuple[int, int]:
+    """(gradient accumulation steps, tokens per micro-batch per rank): the global batch is the same on 1-8 GPUs."""
     grad_accum = REFERENCE_GPUS // run.world_size
     local_tokens = cfg.train_batch_tokens // (run.world_size * grad_accum)
     if local_tokens * run.world_size * grad_accum != cfg.train_batch_tokens or local_tokens % cfg.train_seq_len:
         raise RunError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} must split into {REFERENCE_GPUS} micro-batches "
                        f"of whole TRAIN_SEQ_LEN={cfg.train_seq_len} sequences")
+    return grad_accum, local_tokens
+
+
+def build_model(cfg: Config, run: Run) -> GPT:
+    """The seeded model on the run's device, with FlashAttention-3 where it is importable on a GPU."""
     torch.manual_seed(cfg.seed)
     backend = "fa3" if run.device.type == "cuda" and flash_attention_available() else "sdpa"
-    model = GPT(cfg, attention=backend).to(run.device)
+    return GPT(cfg, attention=backend).to(run.device)
+
+
+def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Train under the wall-clock cap and return the EMA weights (CPU, fp32) and their labels."""
+    grad_accum, local_tokens = batch_split(cfg, run)
+    model = build_model(cfg, run)
     labels = param_labels(model)
-    log(f"model_params:{sum(p.numel() for p in model.parameters())} attention:{backend} "
+    log(f"model_params:{sum(p.numel() for p in model.parameters())} attention:{model.blocks[0].attn.backend} "
         f"passes:{len(model.schedule)} grad_accum:{grad_accum} local_batch_tokens:{local_tokens}")
     opts = build_optimizers(model, cfg, run)
     fwd = torch.compile(model, dynamic=False, fullgraph=True) if cfg.compile and run.device.type == "cuda" else model
@@ -1307,8 +1330,7 @@ def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path) -> None:
         raise RunError(f"settings disagree with the artifact's model: {', '.join(clash)}")
     cfg = dataclasses.replace(cfg, **model_cfg)
     tables = load_byte_tables(cfg.tokenizer_path, cfg.vocab_size)
-    backend = "fa3" if run.device.type == "cuda" and flash_attention_available() else "sdpa"
-    model = GPT(cfg, attention=backend).to(run.device)
+    model = build_model(cfg, run)
     model.load_state_dict(state, strict=True)
     model.eval()
     tokens = load_val_tokens(cfg)
@@ -1363,7 +1385,7 @@ def main() -> int:
                 dist.broadcast_object_list(box, src=0)
             cfg.run_id = box[0]
         path = Path(cfg.artifact_path or os.path.join(cfg.log_dir, f"{cfg.run_id}.pgz"))
-        log.open(Path(cfg.log_dir) / f"{cfg.run_id}.txt", enabled=run.is_main)
+        log.open(cfg.log_dir, cfg.run_id, enabled=run.is_main)
         log_header(cfg, run)
         phases = cfg.phase_set()
         if "train" in phases:

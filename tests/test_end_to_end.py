@@ -142,3 +142,14 @@ def test_wallclock_cap_stops_training(tiny_data, tmp_path):
     assert "stopping_early" in lines
     assert int(lines["train_done"]["train_time"].removesuffix("ms")) <= 1500
     assert int(lines["train_done"]["steps"]) < 100000
+
+
+def test_val_tokens_limits_the_evaluation(full_run):
+    work, env, r = full_run
+    env2 = dict(env, PHASES="eval", RUN_ID="short", ARTIFACT_PATH=str(work / "logs" / "e2e.pgz"), VAL_TOKENS="301")
+    del env2["NLL_DUMP_PATH"]
+    r2 = run_script(env2, work)
+    assert r2.returncode == 0, r2.stdout[-2000:] + r2.stderr[-2000:]
+    lines = parse_log(work / "logs" / "short.txt")
+    assert lines["eval_tokens"]["eval_tokens"] == "301" and lines["config.val_tokens"]["config.val_tokens"] == "301"
+    assert lines["final_slot_exact"]["scored_tokens"] == "300"

@@ -1,0 +1,360 @@
+"""Speed benchmark for train_gpt.py: training step time and MFU, sliding-window eval throughput, export time and size.
+
+It imports train_gpt and times its real code paths (GPT, build_optimizers, TrainLoader, compile_warmup, train_step,
+EMA, evaluate, pack_state, pack_artifact), in one process on one device. The model settings come from the same
+environment variables as train_gpt.py; flags only choose what to measure. A table goes to stdout and every figure,
+with the config, device and versions, to logs/bench/<name>.json (LOG_DIR/bench).
+
+    # CPU, tiny model (what CI runs)
+    VOCAB_SIZE=320 NUM_LAYERS=3 MODEL_DIM=32 ... python tools/bench.py --steps 3
+    # one GPU, the real configuration on the proxy data
+    DATA_PATH=../shared/data/fineweb_proxy_sp1024 TOKENIZER_PATH=../shared/data/tokenizers/fineweb_1024_bpe.model \
+        python tools/bench.py
+
+FLOP model (the one of project issue 5), per trained token:
+    6 x (matmul weights, counting each pass of the layer schedule, + tied LM head V*d + BigramHash projection)
+  + 6 x model_dim x seq_len x passes   (causal QK^T and AV: d*T/2 multiply-adds each per token on average, x3 fwd+bwd)
+Element-wise work, norms, RoPE, the Muon Newton-Schulz iterations and the optimizers are not counted.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train_gpt as tg  # noqa: E402
+
+VAL_TOKENS_FULL = 62_021_846     # official FineWeb val stream: the target of the eval projection
+PROJECTION_GPUS = tg.REFERENCE_GPUS
+ASSUMPTIONS = {
+    "train_8gpu": f"ms/step on {PROJECTION_GPUS} GPUs = one-GPU ms/step (grad accumulation {tg.REFERENCE_GPUS}) / "
+                  f"{PROJECTION_GPUS}: perfect data-parallel scaling, no communication cost",
+    "eval_8gpu": f"full val ({VAL_TOKENS_FULL:,} tokens) time = measured seconds per window x windows of the full "
+                 f"stream / {PROJECTION_GPUS} GPUs: every window has the same width, windows split evenly, no "
+                 f"communication cost; compilation and model loading excluded",
+    "flop_model": "6 x (matmul weights x passes + tied head V*d + bigram projection) + 6 x d x seq_len x passes "
+                  "per trained token; eval counts the forward third (2x) over every window token, the head only "
+                  "at scored positions",
+}
+
+
+# ==================================================================================================
+# FLOP model
+# ==================================================================================================
+
+def matmul_weights(model: tg.GPT) -> dict[str, int]:
+    """Weights each token multiplies through: the QLinears of the block of each pass, tied head, bigram projection."""
+    per_layer = [sum(m.weight.numel() for m in b.modules() if isinstance(m, tg.QLinear)) for b in model.blocks]
+    return {"body": sum(per_layer[layer] for layer, _ in model.schedule),
+            "head": model.tok_emb.weight.numel(),
+            "bigram": model.bigram.proj.weight.numel() if model.bigram is not None else 0}
+
+
+def train_flops(model: tg.GPT, seq_len: int, batch_tokens: int) -> dict[str, float]:
+    w = matmul_weights(model)
+    passes, d = len(model.schedule), model.tok_emb.weight.size(1)
+    matmul = 6 * (w["body"] + w["head"] + w["bigram"])
+    attention = 6 * d * seq_len * passes      # fwd: QK^T and AV cost d*T/2 MACs each per token = 2*d*T FLOP; x3 fwd+bwd
+    return {"passes": passes, "matmul_weights_per_token": sum(w.values()), **{f"weights_{k}": v for k, v in w.items()},
+            "matmul_flop_per_token": matmul, "attention_flop_per_token": attention,
+            "flop_per_token": matmul + attention, "flop_per_step": (matmul + attention) * batch_tokens}
+
+
+def eval_flops(model: tg.GPT, windows) -> float:
+    """Forward FLOP of evaluate(): the body runs on every window token, the head only on scored targets."""
+    w = matmul_weights(model)
+    passes, d = len(model.schedule), model.tok_emb.weight.size(1)
+    width = windows[:, 1] - windows[:, 0]
+    scored = windows[:, 1] - windows[:, 2] + 1
+    body = width * (2 * (w["body"] + w["bigram"]) + 2 * d * width * passes)   # causal attention: 2*d*T per token
+    return float((body + scored * 2 * w["head"]).sum())
+
+
+def count_windows(n_tokens: int, seq_len: int, stride: int) -> int:
+    """len(build_windows(...)) without building 1M windows in Python: windows start at 0, stride, ... until one reaches
+    the last target (the test checks this against build_windows)."""
+    return 1 + max(0, -(-(n_tokens - 1 - seq_len) // stride))
+
+
+# ==================================================================================================
+# Measurements
+# ==================================================================================================
+
+def reset_peak_memory(run: tg.Run) -> None:
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+
+
+def peak_memory(run: tg.Run) -> dict:
+    """CUDA: bytes allocated by tensors since the last reset. CPU: the process's peak resident set (all of it, ever)."""
+    if run.device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(run.device), "memory_kind": "cuda_max_allocated"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_memory_bytes": rss if sys.platform == "darwin" else rss * 1024, "memory_kind": "process_max_rss"}
+
+
+def rates(flop: float | None, seconds: float, peak: float | None) -> dict:
+    if flop is None:
+        return {"tflops": None, "mfu": None}
+    achieved = flop / seconds
+    return {"tflops": achieved / 1e12, "mfu": achieved / peak if peak else None}
+
+
+def bench_train(cfg: tg.Config, run: tg.Run, steps: int, warmup: int, peak: float | None):
+    """Median time of one optimizer step exactly as train_phase runs it on one GPU: schedule, train_step over 8
+    micro-batches, EMA update, and the loss read back to the host. Returns (figures, model, EMA weights)."""
+    grad_accum, local_tokens = tg.batch_split(cfg, run)
+    model = tg.build_model(cfg, run)
+    opts = tg.build_optimizers(model, cfg, run)
+    fwd = torch.compile(model, dynamic=False, fullgraph=True) if cfg.compile and run.device.type == "cuda" else model
+    # compile_warmup restores weights and optimizer state afterwards, as in a real run
+    run.sync()
+    t0 = time.perf_counter()
+    tg.compile_warmup(model, fwd, opts, dataclasses.replace(cfg, warmup_steps=warmup), run, grad_accum, local_tokens)
+    run.sync()
+    warmup_s = time.perf_counter() - t0
+    reset_peak_memory(run)   # steady-state steps only, not the compiler's own peak
+    loader, ema = tg.TrainLoader(cfg, run, local_tokens), tg.EMA(model, cfg.ema_decay)
+    times, losses = [], []
+    for step in range(steps):
+        run.sync()
+        t0 = time.perf_counter()
+        tg.set_schedule(opts, cfg, step, 0.0)
+        loss = tg.train_step(fwd, opts, loader, grad_accum, run)
+        ema.update()
+        losses.append(float(loss))   # the real loop's one host sync per step
+        run.sync()
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    flops = train_flops(model, cfg.train_seq_len, cfg.train_batch_tokens)
+    out = {"recur_layers": list(cfg.recur_layers), "params": sum(p.numel() for p in model.parameters()),
+           "grad_accum": grad_accum, "micro_batch_tokens": local_tokens, "batch_tokens": cfg.train_batch_tokens,
+           "warmup_steps": warmup, "warmup_s": warmup_s, "timed_steps": steps, "step_times_ms": [1000 * t for t in times],
+           "step_ms": 1000 * step_s, "step_ms_8gpu": 1000 * step_s / PROJECTION_GPUS,
+           "tokens_per_s": cfg.train_batch_tokens / step_s, "losses": losses, **flops,
+           **rates(flops["flop_per_step"], step_s, peak), **peak_memory(run)}
+    if peak:
+        out["step_ms_at_50pct_mfu"] = 1000 * flops["flop_per_step"] / (0.5 * peak)
+    return out, model, ema.state_dict(model)
+
+
+def eval_modes(cfg: tg.Config) -> dict[str, dict]:
+    """Name -> extra keyword arguments of evaluate(): the plain sliding window, and SLOT as configured (no deadline:
+    the bench measures the full SLOT_STEPS)."""
+    slot = tg.Slot.from_config(cfg)
+    return {"sliding": {}, **({"slot": {"slot": slot}} if slot else {})}
+
+
+def bench_eval(cfg: tg.Config, run: tg.Run, model: tg.GPT, n_tokens: int, peak: float | None) -> dict:
+    """evaluate() on the first n_tokens of val: a warm-up call, then the timed one."""
+    val = tg.load_val_tokens(cfg)[:n_tokens]
+    if len(val) <= cfg.eval_seq_len + 1:
+        raise tg.RunError(f"the eval slice ({len(val)} tokens) must be longer than EVAL_SEQ_LEN={cfg.eval_seq_len} "
+                          f"+ 1, or its windows are narrower than the real ones")
+    tables = tg.load_byte_tables(cfg.tokenizer_path, cfg.vocab_size)
+    model.eval()
+    hidden_fn = torch.compile(model.hidden, dynamic=False) if cfg.compile and run.device.type == "cuda" else model.hidden
+    windows = tg.build_windows(len(val), cfg.eval_seq_len, cfg.eval_stride)
+    full_windows = count_windows(VAL_TOKENS_FULL, cfg.eval_seq_len, cfg.eval_stride)
+    # CUDA warms up on the whole slice: its last batch is partial, and with dynamic=False that shape compiles apart.
+    # CPU compiles nothing, so one batch of windows is enough to settle the allocator.
+    warm = val if run.device.type == "cuda" else val[:cfg.eval_seq_len + 1 + cfg.eval_stride * cfg.eval_batch_windows]
+    geometry = (tables, run, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows, hidden_fn)
+    out = {}
+    for name, kwargs in eval_modes(cfg).items():
+        first = tg.evaluate(model, warm, *geometry, **kwargs)
+        reset_peak_memory(run)
+        r = tg.evaluate(model, val, *geometry, **kwargs)
+        # the FLOP model knows the plain forward only; a mode with extra work (SLOT's steps) reports no TFLOP/s
+        flop = eval_flops(model, windows) if not kwargs else None
+        per_window = r.seconds / len(windows)
+        out[name] = {"slice_tokens": len(val), "scored_tokens": r.tokens, "windows": len(windows),
+                     "seq_len": cfg.eval_seq_len, "stride": cfg.eval_stride, "batch_windows": cfg.eval_batch_windows,
+                     "warmup_tokens": len(warm), "warmup_s": first.seconds, "seconds": r.seconds,
+                     "tokens_per_s": r.tokens / r.seconds, "windows_per_s": len(windows) / r.seconds,
+                     "val_loss": r.loss, "val_bpb": r.bpb, "slot": dataclasses.asdict(kwargs["slot"]) if kwargs else None,
+                     "full_val_tokens": VAL_TOKENS_FULL, "full_val_windows": full_windows,
+                     "projected_full_val_s_1gpu": per_window * full_windows,
+                     "projected_full_val_s_8gpu": per_window * full_windows / PROJECTION_GPUS,
+                     "flop": flop, **rates(flop, r.seconds, peak), **peak_memory(run)}
+    model.train()
+    return out
+
+
+def bench_export(cfg: tg.Config, state: dict[str, torch.Tensor], labels: dict[str, str], weights: str) -> dict:
+    """pack_state (quantize) and pack_artifact (every compressor, keep the smallest), timed apart, as in export_phase."""
+    t0 = time.perf_counter()
+    payload = tg.pack_state(state, labels, {f: getattr(cfg, f) for f in tg.MODEL_FIELDS})
+    t1 = time.perf_counter()
+    blob, compressor, sizes = tg.pack_artifact(payload)
+    t2 = time.perf_counter()
+    code_bytes = len(Path(tg.__file__).read_bytes())
+    return {"weights": weights, "quantize_s": t1 - t0, "compress_s": t2 - t1, "export_s": t2 - t0,
+            "payload_bytes": len(payload), "compressor": compressor, "compressed_bytes": sizes,
+            "artifact_bytes": len(blob), "code_bytes": code_bytes, "total_submission_bytes": code_bytes + len(blob),
+            "limit_bytes": tg.ARTIFACT_LIMIT_BYTES, "fits": code_bytes + len(blob) <= tg.ARTIFACT_LIMIT_BYTES}
+
+
+def release_memory(run: tg.Run) -> None:
+    """After the caller dropped its model: collect it before building the next, so that one's peak memory is its own."""
+    gc.collect()
+    if run.device.type == "cuda":
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+
+
+# ==================================================================================================
+# Report
+# ==================================================================================================
+
+def fmt(v, unit: str = "", digits: int = 1) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}{unit}"
+    return f"{v:,}{unit}"
+
+
+def train_rows(label: str, t: dict) -> list[tuple[str, str, str]]:
+    return [(label, "passes / params", f"{t['passes']} / {t['params']:,}"),
+            (label, "model FLOP per step", f"{t['flop_per_step']:.3e}"),
+            (label, "warm-up (compilation on CUDA)", f"{t['warmup_s']:.1f} s for {t['warmup_steps']} steps"),
+            (label, "ms/step, 1 device (median)", f"{t['step_ms']:,.1f}  (accum {t['grad_accum']}, {t['timed_steps']} steps)"),
+            (label, f"ms/step, {PROJECTION_GPUS} GPUs (projected)", f"{t['step_ms_8gpu']:,.1f}  (1 device / {PROJECTION_GPUS})"),
+            (label, "tokens/s, 1 device", fmt(t["tokens_per_s"], digits=0)),
+            (label, "achieved TFLOP/s", fmt(t["tflops"], digits=3)),
+            (label, "MFU", "n/a" if t["mfu"] is None else f"{100 * t['mfu']:.1f}%"),
+            (label, f"peak memory ({t['memory_kind']})", fmt(t["peak_memory_bytes"] / 2**20, " MiB"))]
+
+
+def table(results: dict) -> str:
+    rows = []
+    for key, label in (("recur", "train"), ("no_recur", "train, no recur")):
+        if key in results.get("train", {}):
+            rows += train_rows(label, results["train"][key])
+    if {"recur", "no_recur"} <= set(results.get("train", {})):
+        a, b = results["train"]["recur"]["step_ms"], results["train"]["no_recur"]["step_ms"]
+        rows.append(("train", "recurrence cost", f"{100 * (a / b - 1):+.1f}% ms/step"))
+    if "step_ms_at_50pct_mfu" in results.get("train", {}).get("recur", {}):
+        rows.append(("train", "ms/step at 50% MFU, 1 device", fmt(results["train"]["recur"]["step_ms_at_50pct_mfu"])))
+    for name, e in results.get("eval", {}).items():
+        label, n = f"eval {name}", PROJECTION_GPUS
+        rows += [(label, "slice / windows", f"{e['slice_tokens']:,} tokens / {e['windows']:,} windows "
+                                            f"(T {e['seq_len']}, stride {e['stride']})"),
+                 (label, "seconds (warm-up call)", f"{e['seconds']:.2f}  ({e['warmup_s']:.2f} on {e['warmup_tokens']:,} tokens)"),
+                 (label, "scored tokens/s, 1 device", fmt(e["tokens_per_s"], digits=0)),
+                 (label, "achieved TFLOP/s", fmt(e["tflops"], digits=3)),
+                 (label, "MFU", "n/a" if e["mfu"] is None else f"{100 * e['mfu']:.1f}%"),
+                 (label, f"full val on {n} GPUs (projected)",
+                  f"{e['projected_full_val_s_8gpu']:,.1f} s  ({e['full_val_windows']:,} windows / {n})")]
+    if "export" in results:
+        x = results["export"]
+        over = "" if x["fits"] else "  OVER THE LIMIT"
+        rows += [("export", "quantize / compress", f"{x['quantize_s']:.2f} s / {x['compress_s']:.2f} s"),
+                 ("export", "artifact bytes", f"{x['artifact_bytes']:,} ({x['compressor']}; weights: {x['weights']})"),
+                 ("export", "code + artifact bytes", f"{x['total_submission_bytes']:,} of {x['limit_bytes']:,}{over}")]
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows]
+    return "\n".join(lines + [f"note ({k}): {v}" for k, v in ASSUMPTIONS.items()])
+
+
+# ==================================================================================================
+# Main
+# ==================================================================================================
+
+def parse_args(argv, run: tg.Run) -> argparse.Namespace:
+    cuda = run.device.type == "cuda"
+    p = argparse.ArgumentParser(description="Benchmark train_gpt.py (model settings: train_gpt's environment variables).")
+    p.add_argument("--sections", default="train,eval,export", help="comma list of train, eval, export")
+    p.add_argument("--steps", type=int, default=10 if cuda else 3, help="timed optimizer steps (median reported)")
+    p.add_argument("--warmup", type=int, default=3 if cuda else 1, help="untimed steps first (compilation on CUDA)")
+    p.add_argument("--recur-off", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the same model with RECUR_LAYERS empty")
+    p.add_argument("--eval-tokens", type=int, default=1_000_000 if cuda else 20_000, help="val tokens evaluated")
+    p.add_argument("--peak-flops", type=float, default=800e12 if cuda else None,
+                   help="peak FLOP/s for MFU; default 800e12 on CUDA (H100 dense bf16 as measured achievable; the "
+                        "SXM datasheet says 989e12), none on CPU (MFU n/a)")
+    p.add_argument("--name", default="", help="JSON name under LOG_DIR/bench (default: device and timestamp)")
+    p.add_argument("--out", default="", help="JSON path (overrides --name)")
+    args = p.parse_args(argv)
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    bad = set(args.sections) - {"train", "eval", "export"}
+    if bad or not args.sections:
+        p.error(f"--sections: unknown {sorted(bad)}; choose from train, eval, export")
+    if args.steps < 1 or args.warmup < 0 or args.eval_tokens < 2:
+        p.error("--steps >= 1, --warmup >= 0 and --eval-tokens >= 2 please")
+    return args
+
+
+def device_info(run: tg.Run) -> dict:
+    if run.device.type == "cuda":
+        return {"type": "cuda", "name": torch.cuda.get_device_name(run.device), "count_used": 1, "cuda": torch.version.cuda}
+    return {"type": "cpu", "name": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+
+
+def measure(cfg: tg.Config, run: tg.Run, args) -> dict:
+    """Train (recurrence on), export its EMA weights, evaluate its model; then train again with recurrence off."""
+    results, model, state = {}, None, None
+    if "train" in args.sections:
+        results["train"] = {}
+        results["train"]["recur"], model, state = bench_train(cfg, run, args.steps, args.warmup, args.peak_flops)
+    if model is None:
+        model = tg.build_model(cfg, run)
+    if "export" in args.sections:
+        weights = f"EMA after {args.steps} bench steps" if state is not None else "initialisation"
+        state = state if state is not None else {n: p.detach().float().cpu() for n, p in model.named_parameters()}
+        results["export"] = bench_export(cfg, state, tg.param_labels(model), weights)
+    if "eval" in args.sections:
+        results["eval"] = bench_eval(cfg, run, model, args.eval_tokens, args.peak_flops)
+    model = state = None
+    release_memory(run)
+    if "train" in args.sections and args.recur_off and cfg.recur_layers:
+        plain = dataclasses.replace(cfg, recur_layers=())
+        results["train"]["no_recur"], *_ = bench_train(plain, run, args.steps, args.warmup, args.peak_flops)
+    return results
+
+
+def main(argv=None) -> int:
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+            raise tg.RunError("run bench.py as one process (no torchrun): it measures one device and projects to 8")
+        cfg, explicit = tg.config_from_env(os.environ)
+        run = tg.start_run({})
+        args = parse_args(argv, run)
+        stamp = time.strftime("%Y%m%d_%H%M%S")
+        dev = device_info(run)
+        slug = dev["name"].replace(" ", "_") if dev["type"] == "cuda" else "cpu"
+        name = args.name or f"{slug}_{stamp}"
+        path = Path(args.out) if args.out else Path(cfg.log_dir) / "bench" / f"{name}.json"
+        results = measure(cfg, run, args)
+    except tg.RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    report = {"name": name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__,
+              "python": platform.python_version(), "device": dev, "argv": sys.argv[1:],
+              "bench_args": {k: v for k, v in vars(args).items() if k not in ("name", "out")},
+              "config": dataclasses.asdict(cfg), "explicit_settings": sorted(explicit),
+              "assumptions": ASSUMPTIONS, "projection_gpus": PROJECTION_GPUS, **results}
+    tg.write_atomic(path, (json.dumps(report, indent=1) + "\n").encode())
+    print(f"bench: {dev['name']} ({dev['type']}), torch {torch.__version__}, {cfg.num_layers} layers x {cfg.model_dim}, "
+          f"recur {list(cfg.recur_layers)}, batch {cfg.train_batch_tokens:,} tokens of {cfg.train_seq_len}")
+    print(table(results))
+    print(f"json: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Compare evaluation variants on one artifact and one slice of val: plain sliding window, SLOT settings, and (for the
+record only) the two illegal SLOT variants the causality harness catches.
+
+    ARTIFACT_PATH=logs/run.pgz DATA_PATH=... TOKENIZER_PATH=... EVAL_SEQ_LEN=512 EVAL_STRIDE=64 \
+        python tools/slot_study.py --tokens 200000 plain steps=8 steps=8,warm_start=0.9 steps=8,bias=0 \
+        leaky_shared:steps=8 leaky_scored:steps=8
+
+A variant is `[kind:]key=value,...` over the fields of train_gpt.Slot (steps, lr, lr_min, focal, bias, warm_start,
+optimizer); kind is `slot` (default), `leaky_shared` (one delta shared by each batch) or `leaky_scored` (delta
+optimized on the scored positions). `plain` is the plain sliding window. The model comes from the artifact on disk,
+as in the real evaluation; the eval geometry from EVAL_SEQ_LEN / EVAL_STRIDE / EVAL_BATCH_WINDOWS.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+import train_gpt as T  # noqa: E402
+
+
+def parse_variant(text: str) -> tuple[str, str, T.Slot | None]:
+    if text == "plain":
+        return text, "plain", None
+    kind, _, spec = text.rpartition(":")
+    kind = kind or "slot"
+    if kind not in ("slot", "leaky_shared", "leaky_scored"):
+        raise SystemExit(f"error: unknown variant kind {kind!r} in {text!r}")
+    hints = {f.name: f.type for f in dataclasses.fields(T.Slot)}
+    values = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key not in hints:
+            raise SystemExit(f"error: {key!r} in {text!r} is not a Slot field ({', '.join(hints)})")
+        hint = {"int": int, "float": float, "bool": bool, "str": str}[str(hints[key])]
+        values[key] = bool(int(value)) if hint is bool else hint(value)
+    return text, kind, T.Slot(**values)
+
+
+@contextlib.contextmanager
+def leaky(kind: str):
+    """Swap in one of the illegal variants kept in the causality harness (never used by train_gpt.py)."""
+    if kind == "slot":
+        yield
+        return
+    import test_slot_legality as H
+    name, fn = {"leaky_shared": ("slot_logits", H.leaky_shared_logits),
+                "leaky_scored": ("slot_context_weights", H.leaky_scored_slice_weights)}[kind]
+    original = getattr(T, name)
+    setattr(T, name, fn)
+    try:
+        yield
+    finally:
+        setattr(T, name, original)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("variants", nargs="+", help="plain | [kind:]key=value,... (see above)")
+    ap.add_argument("--tokens", type=int, default=200_000, help="evaluate the first N val tokens (0 = all)")
+    ap.add_argument("--out", default="", help="JSON path (default logs/slot_study/<artifact stem>.json)")
+    args = ap.parse_args()
+    env = {k: v for k, v in os.environ.items() if k not in ("ARTIFACT_PATH",)}
+    cfg, _ = T.config_from_env(env)
+    artifact = Path(os.environ.get("ARTIFACT_PATH", ""))
+    model_cfg, state = T.read_artifact(artifact)
+    model_cfg["recur_layers"] = tuple(model_cfg["recur_layers"])
+    cfg = dataclasses.replace(cfg, **model_cfg)
+    run = T.start_run({})
+    model = T.GPT(cfg).to(run.device)
+    model.load_state_dict(state)
+    model.eval()
+    tables = T.load_byte_tables(cfg.tokenizer_path, cfg.vocab_size)
+    tokens = T.load_val_tokens(cfg)
+    tokens = tokens[:args.tokens] if args.tokens else tokens
+    rows = []
+    for text, kind, slot in map(parse_variant, args.variants):
+        with leaky(kind):
+            r = T.evaluate(model, tokens, tables, run, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows, slot=slot)
+        rows.append(dict(variant=text, kind=kind, legal=not kind.startswith("leaky"), val_loss=r.loss, val_bpb=r.bpb,
+                         seconds=r.seconds, tokens=r.tokens, slot=dataclasses.asdict(slot) if slot else None))
+        print(f"{text:45s} val_bpb:{r.bpb:.6f} val_loss:{r.loss:.6f} time:{r.seconds:.1f}s", flush=True)
+    plain = next((row["val_bpb"] for row in rows if row["variant"] == "plain"), None)
+    print(f"\n{'variant':45s} {'legal':>5s} {'val_bpb':>10s} {'vs plain':>10s} {'seconds':>8s}")
+    for row in rows:
+        gain = f"{row['val_bpb'] - plain:+.5f}" if plain is not None else "-"
+        print(f"{row['variant']:45s} {str(row['legal']):>5s} {row['val_bpb']:10.6f} {gain:>10s} {row['seconds']:8.1f}")
+    out = Path(args.out or ROOT / "logs" / "slot_study" / f"{artifact.stem}.json")
+    meta = dict(artifact=str(artifact), tokens=len(tokens), eval_seq_len=cfg.eval_seq_len, eval_stride=cfg.eval_stride,
+                eval_batch_windows=cfg.eval_batch_windows, device=str(run.device), torch=torch.__version__,
+                threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"), model=model_cfg)
+    T.write_atomic(out, json.dumps(dict(meta=meta, rows=rows), indent=1).encode())
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
