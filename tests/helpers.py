@@ -32,6 +32,21 @@ TINY_ENV = {
 }
 
 
+def tiny_model(dtype=None, scale: float = 0.2, seed: int = 0, **overrides):
+    """The TINY_ENV model with noise on every weight (zero-initialised projections would hide most of the network),
+    in float64 by default so that tests can demand bit-identical or 1e-12 agreement."""
+    import torch
+
+    import train_gpt as T
+    cfg, _ = T.config_from_env(dict(TINY_ENV, **{k.upper(): str(v) for k, v in overrides.items()}))
+    torch.manual_seed(seed)
+    model = T.GPT(cfg).to(torch.float64 if dtype is None else dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model.eval()
+
+
 def make_documents(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     docs = []

@@ -17,6 +17,16 @@ def full_run(tiny_data, tmp_path_factory):
     return work, env, r
 
 
+def eval_again(full_run, run_id, **settings):
+    """PHASES=eval on the artifact of full_run with extra settings; returns the parsed log."""
+    work, env, _ = full_run
+    env2 = dict(env, PHASES="eval", RUN_ID=run_id, ARTIFACT_PATH=str(work / "logs" / "e2e.pgz"), **settings)
+    env2.pop("NLL_DUMP_PATH")
+    r = run_script(env2, work)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return parse_log(work / "logs" / f"{run_id}.txt")
+
+
 def test_log_is_complete(full_run):
     work, env, r = full_run
     text = (work / "logs" / "e2e.txt").read_text()
@@ -47,11 +57,7 @@ def test_sizes_add_up(full_run):
 def test_eval_alone_reproduces_the_score(full_run):
     work, env, r = full_run
     first = parse_log(work / "logs" / "e2e.txt")
-    env2 = dict(env, PHASES="eval", RUN_ID="e2e_eval", ARTIFACT_PATH=str(work / "logs" / "e2e.pgz"))
-    del env2["NLL_DUMP_PATH"]
-    r2 = run_script(env2, work)
-    assert r2.returncode == 0, r2.stdout[-2000:] + r2.stderr[-2000:]
-    again = parse_log(work / "logs" / "e2e_eval.txt")
+    again = eval_again(full_run, "e2e_eval")
     for name in ("final_sliding_window_exact", "final_slot_exact"):
         assert again[name]["val_loss"] == first[name]["val_loss"] and again[name]["val_bpb"] == first[name]["val_bpb"]
     assert "train_done" not in again
@@ -59,11 +65,7 @@ def test_eval_alone_reproduces_the_score(full_run):
 
 def test_slot_steps_zero_is_the_plain_sliding_eval(full_run):
     work, env, r = full_run
-    env2 = dict(env, PHASES="eval", RUN_ID="plain", ARTIFACT_PATH=str(work / "logs" / "e2e.pgz"), SLOT_STEPS="0")
-    del env2["NLL_DUMP_PATH"]
-    r2 = run_script(env2, work)
-    assert r2.returncode == 0, r2.stdout[-2000:] + r2.stderr[-2000:]
-    plain = parse_log(work / "logs" / "plain.txt")
+    plain = eval_again(full_run, "plain", SLOT_STEPS="0")
     assert "final_slot_exact" not in plain and "slot_settings" not in plain
     first = parse_log(work / "logs" / "e2e.txt")["final_sliding_window_exact"]
     assert plain["final_sliding_window_exact"]["val_loss"] == first["val_loss"]
@@ -145,11 +147,19 @@ def test_wallclock_cap_stops_training(tiny_data, tmp_path):
 
 
 def test_val_tokens_limits_the_evaluation(full_run):
-    work, env, r = full_run
-    env2 = dict(env, PHASES="eval", RUN_ID="short", ARTIFACT_PATH=str(work / "logs" / "e2e.pgz"), VAL_TOKENS="301")
-    del env2["NLL_DUMP_PATH"]
-    r2 = run_script(env2, work)
-    assert r2.returncode == 0, r2.stdout[-2000:] + r2.stderr[-2000:]
-    lines = parse_log(work / "logs" / "short.txt")
+    lines = eval_again(full_run, "short", VAL_TOKENS="301")
     assert lines["eval_tokens"]["eval_tokens"] == "301" and lines["config.val_tokens"]["config.val_tokens"] == "301"
     assert lines["final_slot_exact"]["scored_tokens"] == "300"
+
+
+def test_eval_reusing_the_run_id_keeps_the_training_log(full_run):
+    """PHASES=eval with the training RUN_ID finds logs/<RUN_ID>.pgz by default and logs to <RUN_ID>_2.txt."""
+    work, env, _ = full_run
+    before = (work / "logs" / "e2e.txt").read_bytes()
+    env2 = dict(env, PHASES="eval")
+    env2.pop("NLL_DUMP_PATH")
+    r = run_script(env2, work)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (work / "logs" / "e2e.txt").read_bytes() == before
+    again = parse_log(work / "logs" / "e2e_2.txt")
+    assert again["final_slot_exact"]["val_loss"] == parse_log(work / "logs" / "e2e.txt")["final_slot_exact"]["val_loss"]

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as T
-from helpers import TINY_ENV
+from helpers import TINY_ENV, tiny_model
 
 
 @pytest.mark.parametrize("n, seq_len, stride", [(2, 8, 4), (9, 8, 4), (10, 8, 8), (101, 16, 5), (1001, 64, 64),
@@ -26,11 +26,7 @@ def test_every_target_scored_exactly_once(n, seq_len, stride):
 
 def _model_and_tokens(n=203):
     cfg, _ = T.config_from_env(TINY_ENV)
-    torch.manual_seed(0)
-    model = T.GPT(cfg).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
+    model = tiny_model()
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(2, cfg.vocab_size, (n,), generator=g)
     tokens[::17] = T.BOS_ID

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import train_gpt as T
-from helpers import TINY_ENV
+from helpers import TINY_ENV, tiny_model
 
 BOS = T.BOS_ID
 
@@ -14,15 +14,6 @@ def tiny(**over):
     env = dict(TINY_ENV, **{k.upper(): str(v) for k, v in over.items()})
     cfg, _ = T.config_from_env(env)
     return cfg
-
-
-def randomized(model):
-    """Zero-initialised projections hide most of the network at init: give every weight a random value."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return model
 
 
 def test_schedule_runs_layers_4_and_5_twice():
@@ -45,7 +36,7 @@ def test_default_model_shape():
 
 
 def test_causal_in_float64():
-    m = randomized(T.GPT(tiny()).double())
+    m = tiny_model(seed=1)
     x = torch.randint(2, 320, (2, 40))
     base = torch.log_softmax(m.head(m.hidden(x)), -1)
     for p in (0, 7, 39):
@@ -57,7 +48,7 @@ def test_causal_in_float64():
 
 
 def test_smear_and_bigram_stop_at_bos():
-    m = randomized(T.GPT(tiny()).double())
+    m = tiny_model(seed=1)
     x = torch.randint(3, 320, (2, 24))
     x[:, 0] = BOS
     x[:, 10] = BOS                # document 2 starts at 10

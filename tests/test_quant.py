@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train_gpt as T
-from helpers import TINY_ENV
+from helpers import TINY_ENV, tiny_model
 
 
 def _candidate_errors(w, qmax):
@@ -45,11 +45,7 @@ def test_byte_shuffle_round_trip():
 
 def _model_state():
     cfg, _ = T.config_from_env(TINY_ENV)
-    torch.manual_seed(0)
-    model = T.GPT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    model = tiny_model(dtype=torch.float32, scale=0.1)
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
     return cfg, model, state, T.param_labels(model)
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as T
-from helpers import TINY_ENV
+from helpers import TINY_ENV, tiny_model
 
 SEQ, STRIDE, BATCH, N = 24, 4, 5, 181   # 40 windows, 8 batches: every kind of boundary is present
 
@@ -22,12 +22,7 @@ SEQ, STRIDE, BATCH, N = 24, 4, 5, 181   # 40 windows, 8 batches: every kind of b
 @pytest.fixture(scope="module")
 def setup():
     cfg, _ = T.config_from_env(TINY_ENV)
-    torch.manual_seed(0)
-    model = T.GPT(cfg).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    model.eval()
+    model = tiny_model()
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(3, cfg.vocab_size, (N,), generator=g)
     tokens[::23] = T.BOS_ID
