@@ -9,6 +9,7 @@ single-pass sliding window. Settings are environment variables named after the f
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -1263,6 +1264,7 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
     val_tokens = load_val_tokens(cfg) if cfg.val_loss_every else None
     loader, ema = TrainLoader(cfg, run, local_tokens), EMA(model, cfg.ema_decay)
     clock, step, step_avg_s, qat_on = WallClock(cfg.max_wallclock_seconds), 0, 0.0, False
+    recent = collections.deque(maxlen=20)   # the last step times: the cap check plans with the slowest
     while step < cfg.iterations:
         progress = clock.progress(step, cfg.iterations)
         if not qat_on and cfg.late_qat_frac > 0 and progress >= 1 - cfg.late_qat_frac:
@@ -1273,12 +1275,14 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
         elapsed_before = clock.elapsed()
         loss = train_step(fwd, opts, loader, grad_accum, run)
         ema.update()
-        # Will one more step fit? Assume this step and the next each take step_avg. One all-reduce (and the step's
-        # only host sync) lets every rank agree on that and on a non-finite loss.
-        cap_hit = cfg.max_wallclock_seconds > 0 and elapsed_before + 2 * step_avg_s > cfg.max_wallclock_seconds
+        # Will one more step fit? Assume this step and the next each take as long as the slowest recent one. One
+        # all-reduce (and the step's only host sync) lets every rank agree on that and on a non-finite loss.
+        slowest = max(recent, default=0.0)
+        cap_hit = cfg.max_wallclock_seconds > 0 and elapsed_before + 2 * slowest > cfg.max_wallclock_seconds
         flags = torch.stack((loss.float(), (~torch.isfinite(loss)).float(), torch.tensor(float(cap_hit), device=run.device)))
         loss_sum, bad, cap = run.all_reduce(flags).tolist()
         step += 1
+        recent.append(clock.elapsed() - elapsed_before)
         step_avg_s = clock.elapsed() / step
         if bad:
             raise RunError(f"non-finite training loss at step {step}; nothing was exported")

@@ -142,8 +142,11 @@ def test_wallclock_cap_stops_training(tiny_data, tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     lines = parse_log(tmp_path / "logs" / "cap.txt")
     assert "stopping_early" in lines
-    assert int(lines["train_done"]["train_time"].removesuffix("ms")) <= 1500
     assert int(lines["train_done"]["steps"]) < 100000
+    # The loop stops when the next step would not fit at the pace of the slowest recent step: under the cap on steady
+    # hardware. A step that is suddenly slower than all recent ones (a loaded CI machine) can still overrun by a step.
+    step_ms = float(lines["train_done"]["step_avg"].removesuffix("ms"))
+    assert int(lines["train_done"]["train_time"].removesuffix("ms")) <= 1500 + 2 * step_ms
 
 
 def test_val_tokens_limits_the_evaluation(full_run):
