@@ -1097,8 +1097,9 @@ def eval_shard(model: GPT, tokens: torch.Tensor, windows: np.ndarray, tables: By
         mask = pos >= first[:, None]
         steps = budget.plan(n_batches - i, i)
         t0 = time.perf_counter()
+        pad = batch_windows - len(w)   # keep one batch shape: a compiled forward would recompile for a short batch
         with autocast():
-            h = hidden_fn(x)
+            h = hidden_fn(torch.cat((x, x[-1:].expand(pad, -1))) if pad else x)[:len(w)]
         h = h.float() if h.dtype in (torch.bfloat16, torch.float16) else h
         delta = bias = None
         t1 = time.perf_counter()

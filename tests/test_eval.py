@@ -70,3 +70,17 @@ def test_batch_size_does_not_change_any_score():
     a = T.evaluate(model, tokens, tables, T.Run(), 32, 8, 1, want_nll=True).nll
     b = T.evaluate(model, tokens, tables, T.Run(), 32, 8, 7, want_nll=True).nll
     np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_every_forward_has_the_same_shape():
+    """A compiled forward (dynamic=False) would recompile, inside the eval budget, for a rank's short last batch."""
+    model, tokens, tables = _model_and_tokens()
+    shapes = []
+
+    def recording_hidden(x):
+        shapes.append(tuple(x.shape))
+        return model.hidden(x)
+    ref = T.evaluate(model, tokens, tables, T.Run(), 32, 8, 7, want_nll=True).nll
+    got = T.evaluate(model, tokens, tables, T.Run(), 32, 8, 7, hidden_fn=recording_hidden, want_nll=True).nll
+    assert len(T.build_windows(len(tokens), 32, 8)) % 7 != 0 and set(shapes) == {(7, 32)}
+    np.testing.assert_array_equal(got, ref)
