@@ -1255,7 +1255,10 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
     log(f"model_params:{sum(p.numel() for p in model.parameters())} attention:{model.blocks[0].attn.backend} "
         f"passes:{len(model.schedule)} grad_accum:{grad_accum} local_batch_tokens:{local_tokens}")
     opts = build_optimizers(model, cfg, run)
-    fwd = torch.compile(model, dynamic=False, fullgraph=True) if cfg.compile and run.device.type == "cuda" else model
+    # fullgraph guards the SDPA path against silent graph breaks; an FA3 build whose kernel is not a registered
+    # torch op would break the graph there, which must cost speed, not the run
+    fullgraph = model.blocks[0].attn.backend == "sdpa"
+    fwd = torch.compile(model, dynamic=False, fullgraph=fullgraph) if cfg.compile and run.device.type == "cuda" else model
     if run.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
         # our buffers (RoPE frequencies, QAT switches) are equal on every rank: never re-broadcast them per forward
