@@ -1368,9 +1368,11 @@ def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path) -> None:
 
 def log_header(cfg: Config, run: Run) -> None:
     """The log opens with this file's source (as the baseline's does), then the config and the versions."""
-    log(Path(__file__).read_text(encoding="utf-8"), console=False)
+    source = Path(__file__).read_text(encoding="utf-8")
+    log(source, console=False)
     log("=" * 100, console=False)
     log(f"run_id:{cfg.run_id}")
+    log(f"source_lines:{len(source.splitlines())} source_bytes:{len(source.encode())} (counted in the artifact limit as is)")
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         log(f"config.{f.name}:{','.join(map(str, v)) if isinstance(v, tuple) else v}", console=False)
