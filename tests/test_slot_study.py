@@ -1,0 +1,31 @@
+"""tools/slot_study.py: variants side by side on one artifact, the illegal ones marked as such."""
+import dataclasses
+import json
+import subprocess
+import sys
+
+import train_gpt as T
+from helpers import ROOT, run_script, script_env
+
+
+def test_study_runs_plain_slot_and_leaky_variants(tiny_data, tmp_path):
+    data, tok = tiny_data
+    env = script_env(data, tok, tmp_path / "logs", RUN_ID="s", PHASES="train,export")
+    r = run_script(env, tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    env.update(ARTIFACT_PATH=str(tmp_path / "logs" / "s.pgz"))
+    env.pop("PHASES")
+    out = tmp_path / "study.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "slot_study.py"), "--tokens", "1500", "--out", str(out),
+           "plain", "steps=2", "steps=2,bias=0,focal=4", "leaky_shared:steps=2", "leaky_scored:steps=2"]
+    p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["plain", "steps=2", "steps=2,bias=0,focal=4", "leaky_shared:steps=2", "leaky_scored:steps=2"]
+    assert [row["legal"] for row in rows.values()] == [True, True, True, False, False]
+    assert all(row["tokens"] == 1499 for row in rows.values())
+    assert rows["steps=2,bias=0,focal=4"]["slot"] == dataclasses.asdict(T.Slot(steps=2, focal=4, bias=False))
+    assert len({row["val_bpb"] for row in rows.values()}) == 5   # every variant computed something different
+    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "slot_study.py"), "stepz=2"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "'stepz' in 'stepz=2' is not a Slot field" in bad.stderr
