@@ -30,6 +30,7 @@ def test_empty_recur_layers_is_the_plain_model():
     ({"SEEDS": "1"}, "did you mean SEED"),
     ({"EVAL_STRID": "32"}, "did you mean EVAL_STRIDE"),
     ({"WARMDOWN_ITERS": "3500"}, "WARMDOWN_FRAC"),
+    ({"SLOT_OPTIMIZER": "lbfgs"}, "SLOT always uses AdamW"),
     ({"NUM_LAYERS": "eleven"}, "NUM_LAYERS='eleven' is not a valid int"),
     ({"COMPILE": "maybe"}, "COMPILE='maybe'"),
     ({"NUM_HEADS": "7"}, "MODEL_DIM=512 must be divisible by NUM_HEADS=7"),

@@ -72,10 +72,10 @@ def flip_violations(model, tokens, tables, slot, ranks=1, batch=BATCH):
 
 
 SLOTS = {
-    "adamw": T.Slot(steps=3, lr=0.05, lr_min=0.005),
-    "adamw_focal_nobias": T.Slot(steps=3, lr=0.05, lr_min=0.005, focal=5, bias=False),
+    "adamw": T.Slot(steps=3, lr=0.05, lr_min=0.005, warm_start=0.0),
+    "adamw_focal_nobias": T.Slot(steps=3, lr=0.05, lr_min=0.005, focal=5, bias=False, warm_start=0.0),
     "adamw_warm_start": T.Slot(steps=3, lr=0.05, lr_min=0.005, warm_start=0.9),
-    "lbfgs": T.Slot(steps=2, optimizer="lbfgs", lr=1.0),
+    "default": T.Slot(),   # the submitted settings (warm start on)
 }
 
 
@@ -85,7 +85,7 @@ def test_flip_test_passes_on_the_real_code(setup, name):
     assert flip_violations(model, tokens, tables, SLOTS.get(name)) == []
 
 
-@pytest.mark.parametrize("name", ["adamw", "adamw_warm_start"])
+@pytest.mark.parametrize("name", ["adamw", "adamw_warm_start", "default"])
 def test_flip_test_passes_across_simulated_ranks(setup, name):
     model, tokens, tables = setup
     assert flip_violations(model, tokens, tables, SLOTS[name], ranks=3) == []
@@ -101,7 +101,7 @@ def test_coverage_and_normalisation(setup, name):
     assert float(lse.abs().max()) < 1e-12
 
 
-@pytest.mark.parametrize("name", ["plain", "adamw", "adamw_focal_nobias", "lbfgs"])
+@pytest.mark.parametrize("name", ["plain", "adamw", "adamw_focal_nobias"])
 def test_batch_and_rank_invariance(setup, name):
     model, tokens, tables = setup
     ref = scored_rows(model, tokens, tables, SLOTS.get(name), batch=1)

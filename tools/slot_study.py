@@ -5,8 +5,7 @@ record only) the two illegal SLOT variants the causality harness catches.
         python tools/slot_study.py --tokens 200000 plain steps=8 steps=8,warm_start=0.9 steps=8,bias=0 \
         leaky_shared:steps=8 leaky_scored:steps=8
 
-A variant is `[kind:]key=value,...` over the fields of train_gpt.Slot (steps, lr, lr_min, focal, bias, warm_start,
-optimizer); kind is `slot` (default), `leaky_shared` (one delta shared by each batch) or `leaky_scored` (delta
+A variant is `[kind:]key=value,...` over the fields of train_gpt.Slot (steps, lr, lr_min, focal, bias, warm_start); kind is `slot` (default), `leaky_shared` (one delta shared by each batch) or `leaky_scored` (delta
 optimized on the scored positions). `plain` is the plain sliding window. The model comes from the artifact on disk,
 as in the real evaluation; the eval geometry from EVAL_SEQ_LEN / EVAL_STRIDE / EVAL_BATCH_WINDOWS.
 """
@@ -67,7 +66,8 @@ def leaky(kind: str):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variants", nargs="+", help="plain | [kind:]key=value,... (see above)")
-    ap.add_argument("--tokens", type=int, default=200_000, help="evaluate the first N val tokens (0 = all)")
+    ap.add_argument("--tokens", type=int, default=200_000, help="evaluate N val tokens (0 = all)")
+    ap.add_argument("--offset", type=int, default=0, help="starting at this val token (a held-out slice for checking)")
     ap.add_argument("--out", default="", help="JSON path (default logs/slot_study/<artifact stem>.json)")
     args = ap.parse_args()
     env = {k: v for k, v in os.environ.items() if k not in ("ARTIFACT_PATH",)}
@@ -82,7 +82,7 @@ def main() -> int:
     model.eval()
     tables = T.load_byte_tables(cfg.tokenizer_path, cfg.vocab_size)
     tokens = T.load_val_tokens(cfg)
-    tokens = tokens[:args.tokens] if args.tokens else tokens
+    tokens = tokens[args.offset:args.offset + args.tokens] if args.tokens else tokens[args.offset:]
     rows = []
     for text, kind, slot in map(parse_variant, args.variants):
         with leaky(kind):
@@ -96,7 +96,7 @@ def main() -> int:
         gain = f"{row['val_bpb'] - plain:+.5f}" if plain is not None else "-"
         print(f"{row['variant']:45s} {str(row['legal']):>5s} {row['val_bpb']:10.6f} {gain:>10s} {row['seconds']:8.1f}")
     out = Path(args.out or ROOT / "logs" / "slot_study" / f"{artifact.stem}.json")
-    meta = dict(artifact=str(artifact), tokens=len(tokens), eval_seq_len=cfg.eval_seq_len, eval_stride=cfg.eval_stride,
+    meta = dict(artifact=str(artifact), offset=args.offset, tokens=len(tokens), eval_seq_len=cfg.eval_seq_len, eval_stride=cfg.eval_stride,
                 eval_batch_windows=cfg.eval_batch_windows, device=str(run.device), torch=torch.__version__,
                 threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"), model=model_cfg)
     T.write_atomic(out, json.dumps(dict(meta=meta, rows=rows), indent=1).encode())
