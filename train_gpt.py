@@ -10,6 +10,7 @@ single-pass sliding window. Settings are environment variables named after the f
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -791,8 +792,10 @@ ARTIFACT_MAGIC = b"PGOLF-1\n"
 CLIP_FRACTIONS = (1.0, 0.995, 0.99, 0.98, 0.97, 0.96, 0.94, 0.92, 0.9, 0.87, 0.84, 0.8)
 
 
-def quantize_rows(w: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric quantization; each row's clip is the fraction of its abs-max with the least squared error."""
+def quantize_rows(w: torch.Tensor, qmax: int, widen: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric quantization; each row's clip is the fraction of its abs-max with the least squared error.
+    widen > 1 multiplies every scale: log2(widen) fewer bits per weight after entropy coding, for more rounding error
+    (the size knob of fit_to_limit)."""
     w = w.float()
     amax = w.abs().amax(dim=1).clamp_min(1e-12)
     best_err = torch.full_like(amax, float("inf"))
@@ -803,6 +806,8 @@ def quantize_rows(w: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tenso
         err = ((q * scale[:, None] - w) ** 2).sum(dim=1)
         better = err < best_err
         best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
+    if widen != 1.0:
+        best_scale = (best_scale * widen).half().float()
     q = torch.clamp(torch.round(w / best_scale[:, None]), -qmax, qmax).to(torch.int8)
     return q, best_scale.half()
 
@@ -818,7 +823,7 @@ def unshuffle_bytes(b: bytes, dtype: str, shape: list[int]) -> np.ndarray:
     return np.frombuffer(b, np.uint8).reshape(dt.itemsize, n).T.copy().view(dt).reshape(shape)
 
 
-def pack_state(state: dict[str, torch.Tensor], labels: dict[str, str], model_cfg: dict) -> bytes:
+def pack_state(state: dict[str, torch.Tensor], labels: dict[str, str], model_cfg: dict, widen: float = 1.0) -> bytes:
     """Quantize each tensor by its label's storage and lay out one plain payload: header length, JSON header, bytes."""
     entries, chunks, offset = [], [], 0
 
@@ -833,7 +838,7 @@ def pack_state(state: dict[str, torch.Tensor], labels: dict[str, str], model_cfg
     for name, t in state.items():
         kind = PARAM_TABLE[labels[name]][3]
         if kind in ("int6", "int8") and t.dim() == 2:
-            q, scale = quantize_rows(t, INT6_MAX if kind == "int6" else INT8_MAX)
+            q, scale = quantize_rows(t, *((INT6_MAX, widen) if kind == "int6" else (INT8_MAX, 1.0)))
             add(name, "q", q.numpy())
             add(name, "scale", scale.numpy())
         else:
@@ -889,13 +894,24 @@ COMPRESSORS = {
 
 
 def pack_artifact(payload: bytes) -> tuple[bytes, str, dict[str, int]]:
-    sizes, best = {}, None
-    for name, (ident, compress, _) in COMPRESSORS.items():
-        blob = ARTIFACT_MAGIC + bytes([ident]) + compress(payload)
-        sizes[name] = len(blob)
-        if best is None or len(blob) < len(best[0]):
-            best = (blob, name)
-    return best[0], best[1], sizes
+    """Every compressor at once (threads: the codecs release the GIL), keep the smallest."""
+    with concurrent.futures.ThreadPoolExecutor(len(COMPRESSORS)) as pool:
+        blobs = dict(zip(COMPRESSORS, pool.map(lambda c: ARTIFACT_MAGIC + bytes([c[0]]) + c[1](payload), COMPRESSORS.values())))
+    name = min(blobs, key=lambda k: len(blobs[k]))
+    return blobs[name], name, {k: len(b) for k, b in blobs.items()}
+
+
+def fit_to_limit(state, labels, model_cfg, budget: int, max_widen: float = 4.0):
+    """Pack; while the artifact is over `budget` bytes, widen every int6 scale by the factor that removes the excess
+    (log2(widen) bits per int6 weight) plus 1%, and pack again. Returns (blob, compressor, sizes, widen)."""
+    n_int6 = sum(t.numel() for n, t in state.items() if PARAM_TABLE[labels[n]][3] == "int6" and t.dim() == 2)
+    widen = 1.0
+    while True:
+        blob, name, sizes = pack_artifact(pack_state(state, labels, model_cfg, widen))
+        log(f"export_pack widen:{widen:.4f} " + " ".join(f"{k}_bytes:{v}" for k, v in sizes.items()))
+        if len(blob) <= budget or widen >= max_widen or n_int6 == 0:
+            return blob, name, sizes, widen
+        widen = min(max_widen, widen * 2 ** (8 * (len(blob) - budget) / n_int6) * 1.01)
 
 
 def read_artifact(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -1290,10 +1306,10 @@ def export_phase(cfg: Config, run: Run, state: dict[str, torch.Tensor], labels: 
     code_bytes = len(Path(__file__).read_bytes())
     if run.is_main:
         with timed("export", run):
-            payload = pack_state(state, labels, {f: getattr(cfg, f) for f in MODEL_FIELDS})
-            blob, name, sizes = pack_artifact(payload)
+            model_cfg = {f: getattr(cfg, f) for f in MODEL_FIELDS}
+            blob, name, sizes, widen = fit_to_limit(state, labels, model_cfg, ARTIFACT_LIMIT_BYTES - code_bytes)
             write_atomic(path, blob)
-        log(f"artifact:{path} raw_payload_bytes:{len(payload)} " + " ".join(f"{k}_bytes:{v}" for k, v in sizes.items()))
+        log(f"artifact:{path} int6_scale_widen:{widen:.4f} " + " ".join(f"{k}_bytes:{v}" for k, v in sizes.items()))
         log(f"code_bytes:{code_bytes} model_bytes:{len(blob)} total_submission_bytes:{code_bytes + len(blob)} compressor:{name}")
     run.barrier()
     total = code_bytes + path.stat().st_size

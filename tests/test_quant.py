@@ -99,3 +99,34 @@ def test_over_size_artifact_fails_and_is_kept(tmp_path, monkeypatch):
     with pytest.raises(T.RunError, match=r"exceeds the 1000-byte limit \(artifact kept at"):
         T.export_phase(cfg, T.Run(), state, labels, path)
     assert path.is_file() and path.stat().st_size > 0
+
+
+def test_widen_trades_bits_for_error():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    q1, s1 = T.quantize_rows(w, T.INT6_MAX)
+    q2, s2 = T.quantize_rows(w, T.INT6_MAX, widen=2.0)
+    torch.testing.assert_close(s2.float(), (s1.float() * 2).half().float())
+    entropy = lambda q: float(-(lambda p: (p * p.log2()).sum())(torch.bincount(q.flatten() + 31).float().div(q.numel()).clamp_min(1e-12)))
+    assert 0.8 < entropy(q1) - entropy(q2) < 1.2   # about log2(2) = 1 bit per weight saved
+    assert ((q2.float() * s2.float()[:, None] - w) ** 2).mean() > ((q1.float() * s1.float()[:, None] - w) ** 2).mean()
+
+
+def test_export_fits_an_over_size_model_under_the_limit(tmp_path, monkeypatch):
+    cfg, model, state, labels = _model_state()
+    model_cfg = {f: getattr(cfg, f) for f in T.MODEL_FIELDS}
+    natural, _, _ = T.pack_artifact(T.pack_state(state, labels, model_cfg))
+    code = (T.Path(T.__file__)).stat().st_size
+    limit = code + int(len(natural) * 0.93)          # 7% too big at the natural scales
+    monkeypatch.setattr(T, "ARTIFACT_LIMIT_BYTES", limit)
+    lines = []
+    monkeypatch.setattr(T, "log", lines.append)
+    path = tmp_path / "fit.pgz"
+    T.export_phase(cfg, T.Run(), state, labels, path)
+    assert code + path.stat().st_size <= limit
+    packs = [line for line in lines if line.startswith("export_pack")]
+    assert packs[0].startswith("export_pack widen:1.0000") and len(packs) >= 2
+    widen = float(next(line for line in lines if line.startswith("artifact:")).split("int6_scale_widen:")[1].split()[0])
+    assert 1.0 < widen < 4.0
+    _, got = T.read_artifact(path)
+    model.load_state_dict(got)   # still a valid model
