@@ -29,3 +29,7 @@ def test_study_runs_plain_slot_and_leaky_variants(tiny_data, tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "tools" / "slot_study.py"), "stepz=2"], env=env, cwd=tmp_path,
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "'stepz' in 'stepz=2' is not a Slot field" in bad.stderr
+    env.pop("ARTIFACT_PATH")
+    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "slot_study.py"), "plain"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: set ARTIFACT_PATH to the artifact to study (e.g. logs/<RUN_ID>.pgz)"

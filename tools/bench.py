@@ -276,7 +276,8 @@ def table(results: dict) -> str:
 
 def parse_args(argv, run: tg.Run) -> argparse.Namespace:
     cuda = run.device.type == "cuda"
-    p = argparse.ArgumentParser(description="Benchmark train_gpt.py (model settings: train_gpt's environment variables).")
+    p = argparse.ArgumentParser(description="Benchmark train_gpt.py (model settings: train_gpt's environment variables).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sections", default="train,eval,export", help="comma list of train, eval, export")
     p.add_argument("--steps", type=int, default=10 if cuda else 3, help="timed optimizer steps (median reported)")
     p.add_argument("--warmup", type=int, default=3 if cuda else 1, help="untimed steps first (compilation on CUDA)")

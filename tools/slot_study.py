@@ -70,9 +70,10 @@ def main() -> int:
     ap.add_argument("--offset", type=int, default=0, help="starting at this val token (a held-out slice for checking)")
     ap.add_argument("--out", default="", help="JSON path (default logs/slot_study/<artifact stem>.json)")
     args = ap.parse_args()
-    env = {k: v for k, v in os.environ.items() if k not in ("ARTIFACT_PATH",)}
-    cfg, _ = T.config_from_env(env)
-    artifact = Path(os.environ.get("ARTIFACT_PATH", ""))
+    if not os.environ.get("ARTIFACT_PATH"):
+        raise T.RunError("set ARTIFACT_PATH to the artifact to study (e.g. logs/<RUN_ID>.pgz)")
+    cfg, _ = T.config_from_env(os.environ)
+    artifact = Path(cfg.artifact_path)
     model_cfg, state = T.read_artifact(artifact)
     model_cfg["recur_layers"] = tuple(model_cfg["recur_layers"])
     cfg = dataclasses.replace(cfg, **model_cfg)
@@ -105,4 +106,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except T.RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
