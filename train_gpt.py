@@ -14,8 +14,10 @@ import concurrent.futures
 import contextlib
 import copy
 import dataclasses
+import datetime
 import difflib
 import glob
+import importlib
 import inspect
 import io
 import json
@@ -42,12 +44,18 @@ import torch.nn.functional as F
 BOS_ID = 1                       # every document starts with BOS (id 1); there is no EOS
 ARTIFACT_LIMIT_BYTES = 16_000_000
 REFERENCE_GPUS = 8               # the batch is defined for 8 GPUs; fewer GPUs accumulate gradients
+CAP_SLACK_S = 0.25               # wall-clock slack for a hiccup the recent step times did not show (GC, I/O)
 INT6_MAX, INT8_MAX = 31, 127
 PHASE_SETS = ({"train", "export", "eval"}, {"train", "export"}, {"eval"})
 
 
 class RunError(Exception):
     """A problem the user must fix (bad setting, bad data, over-size artifact): one line, exit code 1."""
+
+
+def need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise RunError(msg)
 
 
 @dataclass
@@ -103,7 +111,7 @@ class Config:
     eval_seq_len: int = 2048
     eval_stride: int = 64
     eval_batch_windows: int = 32     # windows per forward (and per SLOT batch), per rank
-    eval_budget_seconds: float = 540.0   # the eval phase's deadline (600 s less 10%): SLOT steps are cut to meet it
+    eval_budget_seconds: float = 520.0   # eval deadline (600 s less 10% and a margin): SLOT steps are cut to meet it
     eval_compare_plain: bool = False # also run the plain sliding eval first (final_sliding_window_exact)
     # ---- SLOT (causal, context-only; see Slot and README)
     slot_steps: int = 8              # 0 = plain sliding-window eval
@@ -117,9 +125,7 @@ class Config:
         return {p.strip() for p in self.phases.split(",") if p.strip()}
 
     def validate(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise RunError(msg)
+        """Every setting on its own; the model's shape only when training (PHASES=eval takes it from the artifact)."""
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -129,6 +135,15 @@ class Config:
                      "iterations", "train_batch_tokens", "train_seq_len", "eval_seq_len", "eval_stride",
                      "eval_batch_windows", "train_log_every"):
             need(getattr(self, name) > 0, f"{name.upper()} must be > 0")
+        need(self.val_tokens == 0 or self.val_tokens >= 2, "VAL_TOKENS must be 0 (all) or >= 2")
+        need(self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
+        need(self.warmdown_frac <= 1 and self.late_qat_frac <= 1, "WARMDOWN_FRAC and LATE_QAT_FRAC must be <= 1")
+        need(self.ema_decay < 1, "EMA_DECAY must be < 1")
+        need(self.slot_steps == 0 or self.slot_lr > 0, "SLOT_LR must be > 0 when SLOT_STEPS > 0")
+        if "train" in self.phase_set():
+            self.validate_model()
+
+    def validate_model(self) -> None:
         need(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
         need(self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
         head_dim = self.model_dim // self.num_heads
@@ -139,11 +154,6 @@ class Config:
         need(len(set(self.recur_layers)) == len(self.recur_layers), f"RECUR_LAYERS={self.recur_layers} repeats a layer")
         need(all(0 <= i < self.num_layers for i in self.recur_layers),
              f"RECUR_LAYERS={self.recur_layers} must name layers in 0..{self.num_layers - 1}")
-        need(self.val_tokens == 0 or self.val_tokens >= 2, "VAL_TOKENS must be 0 (all) or >= 2")
-        need(self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
-        need(self.warmdown_frac <= 1 and self.late_qat_frac <= 1, "WARMDOWN_FRAC and LATE_QAT_FRAC must be <= 1")
-        need(self.ema_decay < 1, "EMA_DECAY must be < 1")
-        need(self.slot_steps == 0 or self.slot_lr > 0, "SLOT_LR must be > 0 when SLOT_STEPS > 0")
 
 
 # Fields that describe the network: stored in the artifact so PHASES=eval rebuilds exactly what was trained.
@@ -184,7 +194,7 @@ def config_from_env(env: typing.Mapping[str, str]) -> tuple[Config, set[str]]:
         if key in NOT_OURS:
             raise RunError(f"{key} is not a setting of this script: {NOT_OURS[key]}")
         if key not in ours:
-            close = difflib.get_close_matches(key, list(ours), n=1, cutoff=0.8)
+            close = difflib.get_close_matches(key, list(ours), n=1, cutoff=0.85)
             if close:
                 raise RunError(f"unknown setting {key}={env[key]!r}: did you mean {close[0]}?")
     values = {ours[k]: parse_setting(k, v, hints[ours[k]]) for k, v in env.items() if k in ours}
@@ -244,7 +254,9 @@ def start_run(env: typing.Mapping[str, str]) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if run.distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if run.device.type == "cuda" else "gloo", device_id=run.device if run.device.type == "cuda" else None)
+        # 30 min: ranks 1..7 wait in a barrier while rank 0 quantizes and compresses (minutes with size fitting)
+        dist.init_process_group("nccl" if run.device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30),
+                                device_id=run.device if run.device.type == "cuda" else None)
     return run
 
 
@@ -255,20 +267,21 @@ class Log:
         self.file = None
         self.enabled = True
 
-    def open(self, log_dir: str, run_id: str, enabled: bool) -> None:
+    def open(self, log_dir: str, run_id: str, enabled: bool) -> str | None:
         """logs/<run_id>.txt, or <run_id>_2.txt ... when that exists (PHASES=eval reusing a RUN_ID): no log is ever
-        appended to or overwritten."""
+        appended to or overwritten. Returns the file's stem (None where logging is off)."""
         self.enabled = enabled
-        if enabled:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            for n in range(1, 1000):
-                path = Path(log_dir) / (f"{run_id}.txt" if n == 1 else f"{run_id}_{n}.txt")
-                try:
-                    self.file = open(path, "x", encoding="utf-8")
-                    return
-                except FileExistsError:
-                    continue
-            raise RunError(f"too many logs named {run_id}_N.txt in {log_dir}")
+        if not enabled:
+            return None
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        for n in range(1, 1000):
+            stem = run_id if n == 1 else f"{run_id}_{n}"
+            try:
+                self.file = open(Path(log_dir) / f"{stem}.txt", "x", encoding="utf-8")
+                return stem
+            except FileExistsError:
+                continue
+        raise RunError(f"too many logs named {run_id}_N.txt in {log_dir}")
 
     def __call__(self, msg: str, console: bool = True) -> None:
         if not self.enabled:
@@ -315,9 +328,10 @@ class WallClock:
         yield
         self.paused_s += time.perf_counter() - t
 
-    def progress(self, step: int, iterations: int) -> float:
-        """Fraction of the expected run done: by steps, or by time when the cap comes first."""
-        by_time = self.elapsed() / self.limit_s if self.limit_s > 0 else 0.0
+    def progress(self, step: int, iterations: int, elapsed_s: float) -> float:
+        """Fraction of the expected run done: by steps, or by time when the cap comes first. elapsed_s is the time
+        all ranks agreed on, so every rank takes the same learning rate and switches QAT at the same step."""
+        by_time = elapsed_s / self.limit_s if self.limit_s > 0 else 0.0
         return min(1.0, max(step / iterations, by_time))
 
 
@@ -339,8 +353,8 @@ def write_atomic(path: Path, data: bytes) -> None:
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 
 
-def read_shard(path: str | Path, vocab_size: int) -> np.ndarray:
-    """Read one shard, checking magic, version, size against the header, and every id against VOCAB_SIZE."""
+def shard_tokens(path: str | Path) -> int:
+    """The token count of a shard, after checking magic, version and file size against the header."""
     path = Path(path)
     size = path.stat().st_size
     if size < HEADER_INTS * 4:
@@ -351,6 +365,12 @@ def read_shard(path: str | Path, vocab_size: int) -> np.ndarray:
     n = int(header[2])
     if size != HEADER_INTS * 4 + 2 * n:
         raise RunError(f"{path}: header says {n} tokens ({HEADER_INTS * 4 + 2 * n} bytes) but the file has {size} bytes")
+    return n
+
+
+def read_shard(path: str | Path, vocab_size: int) -> np.ndarray:
+    """Read one shard: header checks, then every id against VOCAB_SIZE."""
+    n = shard_tokens(path)
     tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_INTS * 4)
     if n and int(tokens.max()) >= vocab_size:
         raise RunError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
@@ -371,19 +391,25 @@ def load_val_tokens(cfg: Config) -> torch.Tensor:
 
 
 class TokenStream:
-    """The train shards in name order as one endless stream; every rank walks the same stream."""
+    """The train shards in name order as one endless stream; every rank walks the same stream. Every header is
+    checked up front; the next shard is read in a background thread, so a 100M-token read never stalls a step."""
 
     def __init__(self, files: list[str], vocab_size: int) -> None:
+        for f in files:
+            shard_tokens(f)
         self.files, self.vocab_size = files, vocab_size
         self.index, self.pos = 0, 0
         self.tokens = read_shard(files[0], vocab_size)
+        self.reader = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self.next = self.reader.submit(read_shard, files[1 % len(files)], vocab_size)
 
     def take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
             if self.pos == len(self.tokens):
                 self.index = (self.index + 1) % len(self.files)
-                self.tokens, self.pos = read_shard(self.files[self.index], self.vocab_size), 0
+                self.tokens, self.pos = self.next.result(), 0
+                self.next = self.reader.submit(read_shard, self.files[(self.index + 1) % len(self.files)], self.vocab_size)
             k = min(n, len(self.tokens) - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
             self.pos += k
@@ -554,8 +580,11 @@ class Attention(nn.Module):
             v0 = v
         else:
             v = self.vr_mix[0].to(v.dtype) * v + self.vr_mix[1].to(v.dtype) * v0
-        q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[None, None, :, None]
-        k = self.rotary(rms_norm(k))
+        # CUDA autocast runs rms_norm in fp32 from torch 2.12 on: bring q and k back to the values' (compute) dtype,
+        # or FlashAttention-3 would be skipped for fp32 inputs
+        dt = v.dtype
+        q = self.rotary(rms_norm(q).to(dt)) * self.q_gain.to(dt)[None, None, :, None]
+        k = self.rotary(rms_norm(k).to(dt))
         y = causal_attention(q, k, v, self.backend)
         # XSA (exclusive self attention): remove from each head's output its component along its own token's value
         g = y.view(B, T, self.hkv, self.h // self.hkv, self.hd)
@@ -891,6 +920,17 @@ COMPRESSORS = {
     "brotli": (2, _brotli, _unbrotli),
     "zstd": (3, _zstd, _unzstd),
 }
+CODEC_PACKAGES = {2: ("brotli", "brotli"), 3: ("zstd", "zstandard")}   # id: (compressor, Python package)
+
+
+def check_codec(ident: int) -> None:
+    """A missing compressor package is one clear error, before training rather than after it."""
+    if ident in CODEC_PACKAGES:
+        name, package = CODEC_PACKAGES[ident]
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            raise RunError(f"the {name} compressor needs the Python package {package}: pip install -r requirements.txt") from None
 
 
 def pack_artifact(payload: bytes) -> tuple[bytes, str, dict[str, int]]:
@@ -925,6 +965,7 @@ def read_artifact(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     ident = data[len(ARTIFACT_MAGIC)]
     if ident not in by_id:
         raise RunError(f"{path}: unknown compressor id {ident}")
+    check_codec(ident)
     try:
         return unpack_state(by_id[ident](data[len(ARTIFACT_MAGIC) + 1:]))
     except Exception as e:
@@ -1012,13 +1053,14 @@ def slot_init(n: int, d: int, vocab: int, prev: tuple | None, alpha: float, like
     return delta, bias
 
 
-def slot_logits(model: GPT, h: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Logits at selected positions h [M, d], row m belonging to window rows[m]: softcap(head(h + delta)) + bias."""
-    logits = model.head(h + delta[rows, 0])
-    return logits + bias[rows, 0] if bias is not None else logits
+def slot_logits(model: GPT, h: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Logits of h [B, C, d] (a column range of B windows): softcap(head(h + delta)) + bias, with delta [B, 1, d]
+    and bias [B, 1, V]. Broadcasting keeps each window's parameters to itself; the backward is a plain reduction."""
+    logits = model.head(h + delta)
+    return logits + bias if bias is not None else logits
 
 
-def slot_adamw(model, h, y, rows, w, delta, bias, slot: Slot, steps: int):
+def slot_adamw(model, h, y, w, delta, bias, slot: Slot, steps: int):
     """`steps` AdamW steps (no weight decay, no clipping) with a cosine learning rate. AdamW is element-wise and the
     loss is a sum of per-window means, so this is B independent optimizations run side by side."""
     params = [delta.requires_grad_()] + ([bias.requires_grad_()] if bias is not None else [])
@@ -1027,7 +1069,8 @@ def slot_adamw(model, h, y, rows, w, delta, bias, slot: Slot, steps: int):
     b1, b2, eps = 0.9, 0.999, 1e-8
     for k in range(steps):
         lr = slot.lr_min + 0.5 * (slot.lr - slot.lr_min) * (1 + math.cos(math.pi * k / steps))
-        loss = (F.cross_entropy(slot_logits(model, h, rows, delta, bias), y, reduction="none") * w).sum()
+        logits = slot_logits(model, h, delta, bias)
+        loss = (F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none") * w.flatten()).sum()
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
             for p, g, mk, vk in zip(params, grads, m, v):
@@ -1035,6 +1078,22 @@ def slot_adamw(model, h, y, rows, w, delta, bias, slot: Slot, steps: int):
                 vk.mul_(b2).addcmul_(g, g, value=1 - b2)
                 p.sub_(lr * (mk / (1 - b1 ** (k + 1))) / ((vk / (1 - b2 ** (k + 1))).sqrt() + eps))
     return delta.detach(), bias.detach() if bias is not None else None
+
+
+def slot_fit(model: GPT, h, y, first, slot: Slot, steps: int, prev):
+    """One batch's per-window delta and bias: a warm or zero start, then AdamW on the columns that hold context.
+    Returns (delta, bias, the warm start for the next batch)."""
+    delta, bias = slot_init(h.size(0), h.size(-1), model.tok_emb.weight.size(0), prev, slot.warm_start, h)
+    bias = bias if slot.bias else None
+    weights = slot_context_weights(first, h.size(1), slot.focal)
+    cols = (weights.sum(0) > 0).nonzero().flatten()
+    if steps and len(cols):
+        c0, c1 = int(cols[0]), int(cols[-1]) + 1
+        with torch.enable_grad():
+            delta, bias = slot_adamw(model, h[:, c0:c1], y[:, c0:c1], weights[:, c0:c1], delta, bias, slot, steps)
+        has_ctx = weights.sum(1) > 0
+        prev = (delta[has_ctx].mean(0), bias[has_ctx].mean(0) if bias is not None else 0.0)
+    return delta, bias, prev
 
 
 class SlotBudget:
@@ -1093,22 +1152,13 @@ def eval_shard(model: GPT, tokens: torch.Tensor, windows: np.ndarray, tables: By
         delta = bias = None
         t1 = time.perf_counter()
         if slot is not None:
-            delta, bias = slot_init(len(w), h.size(-1), model.tok_emb.weight.size(0), prev, slot.warm_start, h)
-            bias = bias if slot.bias else None
-            weights = slot_context_weights(first, width, slot.focal)
-            ctx = weights > 0
-            if steps and bool(ctx.any()):
-                rows = ctx.nonzero(as_tuple=True)[0]
-                with torch.enable_grad():
-                    delta, bias = slot_adamw(model, h[ctx], y[ctx], rows, weights[ctx], delta, bias, slot, steps)
-                has_ctx = ctx.any(1)
-                prev = (delta[has_ctx].mean(0), bias[has_ctx].mean(0) if bias is not None else 0.0)
+            delta, bias, prev = slot_fit(model, h, y, first, slot, steps, prev)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t2 = time.perf_counter()
-        rows = mask.nonzero(as_tuple=True)[0]
-        logits = slot_logits(model, h[mask], rows, delta, bias) if delta is not None else model.head(h[mask])
-        logp = torch.log_softmax(logits, dim=-1)
+        f0 = int(first.min())          # the head runs only on the columns that hold scored targets
+        logits = slot_logits(model, h[:, f0:], delta, bias) if delta is not None else model.head(h[:, f0:])
+        logp = torch.log_softmax(logits[mask[:, f0:]], dim=-1)
         target = y[mask]
         nll = -logp.gather(1, target[:, None])[:, 0].double()
         out.nll_sum += float(nll.sum())
@@ -1137,6 +1187,7 @@ def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq
     totals = run.all_reduce(torch.tensor([s.nll_sum, s.tokens, s.bytes, s.slot_step_sum, hi - lo], dtype=torch.float64, device=run.device))
     steps_min = run.all_reduce(torch.tensor([s.slot_steps_min if hi > lo else 1 << 30], device=run.device), dist.ReduceOp.MIN if run.distributed else None)
     nll_sum, n_tok, n_bytes, step_sum, n_windows = totals.tolist()
+    need(n_bytes > 0, f"the {int(n_tok)} scored targets hold no text bytes (VAL_TOKENS={len(tokens)} too small?)")
     nll_all = None
     if want_nll:
         local = torch.cat(s.nll).numpy() if s.nll else np.zeros(0)
@@ -1203,6 +1254,16 @@ class EMA:
         return {name: by_id[id(p)].cpu() for name, p in model.named_parameters()}
 
 
+def check_ranks_agree(model: nn.Module, run: Run) -> None:
+    """Every rank should hold the same weights (same gradients, same schedule); log it, since the export is rank 0's."""
+    if not run.distributed:
+        return
+    total = sum(p.detach().double().sum() for p in model.parameters())
+    span = run.all_reduce(torch.stack((total, -total)), dist.ReduceOp.MAX)
+    gap = float(span[0] + span[1])
+    log("rank_sync: identical weights" if gap == 0 else f"rank_sync: WARNING ranks differ (checksum spread {gap:.3e})")
+
+
 def compile_warmup(model, ddp_model, opts, cfg: Config, run: Run, grad_accum: int, local_tokens: int) -> None:
     """Run WARMUP_STEPS real steps so compilation happens before the clock, then restore model and optimizers."""
     if cfg.warmup_steps == 0:
@@ -1256,10 +1317,12 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
     compile_warmup(model, fwd, opts, cfg, run, grad_accum, local_tokens)
     val_tokens = load_val_tokens(cfg) if cfg.val_loss_every else None
     loader, ema = TrainLoader(cfg, run, local_tokens), EMA(model, cfg.ema_decay)
-    clock, step, step_avg_s, qat_on = WallClock(cfg.max_wallclock_seconds), 0, 0.0, False
+    run.barrier()
+    run.sync()
+    clock, step, step_avg_s, qat_on, agreed_s = WallClock(cfg.max_wallclock_seconds), 0, 0.0, False, 0.0
     recent = collections.deque(maxlen=20)   # the last step times: the cap check plans with the slowest
     while step < cfg.iterations:
-        progress = clock.progress(step, cfg.iterations)
+        progress = clock.progress(step, cfg.iterations, agreed_s)
         if not qat_on and cfg.late_qat_frac > 0 and progress >= 1 - cfg.late_qat_frac:
             model.set_qat(True)
             qat_on = True
@@ -1268,12 +1331,15 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
         elapsed_before = clock.elapsed()
         loss = train_step(fwd, opts, loader, grad_accum, run)
         ema.update()
-        # Will one more step fit? Assume this step and the next each take as long as the slowest recent one. One
-        # all-reduce (and the step's only host sync) lets every rank agree on that and on a non-finite loss.
+        # Will one more step fit? Assume this step and the next each take as long as the slowest recent one, plus a
+        # little slack for one-off hiccups. One all-reduce, where the step waits for the device anyway, makes every
+        # rank agree on that, on a non-finite loss, and on the elapsed time that drives the schedule.
         slowest = max(recent, default=0.0)
-        cap_hit = cfg.max_wallclock_seconds > 0 and elapsed_before + 2 * slowest > cfg.max_wallclock_seconds
-        flags = torch.stack((loss.float(), (~torch.isfinite(loss)).float(), torch.tensor(float(cap_hit), device=run.device)))
-        loss_sum, bad, cap = run.all_reduce(flags).tolist()
+        cap_hit = cfg.max_wallclock_seconds > 0 and elapsed_before + 2 * slowest + CAP_SLACK_S > cfg.max_wallclock_seconds
+        flags = torch.cat((loss.float().view(1), (~torch.isfinite(loss)).float().view(1),
+                           torch.tensor([float(cap_hit), elapsed_before], device=run.device)))
+        loss_sum, bad, cap, elapsed_sum = run.all_reduce(flags).tolist()
+        agreed_s = elapsed_sum / run.world_size
         step += 1
         recent.append(clock.elapsed() - elapsed_before)
         step_avg_s = clock.elapsed() / step
@@ -1292,6 +1358,7 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
             log(f"stopping_early: wallclock_cap train_time:{1000 * clock.elapsed():.0f}ms step:{step}/{cfg.iterations}")
             break
     log(f"train_done steps:{step} train_time:{1000 * clock.elapsed():.0f}ms step_avg:{1000 * step_avg_s:.2f}ms")
+    check_ranks_agree(model, run)
     if run.device.type == "cuda":
         log(f"peak_memory_allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB")
     return ema.state_dict(model), labels
@@ -1317,19 +1384,23 @@ def export_phase(cfg: Config, run: Run, state: dict[str, torch.Tensor], labels: 
         raise RunError(f"total submission {total} bytes exceeds the {ARTIFACT_LIMIT_BYTES}-byte limit (artifact kept at {path})")
 
 
-def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path) -> None:
-    """Rebuild the model from the artifact on disk and score the whole validation stream."""
-    t0 = time.perf_counter()
+def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path, t0: float) -> None:
+    """Rebuild the model from the artifact on disk and score the whole validation stream. t0 starts the eval budget:
+    the process start for PHASES=eval (imports and process-group setup count), else the start of this phase."""
     model_cfg, state = read_artifact(path)
     model_cfg["recur_layers"] = tuple(model_cfg["recur_layers"])
     clash = [f"{k.upper()}={getattr(cfg, k)} (artifact: {v})" for k, v in model_cfg.items() if k in explicit and getattr(cfg, k) != v]
     if clash:
         raise RunError(f"settings disagree with the artifact's model: {', '.join(clash)}")
     cfg = dataclasses.replace(cfg, **model_cfg)
+    cfg.validate_model()
     tables = load_byte_tables(cfg.tokenizer_path, cfg.vocab_size)
     model = build_model(cfg, run)
     model.load_state_dict(state, strict=True)
     model.eval()
+    log(f"artifact_model params:{sum(p.numel() for p in model.parameters())} passes:{len(model.schedule)} "
+        f"attention:{model.blocks[0].attn.backend} "
+        + " ".join(f"{k}:{','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in model_cfg.items()))
     tokens = load_val_tokens(cfg)
     hidden_fn = torch.compile(model.hidden, dynamic=False) if cfg.compile and run.device.type == "cuda" else model.hidden
     log(f"eval_tokens:{len(tokens)} eval_seq_len:{cfg.eval_seq_len} eval_stride:{cfg.eval_stride} "
@@ -1371,6 +1442,7 @@ def log_header(cfg: Config, run: Run) -> None:
 
 
 def main() -> int:
+    started = time.perf_counter()
     try:
         cfg, explicit = config_from_env(os.environ)
         run = start_run(os.environ)
@@ -1383,17 +1455,24 @@ def main() -> int:
             if run.distributed:
                 dist.broadcast_object_list(box, src=0)
             cfg.run_id = box[0]
-        path = Path(cfg.artifact_path or os.path.join(cfg.log_dir, f"{cfg.run_id}.pgz"))
-        log.open(cfg.log_dir, cfg.run_id, enabled=run.is_main)
-        log_header(cfg, run)
         phases = cfg.phase_set()
+        box = [log.open(cfg.log_dir, cfg.run_id, enabled=run.is_main)]
+        if run.distributed:
+            dist.broadcast_object_list(box, src=0)
+        # an exporting run writes the artifact beside its own log (never over an older run's); PHASES=eval reads
+        # logs/<RUN_ID>.pgz, the artifact of the run that first used that RUN_ID
+        path = Path(cfg.artifact_path or os.path.join(cfg.log_dir, f"{box[0] if 'export' in phases else cfg.run_id}.pgz"))
+        log_header(cfg, run)
+        if "export" in phases:
+            for ident, _, _ in COMPRESSORS.values():
+                check_codec(ident)
         if "train" in phases:
             # check the tokenizer now, not after 600 s of training
             tables = load_byte_tables(cfg.tokenizer_path, cfg.vocab_size) if "eval" in phases or cfg.val_loss_every else None
             state, labels = train_phase(cfg, run, tables)
             export_phase(cfg, run, state, labels, path)
         if "eval" in phases:
-            eval_phase(cfg, run, explicit, path)
+            eval_phase(cfg, run, explicit, path, started if phases == {"eval"} else time.perf_counter())
         return 0
     except RunError as e:
         log(f"error: {e}")

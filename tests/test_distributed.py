@@ -41,3 +41,17 @@ def test_one_and_two_processes_score_the_same_artifact_alike(artifact):
     assert float(one["val_loss"]) == pytest.approx(float(two["val_loss"]), rel=1e-7)
     assert float(one["val_bpb"]) == pytest.approx(float(two["val_bpb"]), rel=1e-7)
     np.testing.assert_allclose(np.load(work / "nll1.npy"), np.load(work / "nll2.npy"), rtol=1e-5, atol=1e-6)
+
+
+def test_ranks_stay_identical_when_the_clock_drives_the_schedule(tiny_data, tmp_path):
+    """With a wall-clock cap the warm-down and late QAT follow elapsed time. Every rank must use the same (agreed)
+    time, or each applies its own learning rate and the copies drift apart."""
+    data, tok = tiny_data
+    env = script_env(data, tok, tmp_path / "logs", RUN_ID="clock", PHASES="train,export", ITERATIONS="100000",
+                     MAX_WALLCLOCK_SECONDS="2.5", WARMDOWN_FRAC="0.9", LATE_QAT_FRAC="0.5")
+    r = run_script(env, tmp_path, nproc=2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = parse_log(tmp_path / "logs" / "clock.txt")
+    assert "stopping_early" in lines and "late_qat" in lines
+    body = (tmp_path / "logs" / "clock.txt").read_text().split("\n" + "=" * 100 + "\n", 1)[1]   # not the source block
+    assert "\nrank_sync: identical weights\n" in body

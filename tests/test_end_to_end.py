@@ -166,3 +166,32 @@ def test_eval_reusing_the_run_id_keeps_the_training_log(full_run):
     assert (work / "logs" / "e2e.txt").read_bytes() == before
     again = parse_log(work / "logs" / "e2e_2.txt")
     assert again["final_slot_exact"]["val_loss"] == parse_log(work / "logs" / "e2e.txt")["final_slot_exact"]["val_loss"]
+
+
+def test_eval_settings_are_checked_against_the_artifact_first(full_run):
+    """NUM_LAYERS=2 against a 3-layer artifact, RECUR_LAYERS left at its default (4,5): the error is the clash."""
+    work, env, _ = full_run
+    env2 = {k: v for k, v in env.items() if k != "RECUR_LAYERS"}
+    env2.update(PHASES="eval", RUN_ID="clash2", ARTIFACT_PATH=str(work / "logs" / "e2e.pgz"), NUM_LAYERS="2")
+    r = run_script(env2, work)
+    assert r.returncode == 1 and "settings disagree with the artifact's model: NUM_LAYERS=2 (artifact: 3)" in r.stdout
+
+
+def test_eval_log_names_the_artifact_model(full_run):
+    lines = eval_again(full_run, "named")
+    model = lines["artifact_model"]
+    assert model["num_layers"] == "3" and model["recur_layers"] == "1" and int(model["params"]) > 0
+
+
+def test_exporting_again_with_a_run_id_keeps_the_old_artifact(full_run, tmp_path):
+    work, env, _ = full_run
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "again.txt").write_text("an older run\n")
+    (logs / "again.pgz").write_bytes(b"older artifact")
+    env2 = dict(env, RUN_ID="again", PHASES="train,export", LOG_DIR=str(logs))
+    env2.pop("NLL_DUMP_PATH")
+    r = run_script(env2, tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (logs / "again.pgz").read_bytes() == b"older artifact" and (logs / "again.txt").read_text() == "an older run\n"
+    assert (logs / "again_2.pgz").is_file() and "artifact:" in (logs / "again_2.txt").read_text()

@@ -84,3 +84,10 @@ def test_every_forward_has_the_same_shape():
     got = T.evaluate(model, tokens, tables, T.Run(), 32, 8, 7, hidden_fn=recording_hidden, want_nll=True).nll
     assert len(T.build_windows(len(tokens), 32, 8)) % 7 != 0 and set(shapes) == {(7, 32)}
     np.testing.assert_array_equal(got, ref)
+
+
+def test_a_slice_without_bytes_is_an_error():
+    model, tokens, tables = _model_and_tokens(n=40)
+    nothing = T.ByteTables(torch.zeros_like(tables.base), torch.zeros_like(tables.space), tables.boundary)
+    with pytest.raises(T.RunError, match="hold no text bytes"):
+        T.evaluate(model, tokens, nothing, T.Run(), 16, 8, 4)

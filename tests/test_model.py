@@ -119,3 +119,21 @@ def test_ema_ramps_then_follows_decay():
     ema.update()   # first update: decay (1+1)/(10+1) = 0.18, so the average moves most of the way
     w = ema.state_dict(m)["weight"]
     assert torch.all(w > 0.5)
+
+
+def test_attention_inputs_share_the_compute_dtype(monkeypatch):
+    """From torch 2.12, CUDA autocast returns fp32 from rms_norm. q and k must still reach the attention kernel in
+    the values' dtype, or FlashAttention-3 is silently skipped. Simulate that autocast rule on a bf16 model."""
+    real_norm = T.rms_norm
+    monkeypatch.setattr(T, "rms_norm", lambda x: real_norm(x).float())
+    seen = []
+    real_attention = T.causal_attention
+
+    def recording(q, k, v, backend):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real_attention(q, k, v, backend)
+    monkeypatch.setattr(T, "causal_attention", recording)
+    m = tiny_model(dtype=torch.float32)   # fp32 weights under bf16 autocast, as on the GPU
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m.hidden(torch.randint(3, 320, (1, 16)))
+    assert seen and all(d == (torch.bfloat16,) * 3 for d in seen), seen

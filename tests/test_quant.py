@@ -130,3 +130,10 @@ def test_export_fits_an_over_size_model_under_the_limit(tmp_path, monkeypatch):
     assert 1.0 < widen < 4.0
     _, got = T.read_artifact(path)
     model.load_state_dict(got)   # still a valid model
+
+
+def test_missing_codec_package_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(T.CODEC_PACKAGES, 2, ("brotli", "no_such_package_here"))
+    with pytest.raises(T.RunError, match="the brotli compressor needs the Python package no_such_package_here"):
+        T.check_codec(2)
+    T.check_codec(1)   # lzma is in the standard library

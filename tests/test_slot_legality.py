@@ -191,11 +191,11 @@ def leaky_scored_slice_weights(first, width, focal):
     return scored / scored.sum(1, keepdim=True)
 
 
-def leaky_shared_logits(model, h, rows, delta, bias):
+def leaky_shared_logits(model, h, delta, bias):
     """One delta (and bias) shared by the whole batch: the mean of the per-window parameters (illegal: the next
     window's context holds this window's scored tokens)."""
-    logits = model.head(h + delta.mean(0)[0])
-    return logits + bias.mean(0)[0] if bias is not None else logits
+    logits = model.head(h + delta.mean(0, keepdim=True))
+    return logits + bias.mean(0, keepdim=True) if bias is not None else logits
 
 
 @pytest.mark.parametrize("target, leaky", [("slot_context_weights", leaky_scored_slice_weights),
