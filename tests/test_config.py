@@ -50,7 +50,8 @@ def test_bad_settings_name_the_value(env, fragment):
 
 def test_unrelated_environment_is_ignored():
     env = {"OMP_NUM_THREADS": "4", "TOKENIZERS_PARALLELISM": "false", "LOCAL_WORLD_SIZE": "8", "PYTHONPATH": "x",
-           "TORCHELASTIC_RUN_ID": "1", "MASTER_PORT": "29500", "HF_ENDPOINT": "http://x", "CUDA_VISIBLE_DEVICES": "0"}
+           "TORCHELASTIC_RUN_ID": "1", "MASTER_PORT": "29500", "HF_ENDPOINT": "http://x", "CUDA_VISIBLE_DEVICES": "0",
+           "NUM_THREADS": "8", "MKL_NUM_THREADS": "1", "SEED_TEXT": "x"}
     T.config_from_env(env)
 
 
