@@ -159,6 +159,8 @@ class Config:
 # Fields that describe the network: stored in the artifact so PHASES=eval rebuilds exactly what was trained.
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
                 "rope_base", "qk_gain_init", "logit_softcap", "bigram_vocab_size", "bigram_dim", "recur_layers")
+# Common variables of other software that look like ours (NUM_THREADS ~ NUM_HEADS): never an error.
+OTHER_SOFTWARE = {"NUM_THREADS"}
 # Names other submissions (or earlier versions) use, so a copied launch command fails loudly instead of being ignored.
 NOT_OURS = {"WARMDOWN_ITERS": "use WARMDOWN_FRAC (a fraction of the expected run)",
             "EVAL_BATCH_SEQS": "use EVAL_BATCH_WINDOWS", "NUM_LOOPS": "use RECUR_LAYERS",
@@ -193,7 +195,7 @@ def config_from_env(env: typing.Mapping[str, str]) -> tuple[Config, set[str]]:
     for key in env:
         if key in NOT_OURS:
             raise RunError(f"{key} is not a setting of this script: {NOT_OURS[key]}")
-        if key not in ours:
+        if key not in ours and key not in OTHER_SOFTWARE:
             close = difflib.get_close_matches(key, list(ours), n=1, cutoff=0.85)
             if close:
                 raise RunError(f"unknown setting {key}={env[key]!r}: did you mean {close[0]}?")
