@@ -164,7 +164,12 @@ OTHER_SOFTWARE = {"NUM_THREADS"}
 # Names other submissions (or earlier versions) use, so a copied launch command fails loudly instead of being ignored.
 NOT_OURS = {"WARMDOWN_ITERS": "use WARMDOWN_FRAC (a fraction of the expected run)",
             "EVAL_BATCH_SEQS": "use EVAL_BATCH_WINDOWS", "NUM_LOOPS": "use RECUR_LAYERS",
-            "LATE_QAT_THRESHOLD": "use LATE_QAT_FRAC",
+            "LATE_QAT_THRESHOLD": "use LATE_QAT_FRAC", "QAT_ENABLED": "use LATE_QAT_FRAC (0 = off)",
+            "SLOT_ENABLED": "use SLOT_STEPS (0 = plain sliding window; SLOT is on by default)",
+            "TTT_ENABLED": "this script has no test-time training; its only adaptation is the causal SLOT (SLOT_STEPS)",
+            "SWA_ENABLED": "this script has no SWA; it exports the EMA weights (EMA_DECAY)",
+            "NUM_ITERATIONS": "use ITERATIONS", "TRAIN_STEPS": "use ITERATIONS", "WARMUP_ITERS": "use WARMUP_STEPS",
+            "MAX_WALLCLOCK": "use MAX_WALLCLOCK_SECONDS", "MLP_RATIO": "use MLP_MULT",
             "SLOT_OPTIMIZER": "SLOT always uses AdamW (L-BFGS lost in every measurement and was removed; see README)"}
 
 
@@ -770,7 +775,9 @@ class Muon(torch.optim.Optimizer):
             offset = 0
             for i, p in enumerate(params):
                 if i % self.run.world_size == self.run.rank:
-                    buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                    if "momentum" not in self.state[p]:
+                        self.state[p]["momentum"] = torch.zeros_like(p)
+                    buf = self.state[p]["momentum"]
                     buf.mul_(group["momentum"]).add_(p.grad)
                     g = p.grad.add(buf, alpha=group["momentum"])
                     g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-7)
@@ -1142,7 +1149,8 @@ def eval_shard(model: GPT, tokens: torch.Tensor, windows: np.ndarray, tables: By
         width = int(w[0, 1] - w[0, 0])      # all windows have the same length (see build_windows)
         x = torch.stack([tokens[s:e] for s, e, _ in w]).to(device)
         y = torch.stack([tokens[s + 1:e + 1] for s, e, _ in w]).to(device)
-        first = torch.as_tensor(w[:, 2] - 1 - w[:, 0], device=device)   # position of the first scored target
+        first_np = w[:, 2] - 1 - w[:, 0]                                  # position of the first scored target
+        first = torch.as_tensor(first_np, device=device)
         pos = torch.arange(width, device=device)[None, :]
         mask = pos >= first[:, None]
         steps = budget.plan(n_batches - i, i)
@@ -1152,13 +1160,15 @@ def eval_shard(model: GPT, tokens: torch.Tensor, windows: np.ndarray, tables: By
             h = hidden_fn(torch.cat((x, x[-1:].expand(pad, -1))) if pad else x)[:len(w)]
         h = h.float() if h.dtype in (torch.bfloat16, torch.float16) else h
         delta = bias = None
+        if device.type == "cuda":      # the forward runs asynchronously: without this its time would count as SLOT's
+            torch.cuda.synchronize(device)
         t1 = time.perf_counter()
         if slot is not None:
             delta, bias, prev = slot_fit(model, h, y, first, slot, steps, prev)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t2 = time.perf_counter()
-        f0 = int(first.min())          # the head runs only on the columns that hold scored targets
+        f0 = int(first_np.min())       # the head runs only on the columns that hold scored targets
         logits = slot_logits(model, h[:, f0:], delta, bias) if delta is not None else model.head(h[:, f0:])
         logp = torch.log_softmax(logits[mask[:, f0:]], dim=-1)
         target = y[mask]
@@ -1293,9 +1303,10 @@ def batch_split(cfg: Config, run: Run) -> tuple[int, int]:
 
 
 def build_model(cfg: Config, run: Run) -> GPT:
-    """The seeded model on the run's device, with FlashAttention-3 where it is importable on a GPU."""
+    """The seeded model on the run's device, with FlashAttention-3 where it is importable on a Hopper GPU."""
     torch.manual_seed(cfg.seed)
-    backend = "fa3" if run.device.type == "cuda" and flash_attention_available() else "sdpa"
+    hopper = run.device.type == "cuda" and torch.cuda.get_device_capability(run.device)[0] == 9
+    backend = "fa3" if hopper and flash_attention_available() else "sdpa"   # FA3's kernels are built for sm90 only
     return GPT(cfg, attention=backend).to(run.device)
 
 
@@ -1443,6 +1454,17 @@ def log_header(cfg: Config, run: Run) -> None:
     log(f"world_size:{run.world_size} phases:{cfg.phases}")
 
 
+def check_artifact_path(path: Path, phases: set[str], explicit: set[str]) -> None:
+    """Before any work: PHASES=eval must be told which artifact to read, and an export never replaces a file."""
+    if phases == {"eval"} and not {"artifact_path", "run_id"} & explicit:
+        raise RunError("PHASES=eval needs ARTIFACT_PATH (or the RUN_ID of the run that wrote logs/<RUN_ID>.pgz)")
+    if path.is_dir():
+        raise RunError(f"ARTIFACT_PATH={str(path)!r} is a folder; name the artifact file")
+    if "export" in phases and path.exists():
+        raise RunError(f"ARTIFACT_PATH={str(path)!r} already exists; an exporting run never replaces an artifact "
+                       "(remove it or choose another path)")
+
+
 def main() -> int:
     started = time.perf_counter()
     try:
@@ -1465,6 +1487,7 @@ def main() -> int:
         # logs/<RUN_ID>.pgz, the artifact of the run that first used that RUN_ID
         path = Path(cfg.artifact_path or os.path.join(cfg.log_dir, f"{box[0] if 'export' in phases else cfg.run_id}.pgz"))
         log_header(cfg, run)
+        check_artifact_path(path, phases, explicit)
         if "export" in phases:
             for ident, _, _ in COMPRESSORS.values():
                 check_codec(ident)

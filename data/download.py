@@ -25,6 +25,7 @@ import http.client
 import json
 import os
 import re
+import socket
 import sys
 import time
 import urllib.error
@@ -79,6 +80,8 @@ def open_url(url: str, offset: int, timeout: float):
         raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", e)
+        if isinstance(reason, socket.gaierror):   # the name does not resolve: no network here, retrying won't help
+            raise DownloadError(f"cannot reach {url}: {reason} (no network? HF_ENDPOINT names a mirror)") from None
         raise Retry(f"cannot reach {url}: {reason}") from None
 
 
@@ -179,9 +182,11 @@ def download(url: str, dest: Path, is_shard: bool, retries: int, timeout: float,
             break
         except Retry as e:
             if attempt == retries:
-                kept = f"; {part.stat().st_size} bytes kept in {part}" if part.exists() else ""
-                raise DownloadError(f"{e} (gave up after {retries + 1} attempts{kept}); rerun the same command to "
-                                    f"resume") from None
+                tries = f"{retries + 1} attempt{'s' if retries else ''}"
+                if part.exists() and part.stat().st_size:
+                    raise DownloadError(f"{e} (gave up after {tries}; {part.stat().st_size} bytes kept in {part}); "
+                                        f"rerun the same command to resume") from None
+                raise DownloadError(f"{e} (gave up after {tries}); rerun the same command when it is reachable") from None
             progress.note(f"{e}; retrying ({attempt + 1}/{retries})")
             grew = part.exists() and part.stat().st_size > before
             if not grew:   # no progress at all: give a struggling server a moment; a drop mid-file resumes at once

@@ -1,4 +1,8 @@
 """Config: typed env overrides, and a misspelt setting is an error that names the right one."""
+import dataclasses
+import re
+from pathlib import Path
+
 import pytest
 
 import train_gpt as T
@@ -31,6 +35,9 @@ def test_empty_recur_layers_is_the_plain_model():
     ({"EVAL_STRID": "32"}, "did you mean EVAL_STRIDE"),
     ({"WARMDOWN_ITERS": "3500"}, "WARMDOWN_FRAC"),
     ({"SLOT_OPTIMIZER": "lbfgs"}, "SLOT always uses AdamW"),
+    ({"SLOT_ENABLED": "0"}, "use SLOT_STEPS"),
+    ({"TTT_ENABLED": "1"}, "no test-time training"),
+    ({"MAX_WALLCLOCK": "600"}, "use MAX_WALLCLOCK_SECONDS"),
     ({"NUM_LAYERS": "eleven"}, "NUM_LAYERS='eleven' is not a valid int"),
     ({"COMPILE": "maybe"}, "COMPILE='maybe'"),
     ({"NUM_HEADS": "7"}, "MODEL_DIM=512 must be divisible by NUM_HEADS=7"),
@@ -58,3 +65,17 @@ def test_unrelated_environment_is_ignored():
 def test_world_size_must_divide_eight():
     with pytest.raises(T.RunError, match="WORLD_SIZE=3 must divide 8"):
         T.start_run({"WORLD_SIZE": "3", "RANK": "0"})
+
+
+def test_redirects_name_real_settings():
+    """Every setting a NOT_OURS hint points to exists, so the redirect cannot send a user to another dead name."""
+    ours = {f.name.upper() for f in dataclasses.fields(T.Config)}
+    for key, hint in T.NOT_OURS.items():
+        named = set(re.findall(r"\b[A-Z][A-Z0-9]*_[A-Z0-9_]+\b", hint))
+        assert named <= ours, (key, named - ours)
+
+
+def test_readme_documents_every_setting():
+    readme = (Path(T.__file__).parent / "README.md").read_text()
+    missing = [f.name.upper() for f in dataclasses.fields(T.Config) if f"`{f.name.upper()}`" not in readme]
+    assert not missing, f"README's Settings table lacks {missing}"

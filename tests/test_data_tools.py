@@ -272,6 +272,14 @@ def test_unreachable_network_is_a_clear_error(tmp_path):
     assert "manifest.json" in r.stderr
 
 
+def test_unknown_host_is_not_retried(tmp_path):
+    env = {**os.environ, "HF_ENDPOINT": "http://hub.invalid"}   # .invalid never resolves (RFC 2606)
+    r = subprocess.run([sys.executable, str(DOWNLOAD), "--out", str(tmp_path / "data"), "--retries", "5"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "retrying" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: cannot reach http://hub.invalid/") and "no network?" in r.stderr
+
+
 def test_variant_and_shard_count_are_checked_against_manifest(hub, tmp_path, capsys):
     assert dl.main(["--variant", "sp4096", "--out", str(tmp_path / "d")]) == 1
     assert "no dataset fineweb10B_sp4096; available: sp1024" in capsys.readouterr().err

@@ -195,3 +195,22 @@ def test_exporting_again_with_a_run_id_keeps_the_old_artifact(full_run, tmp_path
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert (logs / "again.pgz").read_bytes() == b"older artifact" and (logs / "again.txt").read_text() == "an older run\n"
     assert (logs / "again_2.pgz").is_file() and "artifact:" in (logs / "again_2.txt").read_text()
+
+
+def test_explicit_artifact_path_is_never_replaced(tiny_data, tmp_path):
+    old = tmp_path / "mine.pgz"
+    old.write_bytes(b"a model I want to keep")
+    env = script_env(tiny_data[0], tiny_data[1], tmp_path / "logs", RUN_ID="x", ARTIFACT_PATH=str(old))
+    r = run_script(env, tmp_path)
+    assert r.returncode == 1 and "already exists; an exporting run never replaces an artifact" in r.stdout + r.stderr
+    assert old.read_bytes() == b"a model I want to keep" and "step:" not in r.stdout, "it stops before training"
+
+
+@pytest.mark.parametrize("settings, fragment", [
+    ({}, "PHASES=eval needs ARTIFACT_PATH"),
+    ({"ARTIFACT_PATH": "."}, "is a folder; name the artifact file"),
+])
+def test_eval_needs_an_artifact_file(tiny_data, tmp_path, settings, fragment):
+    env = script_env(tiny_data[0], tiny_data[1], tmp_path / "logs", PHASES="eval", **settings)
+    env.pop("RUN_ID", None)
+    _fails(env, tmp_path, fragment)

@@ -249,6 +249,8 @@ def test_refuses_files_that_are_not_logs(capsys, tmp_path, copies):
     refuse(capsys, tmp_path, [tmp_path / "missing.txt"], r"missing\.txt: no such log file", "--allow-non-record")
     (tmp_path / "notes.txt").write_text("step:1/2 train_loss:3.0\n")
     refuse(capsys, tmp_path, [tmp_path / "notes.txt"], r"notes\.txt: not a train_gpt\.py log", "--allow-non-record")
+    (tmp_path / "run.pgz").write_bytes(b"PGZ\x01\xe6\xfd7zXZ")
+    refuse(capsys, tmp_path, [tmp_path / "run.pgz"], r"run\.pgz: not a train_gpt\.py log \(not UTF-8", "--allow-non-record")
     twice = tmp_path / "twice.txt"
     twice.write_text(copies[0].read_text() * 2)
     refuse(capsys, tmp_path, [twice], r"twice\.txt: holds 2 runs appended to one file", "--allow-non-record")

@@ -28,7 +28,14 @@ def test_study_runs_plain_slot_and_leaky_variants(tiny_data, tmp_path):
     assert len({row["val_bpb"] for row in rows.values()}) == 5   # every variant computed something different
     bad = subprocess.run([sys.executable, str(ROOT / "tools" / "slot_study.py"), "stepz=2"], env=env, cwd=tmp_path,
                          capture_output=True, text=True)
-    assert bad.returncode != 0 and "'stepz' in 'stepz=2' is not a Slot field" in bad.stderr
+    assert bad.returncode != 0 and "'stepz' in 'stepz=2' is not a Slot field (did you mean steps?" in bad.stderr
+    for args, fragment in ((["plain"], "already exists; pass another --out"),
+                           (["--out", str(tmp_path / "new.json"), "--offset", "99999999", "plain"], "--offset 99999999 is outside"),
+                           (["steps=two"], "steps='two' in 'steps=two' is not a valid int")):
+        bad = subprocess.run([sys.executable, str(ROOT / "tools" / "slot_study.py"), "--out", str(out)] + args, env=env,
+                             cwd=tmp_path, capture_output=True, text=True)
+        assert bad.returncode != 0 and fragment in bad.stderr, (args, bad.stderr[-1000:])
+    assert not (tmp_path / "new.json").exists()
     env.pop("ARTIFACT_PATH")
     bad = subprocess.run([sys.executable, str(ROOT / "tools" / "slot_study.py"), "plain"], env=env, cwd=tmp_path,
                          capture_output=True, text=True)

@@ -274,10 +274,16 @@ def table(results: dict) -> str:
 # Main
 # ==================================================================================================
 
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except the empty ones whose help already says what happens."""
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, "") else super()._get_help_string(action)
+
+
 def parse_args(argv, run: tg.Run) -> argparse.Namespace:
     cuda = run.device.type == "cuda"
     p = argparse.ArgumentParser(description="Benchmark train_gpt.py (model settings: train_gpt's environment variables).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=Help)
     p.add_argument("--sections", default="train,eval,export", help="comma list of train, eval, export")
     p.add_argument("--steps", type=int, default=10 if cuda else 3, help="timed optimizer steps (median reported)")
     p.add_argument("--warmup", type=int, default=3 if cuda else 1, help="untimed steps first (compilation on CUDA)")
@@ -287,7 +293,7 @@ def parse_args(argv, run: tg.Run) -> argparse.Namespace:
     p.add_argument("--peak-flops", type=float, default=800e12 if cuda else None,
                    help="peak FLOP/s for MFU; default 800e12 on CUDA (H100 dense bf16 as measured achievable; the "
                         "SXM datasheet says 989e12), none on CPU (MFU n/a)")
-    p.add_argument("--name", default="", help="JSON name under LOG_DIR/bench (default: device and timestamp)")
+    p.add_argument("--name", default=None, help="JSON name under LOG_DIR/bench (default: device and timestamp)")
     p.add_argument("--out", default="", help="JSON path (overrides --name)")
     args = p.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]

@@ -110,7 +110,9 @@ def read_log(path: Path) -> RunLog:
         raw = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise PackageError(f"{path}: no such log file") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError:
+        raise PackageError(f"{path}: not a train_gpt.py log (not UTF-8 text; an artifact?)") from None
+    except OSError as e:
         raise PackageError(f"{path}: cannot read: {e}") from None
     sep = "\n" + SEPARATOR + "\n"
     runs = raw.count(sep)
@@ -544,7 +546,7 @@ def render_readme(sub: dict, description: str) -> str:
     if not sub["record"]:
         out += [f"> **{sub['status']}**", ""]
     out += [f"**val_bpb {fmt(sub['val_bpb'], 4)}** (std {fmt(sub['val_bpb_std'], 4)}, {len(rows)} seeds) · "
-            f"val_loss {fmt(sub['val_loss'], 4)} nats · artifact <= {sub['bytes_total']:,} bytes · {sub['hardware']}", ""]
+            f"val_loss {fmt(sub['val_loss'], 4)} nats · code + artifact <= {sub['bytes_total']:,} bytes · {sub['hardware']}", ""]
     if sub.get("author"):
         out += [f"Author: {sub['author']}" + (f" (@{sub['github_id']})" if sub.get("github_id") else ""), ""]
     text = (description or sub.get("blurb") or "").strip()
@@ -554,7 +556,7 @@ def render_readme(sub: dict, description: str) -> str:
     coverage = "every target of the official validation set scored once" if full else \
         f"{rows[0]['scored_tokens']:,} targets scored once, NOT the full official validation set"
     out += ["## Results", "", f"Score line: `{sub['score_line']}` (exact; {coverage}).", "",
-            "| seed | steps | step avg (ms) | train (s) | eval (s) | val_loss | val_bpb | artifact bytes |",
+            "| seed | steps | step avg (ms) | train (s) | eval (s) | val_loss | val_bpb | code + artifact bytes |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {r['seed']} | {r['steps']} | {r['step_avg_ms']:.2f} | {r['train_time_s']:.1f} | "

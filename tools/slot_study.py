@@ -1,12 +1,13 @@
-"""Compare evaluation variants on one artifact and one slice of val: plain sliding window, SLOT settings, and (for the
+r"""Compare evaluation variants on one artifact and one slice of val: plain sliding window, SLOT settings, and (for the
 record only) the two illegal SLOT variants the causality harness catches.
 
     ARTIFACT_PATH=logs/run.pgz DATA_PATH=... TOKENIZER_PATH=... EVAL_SEQ_LEN=512 EVAL_STRIDE=64 \
         python tools/slot_study.py --tokens 200000 plain steps=8 steps=8,warm_start=0.9 steps=8,bias=0 \
         leaky_shared:steps=8 leaky_scored:steps=8
 
-A variant is `[kind:]key=value,...` over the fields of train_gpt.Slot (steps, lr, lr_min, focal, bias, warm_start); kind is `slot` (default), `leaky_shared` (one delta shared by each batch) or `leaky_scored` (delta
-optimized on the scored positions). `plain` is the plain sliding window. The model comes from the artifact on disk,
+A variant is `[kind:]key=value,...` over the fields of train_gpt.Slot (steps, lr, lr_min, focal, bias, warm_start);
+kind is `slot` (default), `leaky_shared` (one delta shared by each batch) or `leaky_scored` (delta optimized on the
+scored positions). `plain` is the plain sliding window. The model comes from the artifact on disk,
 as in the real evaluation; the eval geometry from EVAL_SEQ_LEN / EVAL_STRIDE / EVAL_BATCH_WINDOWS.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import json
 import os
 import sys
@@ -40,9 +42,14 @@ def parse_variant(text: str) -> tuple[str, str, T.Slot | None]:
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
         if key not in hints:
-            raise SystemExit(f"error: {key!r} in {text!r} is not a Slot field ({', '.join(hints)})")
+            close = difflib.get_close_matches(key, list(hints), n=1)
+            guess = f"did you mean {close[0]}? " if close else ""
+            raise SystemExit(f"error: {key!r} in {text!r} is not a Slot field ({guess}fields: {', '.join(hints)})")
         hint = {"int": int, "float": float, "bool": bool, "str": str}[str(hints[key])]
-        values[key] = bool(int(value)) if hint is bool else hint(value)
+        try:
+            values[key] = bool(int(value)) if hint is bool else hint(value)
+        except ValueError:
+            raise SystemExit(f"error: {key}={value!r} in {text!r} is not a valid {hint.__name__}") from None
     return text, kind, T.Slot(**values)
 
 
@@ -66,14 +73,18 @@ def leaky(kind: str):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variants", nargs="+", help="plain | [kind:]key=value,... (see above)")
-    ap.add_argument("--tokens", type=int, default=200_000, help="evaluate N val tokens (0 = all)")
-    ap.add_argument("--offset", type=int, default=0, help="starting at this val token (a held-out slice for checking)")
+    ap.add_argument("--tokens", type=int, default=200_000, help="evaluate N val tokens (0 = all; default 200000)")
+    ap.add_argument("--offset", type=int, default=0, help="starting at this val token (a held-out slice for checking; default 0)")
     ap.add_argument("--out", default="", help="JSON path (default logs/slot_study/<artifact stem>.json)")
     args = ap.parse_args()
+    variants = list(map(parse_variant, args.variants))
     if not os.environ.get("ARTIFACT_PATH"):
         raise T.RunError("set ARTIFACT_PATH to the artifact to study (e.g. logs/<RUN_ID>.pgz)")
     cfg, _ = T.config_from_env(os.environ)
     artifact = Path(cfg.artifact_path)
+    out = Path(args.out or ROOT / "logs" / "slot_study" / f"{artifact.stem}.json")
+    if out.exists():
+        raise T.RunError(f"{out} already exists; pass another --out (a study is never overwritten)")
     model_cfg, state = T.read_artifact(artifact)
     model_cfg["recur_layers"] = tuple(model_cfg["recur_layers"])
     cfg = dataclasses.replace(cfg, **model_cfg)
@@ -83,9 +94,11 @@ def main() -> int:
     model.eval()
     tables = T.load_byte_tables(cfg.tokenizer_path, cfg.vocab_size)
     tokens = T.load_val_tokens(cfg)
+    if not 0 <= args.offset < len(tokens) - 1:
+        raise T.RunError(f"--offset {args.offset} is outside the {len(tokens)} val tokens")
     tokens = tokens[args.offset:args.offset + args.tokens] if args.tokens else tokens[args.offset:]
     rows = []
-    for text, kind, slot in map(parse_variant, args.variants):
+    for text, kind, slot in variants:
         with leaky(kind):
             r = T.evaluate(model, tokens, tables, run, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows, slot=slot)
         rows.append(dict(variant=text, kind=kind, legal=not kind.startswith("leaky"), val_loss=r.loss, val_bpb=r.bpb,
@@ -96,7 +109,6 @@ def main() -> int:
     for row in rows:
         gain = f"{row['val_bpb'] - plain:+.5f}" if plain is not None else "-"
         print(f"{row['variant']:45s} {str(row['legal']):>5s} {row['val_bpb']:10.6f} {gain:>10s} {row['seconds']:8.1f}")
-    out = Path(args.out or ROOT / "logs" / "slot_study" / f"{artifact.stem}.json")
     meta = dict(artifact=str(artifact), offset=args.offset, tokens=len(tokens), eval_seq_len=cfg.eval_seq_len, eval_stride=cfg.eval_stride,
                 eval_batch_windows=cfg.eval_batch_windows, device=str(run.device), torch=torch.__version__,
                 threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"), model=model_cfg)
