@@ -546,12 +546,21 @@ class Rotary(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest), dim=-1)
 
 
-def flash_attention_available() -> bool:
+def flash_attention_problem(device: torch.device) -> str | None:
+    """Why FlashAttention-3 can't be used here (None: use it). It needs a Hopper GPU (its kernels are built for sm90)
+    and one small call must agree with SDPA, so a wheel built for another torch fails here, not inside the run."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return "not a Hopper GPU"
     try:
-        import flash_attn_interface  # noqa: F401  (FlashAttention-3, Hopper; not on PyPI)
-        return True
+        import flash_attn_interface  # noqa: F401  (FlashAttention-3; not on PyPI)
     except ImportError:
-        return False
+        return "flash_attn_interface not installed"
+    try:
+        q, k, v = (torch.randn(2, 256, h, 64, device=device, dtype=torch.bfloat16) for h in (8, 4, 4))
+        gap = float((causal_attention(q, k, v, "fa3").float() - causal_attention(q, k, v, "sdpa").float()).abs().max())
+    except Exception as e:   # an optional speedup: any failure means the portable path
+        return f"flash_attn_func failed: {type(e).__name__}: {e}"
+    return None if gap < 0.05 else f"flash_attn_func disagrees with SDPA (max gap {gap:.3g})"
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
@@ -1303,11 +1312,12 @@ def batch_split(cfg: Config, run: Run) -> tuple[int, int]:
 
 
 def build_model(cfg: Config, run: Run) -> GPT:
-    """The seeded model on the run's device, with FlashAttention-3 where it is importable on a Hopper GPU."""
+    """The seeded model on the run's device, with FlashAttention-3 where it works (a Hopper GPU), else SDPA."""
+    problem = flash_attention_problem(run.device)
+    if problem and run.device.type == "cuda":
+        log(f"attention: SDPA, since FlashAttention-3 is unusable: {problem}")
     torch.manual_seed(cfg.seed)
-    hopper = run.device.type == "cuda" and torch.cuda.get_device_capability(run.device)[0] == 9
-    backend = "fa3" if hopper and flash_attention_available() else "sdpa"   # FA3's kernels are built for sm90 only
-    return GPT(cfg, attention=backend).to(run.device)
+    return GPT(cfg, attention="sdpa" if problem else "fa3").to(run.device)
 
 
 def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

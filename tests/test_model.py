@@ -137,3 +137,9 @@ def test_attention_inputs_share_the_compute_dtype(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         m.hidden(torch.randint(3, 320, (1, 16)))
     assert seen and all(d == (torch.bfloat16,) * 3 for d in seen), seen
+
+
+def test_cpu_never_picks_flash_attention():
+    assert T.flash_attention_problem(torch.device("cpu")) == "not a Hopper GPU"
+    cfg, _ = T.config_from_env(TINY_ENV)
+    assert T.build_model(cfg, T.Run()).blocks[0].attn.backend == "sdpa"
