@@ -80,7 +80,7 @@ def open_url(url: str, offset: int, timeout: float):
         raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", e)
-        if isinstance(reason, socket.gaierror):   # the name does not resolve: no network here, retrying won't help
+        if isinstance(reason, socket.gaierror) and reason.errno == socket.EAI_NONAME:   # no such host: retrying won't help
             raise DownloadError(f"cannot reach {url}: {reason} (no network? HF_ENDPOINT names a mirror)") from None
         raise Retry(f"cannot reach {url}: {reason}") from None
 

@@ -84,6 +84,7 @@ def test_bench_runs_every_section_on_cpu(tiny_data, tmp_path):
         assert len(t["step_times_ms"]) == 3 and t["step_ms"] == pytest.approx(statistics.median(t["step_times_ms"]))
         assert t["tokens_per_s"] == pytest.approx(cfg.train_batch_tokens / (t["step_ms"] / 1000))
         assert t["step_ms_8gpu"] == pytest.approx(t["step_ms"] / 8) and t["grad_accum"] == 8
+        assert t["attention"] == "sdpa"   # CPU; the GPU JSON says whether FA3 ran
         assert t["tflops"] == pytest.approx(t["flop_per_step"] / (t["step_ms"] / 1000) / 1e12)
         assert t["mfu"] is None    # no meaningful peak on a CPU
     assert r["train"]["recur"]["flop_per_step"] == flops["flop_per_step"]

@@ -202,15 +202,19 @@ def test_explicit_artifact_path_is_never_replaced(tiny_data, tmp_path):
     old.write_bytes(b"a model I want to keep")
     env = script_env(tiny_data[0], tiny_data[1], tmp_path / "logs", RUN_ID="x", ARTIFACT_PATH=str(old))
     r = run_script(env, tmp_path)
-    assert r.returncode == 1 and "already exists; an exporting run never replaces an artifact" in r.stdout + r.stderr
+    assert r.returncode == 1 and f"artifact {old} already exists; an exporting run never replaces" in r.stdout + r.stderr
     assert old.read_bytes() == b"a model I want to keep" and "step:" not in r.stdout, "it stops before training"
 
 
 @pytest.mark.parametrize("settings, fragment", [
     ({}, "PHASES=eval needs ARTIFACT_PATH"),
+    ({"RUN_ID": ""}, "PHASES=eval needs ARTIFACT_PATH"),
     ({"ARTIFACT_PATH": "."}, "is a folder; name the artifact file"),
 ])
 def test_eval_needs_an_artifact_file(tiny_data, tmp_path, settings, fragment):
-    env = script_env(tiny_data[0], tiny_data[1], tmp_path / "logs", PHASES="eval", **settings)
+    env = script_env(tiny_data[0], tiny_data[1], tmp_path / "logs", PHASES="eval")
     env.pop("RUN_ID", None)
+    env.update(settings)
     _fails(env, tmp_path, fragment)
+    if not settings.get("ARTIFACT_PATH"):
+        assert not (tmp_path / "logs").exists(), "refused before any log is opened"

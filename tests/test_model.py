@@ -140,6 +140,6 @@ def test_attention_inputs_share_the_compute_dtype(monkeypatch):
 
 
 def test_cpu_never_picks_flash_attention():
-    assert T.flash_attention_problem(torch.device("cpu")) == "not a Hopper GPU"
     cfg, _ = T.config_from_env(TINY_ENV)
+    assert T.flash_attention_problem(cfg, torch.device("cpu")) == "not a Hopper GPU"
     assert T.build_model(cfg, T.Run()).blocks[0].attn.backend == "sdpa"

@@ -78,6 +78,16 @@ def test_artifact_round_trip_and_smallest_compressor(tmp_path):
     assert T.read_artifact(path)[0] == T.unpack_state(payload)[0]
 
 
+def test_write_without_replace_keeps_both_files(tmp_path):
+    path = tmp_path / "a.pgz"
+    T.write_atomic(path, b"first", replace=False)
+    assert os.listdir(tmp_path) == ["a.pgz"]
+    with pytest.raises(T.RunError, match="appeared during the run and is kept"):
+        T.write_atomic(path, b"second", replace=False)
+    kept = [p for p in tmp_path.iterdir() if p.name != "a.pgz"]
+    assert path.read_bytes() == b"first" and [p.read_bytes() for p in kept] == [b"second"]
+
+
 def test_corrupt_artifacts_are_clear_errors(tmp_path):
     cfg, model, state, labels = _model_state()
     blob, _, _ = T.pack_artifact(T.pack_state(state, labels, {f: getattr(cfg, f) for f in T.MODEL_FIELDS}))

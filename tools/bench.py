@@ -118,7 +118,8 @@ def bench_train(cfg: tg.Config, run: tg.Run, steps: int, warmup: int, peak: floa
     grad_accum, local_tokens = tg.batch_split(cfg, run)
     model = tg.build_model(cfg, run)
     opts = tg.build_optimizers(model, cfg, run)
-    fwd = torch.compile(model, dynamic=False, fullgraph=True) if cfg.compile and run.device.type == "cuda" else model
+    attention = model.blocks[0].attn.backend   # fullgraph only for SDPA, as in train_phase
+    fwd = torch.compile(model, dynamic=False, fullgraph=attention == "sdpa") if cfg.compile and run.device.type == "cuda" else model
     # compile_warmup restores weights and optimizer state afterwards, as in a real run
     run.sync()
     t0 = time.perf_counter()
@@ -139,7 +140,7 @@ def bench_train(cfg: tg.Config, run: tg.Run, steps: int, warmup: int, peak: floa
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     flops = train_flops(model, cfg.train_seq_len, cfg.train_batch_tokens)
-    out = {"recur_layers": list(cfg.recur_layers), "params": sum(p.numel() for p in model.parameters()),
+    out = {"recur_layers": list(cfg.recur_layers), "attention": attention, "params": sum(p.numel() for p in model.parameters()),
            "grad_accum": grad_accum, "micro_batch_tokens": local_tokens, "batch_tokens": cfg.train_batch_tokens,
            "warmup_steps": warmup, "warmup_s": warmup_s, "timed_steps": steps, "step_times_ms": [1000 * t for t in times],
            "step_ms": 1000 * step_s, "step_ms_8gpu": 1000 * step_s / PROJECTION_GPUS,

@@ -75,14 +75,14 @@ def main() -> int:
     ap.add_argument("variants", nargs="+", help="plain | [kind:]key=value,... (see above)")
     ap.add_argument("--tokens", type=int, default=200_000, help="evaluate N val tokens (0 = all; default 200000)")
     ap.add_argument("--offset", type=int, default=0, help="starting at this val token (a held-out slice for checking; default 0)")
-    ap.add_argument("--out", default="", help="JSON path (default logs/slot_study/<artifact stem>.json)")
+    ap.add_argument("--out", default="", help="JSON path (default logs/slot_study/<artifact stem>_<offset>_<tokens>.json)")
     args = ap.parse_args()
     variants = list(map(parse_variant, args.variants))
     if not os.environ.get("ARTIFACT_PATH"):
         raise T.RunError("set ARTIFACT_PATH to the artifact to study (e.g. logs/<RUN_ID>.pgz)")
     cfg, _ = T.config_from_env(os.environ)
     artifact = Path(cfg.artifact_path)
-    out = Path(args.out or ROOT / "logs" / "slot_study" / f"{artifact.stem}.json")
+    out = Path(args.out or ROOT / "logs" / "slot_study" / f"{artifact.stem}_{args.offset}_{args.tokens}.json")
     if out.exists():
         raise T.RunError(f"{out} already exists; pass another --out (a study is never overwritten)")
     model_cfg, state = T.read_artifact(artifact)
@@ -112,7 +112,7 @@ def main() -> int:
     meta = dict(artifact=str(artifact), offset=args.offset, tokens=len(tokens), eval_seq_len=cfg.eval_seq_len, eval_stride=cfg.eval_stride,
                 eval_batch_windows=cfg.eval_batch_windows, device=str(run.device), torch=torch.__version__,
                 threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"), model=model_cfg)
-    T.write_atomic(out, json.dumps(dict(meta=meta, rows=rows), indent=1).encode())
+    T.write_atomic(out, json.dumps(dict(meta=meta, rows=rows), indent=1).encode(), replace=False)
     print(f"wrote {out}")
     return 0
 
