@@ -85,3 +85,10 @@ def test_readme_settings_table_documents_every_setting_with_its_default():
         shown = re.search(rf"`{name}` ([0-9][0-9.,]*)", table)   # "`NAME` 1024" rows (the run row uses parentheses)
         if shown and isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
             assert float(shown.group(1).rstrip(",.")) == f.default, (name, shown.group(1), f.default)
+
+
+def test_ci_runs_the_readme_test_command():
+    root = Path(T.__file__).parent
+    readme = (root / "README.md").read_text().splitlines()
+    command = readme[readme.index("<!-- test-command -->") + 2]
+    assert command.startswith("pip install") and command in (root / ".ci" / "run").read_text().splitlines()
