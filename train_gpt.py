@@ -85,6 +85,12 @@ class Config:
     bigram_vocab_size: int = 2048    # BigramHash buckets (0 = off)
     bigram_dim: int = 128
     recur_layers: tuple[int, ...] = (4, 5)   # layers run twice; empty = the plain model
+    ve_dim: int = 128                # value embeddings: a second token table added to the values (PR #1278)
+    ve_layers: tuple[int, ...] = (-2, -1)    # layers whose values get it, negative from the end (9,10 of 11); empty = off
+    parallel_start: int = 0          # passes from this index on read one input for attention and MLP (PR #1204); 0 = off
+    ln_scale: str = "layer"          # A/B open: norm outputs x 1/sqrt(i + 1), i = physical "layer" or "pass"; "off"
+    value_residual: str = "gate"     # A/B open: "gate" (one sigmoid gate, init -1.5: PR #1278) or "mix" (two weights)
+    bigram_form: str = "scale"       # A/B open: "scale" (zero table x learned 0.05, Muon projection) or "adam" (ours)
     # ---- training
     iterations: int = 20000          # an upper bound: the wall-clock cap ends a real run first
     max_wallclock_seconds: float = 600.0
@@ -99,6 +105,8 @@ class Config:
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_steps: int = 1500
     muon_wd: float = 0.04
+    muon_row_norm: bool = True       # A/B open: MuonEq-R row normalisation before Newton-Schulz
+    grad_clip_norm: float = 0.3      # global gradient norm clip (PR #1278); 0 = off
     adam_wd: float = 0.04
     beta1: float = 0.9
     beta2: float = 0.95
@@ -154,14 +162,22 @@ class Config:
         need(self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shards")
         need(self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE must be 0 or >= 2")
         need(self.bigram_vocab_size == 0 or self.bigram_dim > 0, "BIGRAM_DIM must be > 0 when BIGRAM_VOCAB_SIZE > 0")
-        need(len(set(self.recur_layers)) == len(self.recur_layers), f"RECUR_LAYERS={self.recur_layers} repeats a layer")
-        need(all(0 <= i < self.num_layers for i in self.recur_layers),
-             f"RECUR_LAYERS={self.recur_layers} must name layers in 0..{self.num_layers - 1}")
+        for name, lo in (("recur_layers", 0), ("ve_layers", -self.num_layers)):
+            layers = getattr(self, name)
+            need(all(lo <= i < self.num_layers for i in layers), f"{name.upper()}={layers} must name layers in {lo}..{self.num_layers - 1}")
+            need(len({i % self.num_layers for i in layers}) == len(layers), f"{name.upper()}={layers} repeats a layer")
+        need(not self.ve_layers or self.ve_dim > 0, "VE_DIM must be > 0 when VE_LAYERS is set")
+        passes = self.num_layers + len(self.recur_layers)
+        need(self.parallel_start < passes, f"PARALLEL_START={self.parallel_start} must be < the {passes} passes (0 = off)")
+        for name, allowed in (("ln_scale", ("layer", "pass", "off")), ("value_residual", ("gate", "mix")),
+                              ("bigram_form", ("scale", "adam"))):
+            need(getattr(self, name) in allowed, f"{name.upper()}={getattr(self, name)!r} must be one of {', '.join(allowed)}")
 
 
 # Fields that describe the network: stored in the artifact so PHASES=eval rebuilds exactly what was trained.
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
-                "rope_base", "qk_gain_init", "logit_softcap", "bigram_vocab_size", "bigram_dim", "recur_layers")
+                "rope_base", "qk_gain_init", "logit_softcap", "bigram_vocab_size", "bigram_dim", "recur_layers",
+                "ve_dim", "ve_layers", "parallel_start", "ln_scale", "value_residual", "bigram_form")
 # Common variables of other software that look like ours (NUM_THREADS ~ NUM_HEADS): never an error.
 OTHER_SOFTWARE = {"NUM_THREADS"}
 # Names other submissions (or earlier versions) use, so a copied launch command fails loudly instead of being ignored.
@@ -455,6 +471,10 @@ class TrainLoader:
             t = t.pin_memory().to(self.run.device, non_blocking=True)
         return t[:-1].view(-1, self.seq_len), t[1:].view(-1, self.seq_len)
 
+    def next_step(self, grad_accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The micro-batches of one optimizer step (copied to the device asynchronously)."""
+        return [self.next() for _ in range(grad_accum)]
+
 
 # ==================================================================================================
 # Tokenizer and exact bits per byte
@@ -505,6 +525,7 @@ PARAM_TABLE = {
     "matrix": ("muon", "matrix_lr", "muon_wd", "int6"),
     "embed": ("adam", "tied_embed_lr", "adam_wd", "int8"),
     "bigram": ("adam", "tied_embed_lr", "adam_wd", "int6"),
+    "value_embed": ("adam", "tied_embed_lr", "adam_wd", "int8"),
     "scalar": ("adam", "scalar_lr", None, "fp16"),
     "recur": ("adam", "scalar_lr", None, "fp32"),    # iter_embed / iter_gate: fp32, no decay (the -2 gate must hold)
 }
@@ -528,19 +549,21 @@ def fake_quant_rows(w: torch.Tensor, qmax: int) -> torch.Tensor:
 
 
 class QLinear(nn.Module):
-    """A bias-free linear layer exported as int6. Late QAT is a tensor switch (not a Python flag), so a compiled
-    graph honours it: w + qat * (fake_int6(w) - w).detach() is w when off and a straight-through int6 w when on."""
+    """A bias-free linear layer exported as int6. Late QAT is a Python flag: torch.compile guards on it, so each
+    setting gets its own graph (both are compiled in the warm-up) and QAT off costs nothing. When on, the weight is
+    w + (fake_int6(w) - w).detach(): the int6 grid forward, a straight-through gradient backward."""
 
     def __init__(self, in_features: int, out_features: int, label: str = "matrix", init: str = "orthogonal") -> None:
         super().__init__()
         w = torch.empty(out_features, in_features)
         nn.init.orthogonal_(w) if init == "orthogonal" else nn.init.zeros_(w)
         self.weight = labelled(w, label)
-        self.register_buffer("qat", torch.zeros(()), persistent=False)
+        self.qat = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        w = w + self.qat.to(w.dtype) * (fake_quant_rows(w, INT6_MAX) - w).detach()
+        if self.qat:
+            w = w + (fake_quant_rows(w, INT6_MAX) - w).detach()
         return F.linear(x, w)
 
 
@@ -612,17 +635,24 @@ class Attention(nn.Module):
         self.q_gain = labelled(torch.full((self.h,), cfg.qk_gain_init), "scalar")
         self.rotary = Rotary(cfg.rope_dims, cfg.rope_base)
         # value residual (ResFormer): mix this layer's values with layer 0's; layer 0 has no mix (it would be unused)
-        self.vr_mix = labelled(torch.tensor([0.5, 0.5]), "scalar") if value_residual else None
+        self.vr_form = cfg.value_residual if value_residual else None
+        if self.vr_form == "gate":     # v <- v + sigmoid(g) (v0 - v), g = -1.5: 18% of layer 0's values (PR #1278)
+            self.vr = labelled(torch.full((1,), -1.5), "scalar")
+        elif self.vr_form == "mix":    # v <- a v + b v0, a = b = 0.5
+            self.vr = labelled(torch.tensor([0.5, 0.5]), "scalar")
 
-    def forward(self, x: torch.Tensor, v0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, v0: torch.Tensor | None, ve: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.h, self.hd)
         k = self.c_k(x).view(B, T, self.hkv, self.hd)
-        v = self.c_v(x).view(B, T, self.hkv, self.hd)
-        if self.vr_mix is None:
+        v = self.c_v(x)
+        v = (v if ve is None else v + ve).view(B, T, self.hkv, self.hd)
+        if self.vr_form is None:
             v0 = v
+        elif self.vr_form == "gate":
+            v = v + torch.sigmoid(self.vr).to(v.dtype) * (v0 - v)
         else:
-            v = self.vr_mix[0].to(v.dtype) * v + self.vr_mix[1].to(v.dtype) * v0
+            v = self.vr[0].to(v.dtype) * v + self.vr[1].to(v.dtype) * v0
         # CUDA autocast runs rms_norm in fp32 from torch 2.12 on: bring q and k back to the values' (compute) dtype,
         # or FlashAttention-3 would be skipped for fp32 inputs
         dt = v.dtype
@@ -646,6 +676,16 @@ class MLP(nn.Module):
         return self.proj(F.leaky_relu(self.fc(x), negative_slope=0.5).square())   # LeakyReLU(0.5)^2: PR #493
 
 
+@dataclass(frozen=True)
+class Pass:
+    """One pass of the block loop: which physical block runs, and the per-pass techniques (data, not flags)."""
+    layer: int            # physical block
+    repeat: int = -1      # >= 0: a recurrent layer's second pass, conditioned by iter_embed / iter_gate[repeat]
+    ln: float = 1.0       # LN scale: the block's normalised inputs x 1/sqrt(i + 1) (PR #1278)
+    ve: int = -1          # >= 0: add the value embedding, scaled by ve_scales[ve]
+    parallel: bool = False   # attention and MLP read the same input and both add to the stream (PR #1204)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: Config, index: int, backend: str) -> None:
         super().__init__()
@@ -656,12 +696,15 @@ class Block(nn.Module):
         self.mlp_scale = labelled(torch.ones(d), "scalar")
         self.resid_mix = labelled(torch.stack((torch.ones(d), torch.zeros(d))), "scalar")   # x <- a x + b x0
 
-    def forward(self, x, x0, v0):
+    def forward(self, x, x0, v0, p: Pass, ve):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        a, v0 = self.attn(rms_norm(x), v0)
+        n = rms_norm(x) * p.ln
+        a, v0 = self.attn(n, v0, ve)
+        if p.parallel:
+            return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * self.mlp(n), v0
         x = x + self.attn_scale.to(x.dtype) * a
-        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * p.ln)
         return x, v0
 
 
@@ -673,19 +716,44 @@ def doc_continues(idx: torch.Tensor) -> torch.Tensor:
 
 
 class BigramHash(nn.Module):
-    """Embedding of a hash of (previous token, token), projected to the model width; a BOS gets the 'no bigram' bucket."""
+    """Embedding of a hash of (previous token, token), projected to the model width; a BOS gets the 'no bigram' bucket.
+    Form "scale" (PR #1278): a zero table times a learned scalar (init 0.05), the projection (only where the table is
+    narrower than the model) trained by Muon. Form "adam": a random table and a zero projection, both in AdamW."""
 
-    def __init__(self, vocab: int, buckets: int, dim: int, width: int) -> None:
+    def __init__(self, cfg: Config) -> None:
         super().__init__()
-        self.buckets = buckets
-        self.embed = labelled(torch.randn(buckets, dim) * 0.02, "bigram")
-        self.proj = QLinear(dim, width, label="bigram", init="zeros")
+        self.buckets, dim, width = cfg.bigram_vocab_size, cfg.bigram_dim, cfg.model_dim
+        self.scale = None
+        if cfg.bigram_form == "scale":
+            self.embed = labelled(torch.zeros(self.buckets, dim), "bigram")
+            self.proj = QLinear(dim, width) if dim != width else None
+            self.scale = labelled(torch.full((1,), 0.05), "scalar")
+        else:
+            self.embed = labelled(torch.randn(self.buckets, dim) * 0.02, "bigram")
+            self.proj = QLinear(dim, width, label="bigram", init="zeros")
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         prev = F.pad(idx[:, :-1], (1, 0))
         h = torch.bitwise_xor(36313 * idx, 27191 * prev) % (self.buckets - 1)
         h = torch.where(doc_continues(idx), h, self.buckets - 1)
-        return self.proj(F.embedding(h, self.embed))
+        out = F.embedding(h, self.embed)
+        out = self.proj(out) if self.proj is not None else out
+        return out * self.scale.to(out.dtype) if self.scale is not None else out
+
+
+class ValueEmbed(nn.Module):
+    """A second token table [V, ve_dim], projected to the KV width and added to the values of VE_LAYERS, each pass
+    with its own learned scale (PR #1278: VE_DIM=128, VE_LAYERS=9,10)."""
+
+    def __init__(self, cfg: Config, n_scales: int) -> None:
+        super().__init__()
+        kv_width = cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
+        self.embed = labelled(torch.randn(cfg.vocab_size, cfg.ve_dim) * 0.01, "value_embed")
+        self.proj = QLinear(cfg.ve_dim, kv_width)
+        self.scales = labelled(torch.full((n_scales,), 0.1), "scalar")
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.embedding(idx, self.embed))
 
 
 class SmearGate(nn.Module):
@@ -701,14 +769,21 @@ class SmearGate(nn.Module):
         return x + g * (prev - x)
 
 
-def layer_schedule(num_layers: int, recur_layers: tuple[int, ...]) -> list[tuple[int, int]]:
-    """(physical layer, repeat index or -1) per pass: recur (4, 5) on 11 layers gives 0,1,2,3,4,4',5,5',6,...,10."""
+def layer_schedule(cfg: Config) -> list[Pass]:
+    """The passes: RECUR_LAYERS=4,5 on 11 layers runs 0,1,2,3,4,4',5,5',6,...,10, each with its per-pass techniques."""
     order = []
-    for i in range(num_layers):
-        order.append((i, -1))
-        if i in recur_layers:
-            order.append((i, recur_layers.index(i)))
-    return order
+    for layer in range(cfg.num_layers):
+        order.append((layer, -1))
+        if layer in cfg.recur_layers:
+            order.append((layer, cfg.recur_layers.index(layer)))
+    passes, n_ve, ve_layers = [], 0, {i % cfg.num_layers for i in cfg.ve_layers}
+    for i, (layer, rep) in enumerate(order):
+        ln = {"layer": 1 / math.sqrt(layer + 1), "pass": 1 / math.sqrt(i + 1), "off": 1.0}[cfg.ln_scale]
+        ve = -1
+        if layer in ve_layers:
+            ve, n_ve = n_ve, n_ve + 1
+        passes.append(Pass(layer, rep, ln, ve, 0 < cfg.parallel_start <= i))
+    return passes
 
 
 class GPT(nn.Module):
@@ -720,10 +795,12 @@ class GPT(nn.Module):
         self.softcap = cfg.logit_softcap
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         self.tok_emb.weight = labelled(torch.randn(cfg.vocab_size, d) * 0.005, "embed")
-        self.bigram = BigramHash(cfg.vocab_size, cfg.bigram_vocab_size, cfg.bigram_dim, d) if cfg.bigram_vocab_size else None
+        self.bigram = BigramHash(cfg) if cfg.bigram_vocab_size else None
         self.smear = SmearGate(d)
         self.blocks = nn.ModuleList(Block(cfg, i, attention) for i in range(cfg.num_layers))
-        self.schedule = layer_schedule(cfg.num_layers, cfg.recur_layers)
+        self.schedule = layer_schedule(cfg)
+        n_ve = sum(p.ve >= 0 for p in self.schedule)
+        self.value_embed = ValueEmbed(cfg, n_ve) if n_ve else None
         self.n_enc = len(self.schedule) // 2          # U-Net: the first half of the passes feed the second half
         n_skip = min(self.n_enc, len(self.schedule) - self.n_enc)
         self.skip_weights = labelled(torch.ones(n_skip, d), "scalar")
@@ -732,23 +809,28 @@ class GPT(nn.Module):
         self.iter_gate = labelled(torch.full((n_rep, d), -2.0), "recur") if n_rep else None
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        """The only place neighbouring tokens mix before attention; both mixers stop at a BOS."""
+        """The only place neighbouring tokens mix before attention; both mixers stop at a BOS. Under autocast the
+        residual stream leaves here in the compute dtype (bf16 on CUDA); the master weights stay fp32."""
         x = self.tok_emb(idx)
         if self.bigram is not None:
             x = x + self.bigram(idx)
-        return self.smear(rms_norm(x), idx)
+        x = self.smear(rms_norm(x), idx)
+        device = idx.device.type
+        return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
 
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids [B, T] -> final residual stream [B, T, d] (before the final norm)."""
         x = self.embed(idx)
+        ve = self.value_embed(idx) if self.value_embed is not None else None
         x0, v0, skips = x, None, []
-        for i, (layer, rep) in enumerate(self.schedule):
-            if rep >= 0:   # second pass of a recurrent layer: per-pass conditioning
-                x = x + torch.sigmoid(self.iter_gate[rep]).to(x.dtype) * self.iter_embed[rep].to(x.dtype)
+        for i, p in enumerate(self.schedule):
+            if p.repeat >= 0:   # second pass of a recurrent layer: per-pass conditioning
+                x = x + torch.sigmoid(self.iter_gate[p.repeat]).to(x.dtype) * self.iter_embed[p.repeat].to(x.dtype)
             j = i - self.n_enc
             if 0 <= j < len(self.skip_weights):
                 x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
-            x, v0 = self.blocks[layer](x, x0, v0)
+            ve_p = ve * self.value_embed.scales[p.ve].to(ve.dtype) if p.ve >= 0 else None
+            x, v0 = self.blocks[p.layer](x, x0, v0, p, ve_p)
             if i < self.n_enc:
                 skips.append(x)
         return x
@@ -766,7 +848,7 @@ class GPT(nn.Module):
     def set_qat(self, on: bool) -> None:
         for m in self.modules():
             if isinstance(m, QLinear):
-                m.qat.fill_(float(on))
+                m.qat = on
 
 
 def param_labels(model: nn.Module) -> dict[str, str]:
@@ -782,50 +864,68 @@ def param_labels(model: nn.Module) -> dict[str, str]:
 # ==================================================================================================
 
 def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximate the orthogonal factor U V^T of g with a quintic Newton-Schulz iteration (Muon, K. Jordan 2024)."""
+    """Approximate the orthogonal factor U V^T of each matrix in g [N, m, n] with a quintic Newton-Schulz iteration
+    (Muon, K. Jordan 2024); same-shape matrices go through one batched matmul chain."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
-    x = x / (x.norm() + 1e-7)
-    tall = x.size(0) > x.size(1)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    tall = x.size(-2) > x.size(-1)
     if tall:
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        A = x @ x.T
+        A = x @ x.mT
         x = a * x + (b * A + c * A @ A) @ x
-    return x.T if tall else x
+    return x.mT if tall else x
 
 
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, row normalisation (MuonEq-R, arXiv 2603.28254), Newton-Schulz orthogonalisation and
-    decoupled weight decay. Each rank orthogonalises every world_size-th matrix; one all-reduce shares the results."""
+    decoupled weight decay. Matrices are grouped by shape and dealt round-robin to the ranks; each rank
+    orthogonalises its share of a group in one batched call, and one all-reduce shares the results."""
 
-    def __init__(self, params, lr: float, momentum: float, weight_decay: float, run: Run) -> None:
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float, run: Run, row_norm: bool = True,
+                 compile_ns: bool = False) -> None:
         super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.run = run
+        self.run, self.row_norm = run, row_norm
+        params = self.param_groups[0]["params"]
+        self.offsets = np.cumsum([0] + [p.numel() for p in params]).tolist()
+        by_shape: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            by_shape.setdefault(tuple(p.shape), []).append(i)
+        order = [i for idx in by_shape.values() for i in idx]
+        mine = {i for k, i in enumerate(order) if k % run.world_size == run.rank}
+        self.shares = [[i for i in idx if i in mine] for idx in by_shape.values()]
+        self.shares = [share for share in self.shares if share]
+        if compile_ns:   # one graph per (share size, shape): more than dynamo's default limit of 8 on some ranks
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 + len(self.shares))
+        self.ns = torch.compile(newton_schulz, dynamic=False) if compile_ns else newton_schulz
+        self.flat = None
 
     @torch.no_grad()
     def step(self) -> None:
-        for group in self.param_groups:
-            params = group["params"]
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16 if params[0].is_cuda else torch.float32)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % self.run.world_size == self.run.rank:
-                    if "momentum" not in self.state[p]:
-                        self.state[p]["momentum"] = torch.zeros_like(p)
-                    buf = self.state[p]["momentum"]
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    g = p.grad.add(buf, alpha=group["momentum"])
-                    g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-7)
-                    g = newton_schulz(g) * max(1.0, p.size(0) / p.size(1)) ** 0.5
-                    flat[offset:offset + p.numel()] = g.reshape(-1)
-                offset += p.numel()
-            self.run.all_reduce(flat)
-            offset = 0
-            for p in params:
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+        group = self.param_groups[0]
+        params, mom = group["params"], group["momentum"]
+        if self.flat is None:
+            self.flat = torch.zeros(self.offsets[-1], device=params[0].device, dtype=torch.bfloat16 if params[0].is_cuda else torch.float32)
+        self.flat.zero_()
+        for share in self.shares:
+            grads = [params[i].grad for i in share]
+            for i in share:
+                if "momentum" not in self.state[params[i]]:   # also after a warm-up restored an empty state
+                    self.state[params[i]]["momentum"] = torch.zeros_like(params[i])
+            bufs = [self.state[params[i]]["momentum"] for i in share]
+            torch._foreach_mul_(bufs, mom)
+            torch._foreach_add_(bufs, grads)
+            g = torch.stack(grads).add_(torch.stack(bufs), alpha=mom)     # Nesterov
+            if self.row_norm:
+                g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+            u = self.ns(g) * max(1.0, g.size(-2) / g.size(-1)) ** 0.5
+            for j, i in enumerate(share):
+                self.flat[self.offsets[i]:self.offsets[i + 1]] = u[j].reshape(-1)
+        self.run.all_reduce(self.flat)
+        for i, p in enumerate(params):
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(self.flat[self.offsets[i]:self.offsets[i + 1]].view_as(p).to(p.dtype), alpha=-group["lr"])
 
 
 def build_optimizers(model: GPT, cfg: Config, run: Run) -> list[torch.optim.Optimizer]:
@@ -846,7 +946,8 @@ def build_optimizers(model: GPT, cfg: Config, run: Run) -> list[torch.optim.Opti
         fused = dict(fused=True) if run.device.type == "cuda" else dict(foreach=True)
         opts.append(torch.optim.AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **fused))
     for group in muon_groups:
-        muon = Muon(group.pop("params"), lr=group["lr"], momentum=cfg.muon_momentum, weight_decay=group["weight_decay"], run=run)
+        muon = Muon(group.pop("params"), lr=group["lr"], momentum=cfg.muon_momentum, weight_decay=group["weight_decay"],
+                    run=run, row_norm=cfg.muon_row_norm, compile_ns=cfg.compile and run.device.type == "cuda")
         muon.param_groups[0].update(base_lr=group["base_lr"], label=group["label"])
         opts.append(muon)
     return opts
@@ -931,12 +1032,13 @@ def unpack_state(payload: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
     for e in header["tensors"]:
         parts.setdefault(e["name"], {})[e["role"]] = unshuffle_bytes(blob[e["offset"]:e["offset"] + e["nbytes"]], e["dtype"], e["shape"])
     state = {}
+    model_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in header["model"].items()}   # JSON has no tuples
     for name, p in parts.items():
         if "q" in p:
             state[name] = torch.from_numpy(p["q"]).float() * torch.from_numpy(p["scale"]).float()[:, None]
         else:
             state[name] = torch.from_numpy(p["value"]).float()
-    return header["model"], state
+    return model_cfg, state
 
 
 def _brotli(data: bytes) -> bytes:
@@ -1254,21 +1356,23 @@ def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq
 # Training
 # ==================================================================================================
 
-def train_step(model, opts, loader: TrainLoader, grad_accum: int, run: Run) -> torch.Tensor:
-    """One optimizer step over grad_accum micro-batches; DDP all-reduces gradients on the last one only."""
+def train_step(model, opts, batches, run: Run, clip_norm: float = 0.0, params=None) -> torch.Tensor:
+    """One optimizer step over the micro-batches; DDP all-reduces gradients on the last one only. The global gradient
+    norm is clipped at clip_norm (0 = off) on the device, without a host sync."""
     total = torch.zeros((), device=run.device)
-    for i in range(grad_accum):
-        x, y = loader.next()
-        sync = contextlib.nullcontext() if (not run.distributed or i == grad_accum - 1) else model.no_sync()
+    for i, (x, y) in enumerate(batches):
+        sync = contextlib.nullcontext() if (not run.distributed or i == len(batches) - 1) else model.no_sync()
         with sync:
             with run.autocast():
                 loss = model(x, y)
-            (loss / grad_accum).backward()
+            (loss / len(batches)).backward()
         total += loss.detach()
+    if clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
     for opt in opts:
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return total / grad_accum
+    return total / len(batches)
 
 
 def set_schedule(opts, cfg: Config, step: int, progress: float) -> None:
@@ -1312,20 +1416,48 @@ def check_ranks_agree(model: nn.Module, run: Run) -> None:
     log("rank_sync: identical weights" if gap == 0 else f"rank_sync: WARNING ranks differ (checksum spread {gap:.3e})")
 
 
-def compile_warmup(model, ddp_model, opts, cfg: Config, run: Run, grad_accum: int, local_tokens: int) -> None:
-    """Run WARMUP_STEPS real steps so compilation happens before the clock, then restore model and optimizers."""
+def training_forward(model: GPT, cfg: Config, run: Run, fullgraph: bool = True):
+    """The forward the training steps call: compiled on CUDA (fullgraph: a graph break is an error, not a silent
+    slowdown), wrapped in DDP on several ranks."""
+    fwd = torch.compile(model, dynamic=False, fullgraph=fullgraph) if cfg.compile and run.device.type == "cuda" else model
+    if run.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # our buffers (RoPE frequencies) are equal on every rank: never re-broadcast them per forward
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+        fwd = DDP(fwd, device_ids=[run.local_rank] if run.device.type == "cuda" else None, **{no_sync: False})
+    return fwd
+
+
+def compile_warmup(model: GPT, fwd, opts, cfg: Config, run: Run, grad_accum: int, local_tokens: int):
+    """Run WARMUP_STEPS real steps so that compilation happens before the clock, the last one with QAT on (so both
+    QAT graphs exist), then restore model and optimizers. Returns the training forward: where FlashAttention-3 does
+    not trace in one graph, it is compiled again with graph breaks, and the log says so."""
     if cfg.warmup_steps == 0:
-        return
+        return fwd
     model_state = copy.deepcopy(model.state_dict())
     opt_states = [copy.deepcopy(o.state_dict()) for o in opts]
     loader = TrainLoader(cfg, run, local_tokens)
     with timed("compile_warmup", run):
-        for _ in range(cfg.warmup_steps):
-            train_step(ddp_model, opts, loader, grad_accum, run)
+        for k in range(cfg.warmup_steps):
+            model.set_qat(cfg.late_qat_frac > 0 and k == cfg.warmup_steps - 1 and k > 0)
+            batches = loader.next_step(grad_accum)
+            try:
+                train_step(fwd, opts, batches, run, cfg.grad_clip_norm, list(model.parameters()))
+            except torch._dynamo.exc.TorchDynamoException as e:
+                if k > 0 or model.blocks[0].attn.backend != "fa3" or not (cfg.compile and run.device.type == "cuda"):
+                    raise
+                log(f"attention: FlashAttention-3 breaks the graph ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                    "compiling with graph breaks (fullgraph=False)")
+                for o in opts:
+                    o.zero_grad(set_to_none=True)
+                fwd = training_forward(model, cfg, run, fullgraph=False)
+                train_step(fwd, opts, batches, run, cfg.grad_clip_norm, list(model.parameters()))
+    model.set_qat(False)
     model.load_state_dict(model_state)
     for o, s in zip(opts, opt_states):
         o.load_state_dict(s)
         o.zero_grad(set_to_none=True)
+    return fwd
 
 
 def batch_split(cfg: Config, run: Run) -> tuple[int, int]:
@@ -1355,22 +1487,16 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
     log(f"model_params:{sum(p.numel() for p in model.parameters())} attention:{model.blocks[0].attn.backend} "
         f"passes:{len(model.schedule)} grad_accum:{grad_accum} local_batch_tokens:{local_tokens}")
     opts = build_optimizers(model, cfg, run)
-    # fullgraph guards the SDPA path against silent graph breaks; an FA3 build whose kernel is not a registered
-    # torch op would break the graph there, which must cost speed, not the run
-    fullgraph = model.blocks[0].attn.backend == "sdpa"
-    fwd = torch.compile(model, dynamic=False, fullgraph=fullgraph) if cfg.compile and run.device.type == "cuda" else model
-    if run.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        # our buffers (RoPE frequencies, QAT switches) are equal on every rank: never re-broadcast them per forward
-        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
-        fwd = DDP(fwd, device_ids=[run.local_rank] if run.device.type == "cuda" else None, **{no_sync: False})
-    compile_warmup(model, fwd, opts, cfg, run, grad_accum, local_tokens)
+    params = list(model.parameters())
+    fwd = compile_warmup(model, training_forward(model, cfg, run), opts, cfg, run, grad_accum, local_tokens)
     val_tokens = load_val_tokens(cfg) if cfg.val_loss_every else None
     loader, ema = TrainLoader(cfg, run, local_tokens), EMA(model, cfg.ema_decay)
+    host_flags = torch.zeros(2, pin_memory=run.device.type == "cuda")   # (cap hit, elapsed s): sent without a sync
     run.barrier()
     run.sync()
     clock, step, step_avg_s, qat_on, agreed_s = WallClock(cfg.max_wallclock_seconds), 0, 0.0, False, 0.0
     recent = collections.deque(maxlen=20)   # the last step times: the cap check plans with the slowest
+    batches = loader.next_step(grad_accum)
     while step < cfg.iterations:
         progress = clock.progress(step, cfg.iterations, agreed_s)
         if not qat_on and cfg.late_qat_frac > 0 and progress >= 1 - cfg.late_qat_frac:
@@ -1379,15 +1505,17 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
             log(f"late_qat:on step:{step} train_time:{1000 * clock.elapsed():.0f}ms")
         set_schedule(opts, cfg, step, progress)
         elapsed_before = clock.elapsed()
-        loss = train_step(fwd, opts, loader, grad_accum, run)
+        loss = train_step(fwd, opts, batches, run, cfg.grad_clip_norm, params)
         ema.update()
+        batches = loader.next_step(grad_accum)   # the next step's batches, read while the device works on this one
         # Will one more step fit? Assume this step and the next each take as long as the slowest recent one, plus a
         # little slack for one-off hiccups. One all-reduce, where the step waits for the device anyway, makes every
         # rank agree on that, on a non-finite loss, and on the elapsed time that drives the schedule.
         slowest = max(recent, default=0.0)
         cap_hit = cfg.max_wallclock_seconds > 0 and elapsed_before + 2 * slowest + CAP_SLACK_S > cfg.max_wallclock_seconds
+        host_flags[0], host_flags[1] = float(cap_hit), elapsed_before
         flags = torch.cat((loss.float().view(1), (~torch.isfinite(loss)).float().view(1),
-                           torch.tensor([float(cap_hit), elapsed_before], device=run.device)))
+                           host_flags.to(run.device, non_blocking=True)))
         loss_sum, bad, cap, elapsed_sum = run.all_reduce(flags).tolist()
         agreed_s = elapsed_sum / run.world_size
         step += 1
@@ -1438,7 +1566,6 @@ def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path, t0: float)
     """Rebuild the model from the artifact on disk and score the whole validation stream. t0 starts the eval budget:
     the process start for PHASES=eval (imports and process-group setup count), else the start of this phase."""
     model_cfg, state = read_artifact(path)
-    model_cfg["recur_layers"] = tuple(model_cfg["recur_layers"])
     clash = [f"{k.upper()}={getattr(cfg, k)} (artifact: {v})" for k, v in model_cfg.items() if k in explicit and getattr(cfg, k) != v]
     if clash:
         raise RunError(f"settings disagree with the artifact's model: {', '.join(clash)}")

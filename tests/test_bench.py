@@ -26,7 +26,7 @@ def test_flop_model_hand_count_tiny():
     d, kv, hidden = 32, 16, 64
     per_layer = d * d + 2 * d * kv + d * d + 2 * d * hidden    # q, k and v, attention out, MLP in and out
     passes = 4
-    weights = passes * per_layer + 320 * d + 8 * d             # + tied head + bigram projection
+    weights = passes * per_layer + 320 * d + 8 * d + 128 * kv  # + tied head + bigram and value-embedding projections
     f = bench.train_flops(tg.GPT(cfg), cfg.train_seq_len, cfg.train_batch_tokens)
     assert f["passes"] == passes and f["matmul_weights_per_token"] == weights
     assert f["matmul_flop_per_token"] == 6 * weights

@@ -17,10 +17,11 @@ def tiny(**over):
 
 
 def test_schedule_runs_layers_4_and_5_twice():
-    order = T.layer_schedule(11, (4, 5))
-    assert [layer for layer, _ in order] == [0, 1, 2, 3, 4, 4, 5, 5, 6, 7, 8, 9, 10]
-    assert [rep for _, rep in order if rep >= 0] == [0, 1]
-    assert T.layer_schedule(11, ()) == [(i, -1) for i in range(11)]
+    order = T.layer_schedule(T.Config())
+    assert [p.layer for p in order] == [0, 1, 2, 3, 4, 4, 5, 5, 6, 7, 8, 9, 10]
+    assert [p.repeat for p in order if p.repeat >= 0] == [0, 1]
+    plain = T.layer_schedule(T.config_from_env({"RECUR_LAYERS": ""})[0])
+    assert [(p.layer, p.repeat) for p in plain] == [(i, -1) for i in range(11)]
 
 
 def test_default_model_shape():

@@ -12,7 +12,8 @@ with the config, device and versions, to logs/bench/<name>.json (LOG_DIR/bench).
         python tools/bench.py
 
 FLOP model (the one of project issue 5), per trained token:
-    6 x (matmul weights, counting each pass of the layer schedule, + tied LM head V*d + BigramHash projection)
+    6 x (matmul weights, counting each pass of the layer schedule, + tied LM head V*d + bigram and value-embedding
+    projections)
   + 6 x model_dim x seq_len x passes   (causal QK^T and AV: d*T/2 multiply-adds each per token on average, x3 fwd+bwd)
 Element-wise work, norms, RoPE, the Muon Newton-Schulz iterations and the optimizers are not counted.
 """
@@ -44,7 +45,7 @@ ASSUMPTIONS = {
     "eval_8gpu": f"full val ({VAL_TOKENS_FULL:,} tokens) time = measured seconds per window x windows of the full "
                  f"stream / {PROJECTION_GPUS} GPUs: every window has the same width, windows split evenly, no "
                  f"communication cost; compilation and model loading excluded",
-    "flop_model": "6 x (matmul weights x passes + tied head V*d + bigram projection) + 6 x d x seq_len x passes "
+    "flop_model": "6 x (matmul weights x passes + tied head V*d + bigram and value-embedding projections) + 6 x d x seq_len x passes "
                   "per trained token; eval counts the forward third (2x) over every window token, the head only "
                   "at scored positions",
 }
@@ -55,17 +56,19 @@ ASSUMPTIONS = {
 # ==================================================================================================
 
 def matmul_weights(model: tg.GPT) -> dict[str, int]:
-    """Weights each token multiplies through: the QLinears of the block of each pass, tied head, bigram projection."""
+    """Weights each token multiplies through: the QLinears of the block of each pass, tied head, and the projections
+    of the bigram and value embeddings."""
     per_layer = [sum(m.weight.numel() for m in b.modules() if isinstance(m, tg.QLinear)) for b in model.blocks]
-    return {"body": sum(per_layer[layer] for layer, _ in model.schedule),
+    return {"body": sum(per_layer[p.layer] for p in model.schedule),
             "head": model.tok_emb.weight.numel(),
-            "bigram": model.bigram.proj.weight.numel() if model.bigram is not None else 0}
+            "bigram": model.bigram.proj.weight.numel() if model.bigram is not None and model.bigram.proj is not None else 0,
+            "value_embed": model.value_embed.proj.weight.numel() if model.value_embed is not None else 0}
 
 
 def train_flops(model: tg.GPT, seq_len: int, batch_tokens: int) -> dict[str, float]:
     w = matmul_weights(model)
     passes, d = len(model.schedule), model.tok_emb.weight.size(1)
-    matmul = 6 * (w["body"] + w["head"] + w["bigram"])
+    matmul = 6 * sum(w.values())
     attention = 6 * d * seq_len * passes      # fwd: QK^T and AV cost d*T/2 MACs each per token = 2*d*T FLOP; x3 fwd+bwd
     return {"passes": passes, "matmul_weights_per_token": sum(w.values()), **{f"weights_{k}": v for k, v in w.items()},
             "matmul_flop_per_token": matmul, "attention_flop_per_token": attention,
@@ -78,7 +81,7 @@ def eval_flops(model: tg.GPT, windows) -> float:
     passes, d = len(model.schedule), model.tok_emb.weight.size(1)
     width = windows[:, 1] - windows[:, 0]
     scored = windows[:, 1] - windows[:, 2] + 1
-    body = width * (2 * (w["body"] + w["bigram"]) + 2 * d * width * passes)   # causal attention: 2*d*T per token
+    body = width * (2 * (w["body"] + w["bigram"] + w["value_embed"]) + 2 * d * width * passes)   # attention: 2*d*T per token
     return float((body + scored * 2 * w["head"]).sum())
 
 
@@ -118,22 +121,24 @@ def bench_train(cfg: tg.Config, run: tg.Run, steps: int, warmup: int, peak: floa
     grad_accum, local_tokens = tg.batch_split(cfg, run)
     model = tg.build_model(cfg, run)
     opts = tg.build_optimizers(model, cfg, run)
-    attention = model.blocks[0].attn.backend   # fullgraph only for SDPA, as in train_phase
-    fwd = torch.compile(model, dynamic=False, fullgraph=attention == "sdpa") if cfg.compile and run.device.type == "cuda" else model
-    # compile_warmup restores weights and optimizer state afterwards, as in a real run
+    attention = model.blocks[0].attn.backend
+    # compile_warmup compiles as train_phase does (fullgraph, with its FA3 fallback) and restores weights and
+    # optimizer state afterwards, as in a real run
     run.sync()
     t0 = time.perf_counter()
-    tg.compile_warmup(model, fwd, opts, dataclasses.replace(cfg, warmup_steps=warmup), run, grad_accum, local_tokens)
+    fwd = tg.compile_warmup(model, tg.training_forward(model, cfg, run), opts, dataclasses.replace(cfg, warmup_steps=warmup),
+                            run, grad_accum, local_tokens)
     run.sync()
     warmup_s = time.perf_counter() - t0
     reset_peak_memory(run)   # steady-state steps only, not the compiler's own peak
     loader, ema = tg.TrainLoader(cfg, run, local_tokens), tg.EMA(model, cfg.ema_decay)
+    params = list(model.parameters())
     times, losses = [], []
     for step in range(steps):
         run.sync()
         t0 = time.perf_counter()
         tg.set_schedule(opts, cfg, step, 0.0)
-        loss = tg.train_step(fwd, opts, loader, grad_accum, run)
+        loss = tg.train_step(fwd, opts, loader.next_step(grad_accum), run, cfg.grad_clip_norm, params)
         ema.update()
         losses.append(float(loss))   # the real loop's one host sync per step
         run.sync()

@@ -86,7 +86,6 @@ def main() -> int:
     if out.exists():
         raise T.RunError(f"{out} already exists; pass another --out (a study is never overwritten)")
     model_cfg, state = T.read_artifact(artifact)
-    model_cfg["recur_layers"] = tuple(model_cfg["recur_layers"])
     cfg = dataclasses.replace(cfg, **model_cfg)
     run = T.start_run({})
     model = T.GPT(cfg).to(run.device)
