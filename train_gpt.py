@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import functools
 import gc
 import glob
 import importlib
@@ -59,6 +60,12 @@ def need(ok: bool, msg: str) -> None:
         raise RunError(msg)
 
 
+def settings_view(cls, cfg, prefix: str):
+    """One technique's settings (Slot, Ttt, QuantSpec), read from the Config fields named <prefix><field>: each
+    setting is labelled once, in Config."""
+    return cls(**{f.name: getattr(cfg, prefix + f.name) for f in dataclasses.fields(cls)})
+
+
 @dataclass
 class Config:
     """Every setting of a run. The defaults ARE the submitted configuration; env var = field name in upper case."""
@@ -80,7 +87,7 @@ class Config:
     mlp_mult: int = 3
     rope_dims: int = 16              # partial RoPE: rotate 16 of the 64 head dims
     rope_base: float = 10000.0
-    qk_gain_init: float = 5.0        # per-head gain on the normalized q (QK gain 5: PR #1217)
+    qk_gain_init: float = 4.0        # per-head gain on the normalized q (4 as PR #1278; 5 of PR #1217 lost, see README)
     logit_softcap: float = 30.0
     bigram_vocab_size: int = 2048    # BigramHash buckets (0 = off)
     bigram_dim: int = 128
@@ -88,7 +95,7 @@ class Config:
     ve_dim: int = 128                # value embeddings: a second token table added to the values (PR #1278)
     ve_layers: tuple[int, ...] = (-2, -1)    # layers whose values get it, negative from the end (9,10 of 11); empty = off
     parallel_start: int = 0          # passes from this index on read one input for attention and MLP (PR #1204); 0 = off
-    ln_scale: str = "layer"          # A/B open: norm outputs x 1/sqrt(i + 1), i = physical "layer" or "pass"; "off"
+    ln_scale: str = "off"            # A/B open: norm outputs x 1/sqrt(i + 1), i = physical "layer" or "pass"; "off"
     value_residual: str = "gate"     # A/B open: "gate" (one sigmoid gate, init -1.5: PR #1278) or "mix" (two weights)
     bigram_form: str = "scale"       # A/B open: "scale" (zero table x learned 0.05, Muon projection) or "adam" (ours)
     # ---- training
@@ -98,6 +105,7 @@ class Config:
     train_seq_len: int = 2048
     warmup_steps: int = 20           # compile warm-up steps, discarded before the clock starts
     warmdown_frac: float = 0.5       # last fraction of the expected run with a linear LR decay to 0
+    recur_start_frac: float = 0.0    # A/B open: RECUR_LAYERS' second passes start at this fraction of the run
     matrix_lr: float = 0.025
     scalar_lr: float = 0.025
     tied_embed_lr: float = 0.035
@@ -115,6 +123,15 @@ class Config:
     val_loss_every: int = 0          # 0 = no validation during training (the final one always runs)
     train_log_every: int = 100
     compile: bool = True             # torch.compile on CUDA; CPU runs are eager
+    # ---- export: quantization (see quantize_tensor)
+    quantizer: str = "gptq"          # A/B open: "gptq" (full Hessian, PR #1019) or "rtn" (round to nearest)
+    int6_clip_k: float = 12.85       # A/B open: row clip = k x row std (SDClip, PR #1394); 0 = best of 12 abs-max fractions
+    embed_bits: int = 8              # A/B open: bits of the embedding tables (8, or 7 as in PR #1586)
+    embed_clip_k: float = 20.0       # the clip rule of the embedding tables (0 = search)
+    gptq_calib_batches: int = 16     # training micro-batches (TRAIN_BATCH_TOKENS / 8 tokens each) for the Hessians
+    gptq_reserve_seconds: float = 10.0   # of MAX_WALLCLOCK_SECONDS, kept for the calibration (it reads training data)
+    gptq_damp: float = 0.01          # added to the Hessian diagonal, as a fraction of its mean
+    eval_prequant: bool = False      # also score the EMA weights before quantization (prequant_exact)
     # ---- evaluation
     val_tokens: int = 0              # 0 = the whole validation stream; N = its first N tokens (quick checks only)
     eval_seq_len: int = 2048
@@ -122,6 +139,14 @@ class Config:
     eval_batch_windows: int = 32     # windows per forward (and per SLOT batch), per rank
     eval_budget_seconds: float = 520.0   # eval deadline (600 s less 10% and a margin): SLOT steps are cut to meet it
     eval_compare_plain: bool = False # also run the plain sliding eval first (final_sliding_window_exact)
+    # ---- TTT (score-first test-time training; see Ttt and README)
+    ttt_epochs: int = 0              # SGD steps on each scored chunk but the last; 0 = off
+    ttt_chunk_tokens: int = 32768
+    ttt_lr: float = 0.003            # cosine over the chunks
+    ttt_momentum: float = 0.9
+    ttt_clip: float = 1.0            # global gradient norm
+    ttt_lora_rank: int = 0           # A/B open: 0 = all weights, N = rank-N adapters on every pass's projections
+    ttt_reset: str = "never"         # A/B open: "document" also cuts chunks at BOS and resets the adapted state there
     # ---- SLOT (causal, context-only; see Slot and README)
     slot_steps: int = 8              # 0 = plain sliding-window eval
     slot_lr: float = 0.05
@@ -129,6 +154,10 @@ class Config:
     slot_focal: int = 0              # context targets in the loss: the last N before the scored slice; 0 = all
     slot_bias: bool = True           # also a per-window logit bias [V] (it carries almost all of the gain)
     slot_warm_start: float = 0.5     # alpha: start from alpha x the previous batch's mean delta and bias; 0 = off
+
+    def train_reserve_s(self) -> float:
+        """Seconds of the wall-clock cap kept after training for what still reads training data (GPTQ calibration)."""
+        return self.gptq_reserve_seconds if self.quantizer == "gptq" else 0.0
 
     def phase_set(self) -> set[str]:
         return {p.strip() for p in self.phases.split(",") if p.strip()}
@@ -148,9 +177,18 @@ class Config:
             need(getattr(self, name) > 0, f"{name.upper()} must be > 0")
         need(self.val_tokens == 0 or self.val_tokens >= 2, "VAL_TOKENS must be 0 (all) or >= 2")
         need(self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
-        need(self.warmdown_frac <= 1 and self.late_qat_frac <= 1, "WARMDOWN_FRAC and LATE_QAT_FRAC must be <= 1")
+        need(self.warmdown_frac <= 1 and self.late_qat_frac <= 1 and self.recur_start_frac < 1,
+             "WARMDOWN_FRAC and LATE_QAT_FRAC must be <= 1, RECUR_START_FRAC < 1")
         need(self.ema_decay < 1, "EMA_DECAY must be < 1")
         need(self.slot_steps == 0 or self.slot_lr > 0, "SLOT_LR must be > 0 when SLOT_STEPS > 0")
+        need(self.quantizer in ("gptq", "rtn"), f"QUANTIZER={self.quantizer!r} must be gptq or rtn")
+        need(self.ttt_reset in ("never", "document"), f"TTT_RESET={self.ttt_reset!r} must be never or document")
+        need(self.ttt_epochs == 0 or (self.ttt_lr > 0 and self.ttt_chunk_tokens > 0),
+             "TTT_LR and TTT_CHUNK_TOKENS must be > 0 when TTT_EPOCHS > 0")
+        need(self.embed_bits in (7, 8), f"EMBED_BITS={self.embed_bits} must be 7 or 8")
+        need(self.gptq_damp > 0, "GPTQ_DAMP must be > 0")
+        need(self.max_wallclock_seconds == 0 or self.train_reserve_s() < self.max_wallclock_seconds,
+             f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time of MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
         if "train" in self.phase_set():
             self.validate_model()
 
@@ -185,7 +223,8 @@ NOT_OURS = {"WARMDOWN_ITERS": "use WARMDOWN_FRAC (a fraction of the expected run
             "EVAL_BATCH_SEQS": "use EVAL_BATCH_WINDOWS", "NUM_LOOPS": "use RECUR_LAYERS",
             "LATE_QAT_THRESHOLD": "use LATE_QAT_FRAC", "QAT_ENABLED": "use LATE_QAT_FRAC (0 = off)",
             "SLOT_ENABLED": "use SLOT_STEPS (0 = plain sliding window; SLOT is on by default)",
-            "TTT_ENABLED": "this script has no test-time training; its only adaptation is the causal SLOT (SLOT_STEPS)",
+            "TTT_ENABLED": "use TTT_EPOCHS (0 = off; score-first TTT, see README)", "TTT_STEPS": "use TTT_EPOCHS",
+            "TTT_CHUNK_SIZE": "use TTT_CHUNK_TOKENS", "TTT_LORA": "use TTT_LORA_RANK (0 = all weights)",
             "SWA_ENABLED": "this script has no SWA; it exports the EMA weights (EMA_DECAY)",
             "NUM_ITERATIONS": "use ITERATIONS", "TRAIN_STEPS": "use ITERATIONS", "WARMUP_ITERS": "use WARMUP_STEPS",
             "MAX_WALLCLOCK": "use MAX_WALLCLOCK_SECONDS", "MLP_RATIO": "use MLP_MULT",
@@ -257,6 +296,24 @@ class Run:
         if self.distributed:
             dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
         return t
+
+    def main_only(self, fn):
+        """Run fn on rank 0 alone and hand its outcome to every rank: its result, or its error raised everywhere, so no
+        rank waits in a collective for a rank that has failed."""
+        box = [None, None]
+        if self.is_main:
+            try:
+                box[0] = fn()
+            except Exception as e:   # every failure is shared, then re-raised here with its traceback
+                box[1] = str(e) if isinstance(e, RunError) else f"{type(e).__name__} on rank 0: {e}"
+                if self.distributed:
+                    dist.broadcast_object_list(box, src=0)
+                raise
+        if self.distributed:
+            dist.broadcast_object_list(box, src=0)
+        if box[1] is not None:
+            raise RunError(box[1])
+        return box[0]
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -542,9 +599,9 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def fake_quant_rows(w: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Round each row to qmax levels each side of 0 with an abs-max scale: the shape of the export quantizer."""
-    scale = w.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / qmax
+def fake_quant_rows(w: torch.Tensor, qmax: int, clip_k: float = 0.0) -> torch.Tensor:
+    """w on the export's grid (rounded to nearest): what late QAT trains through."""
+    scale = row_scales(w.detach(), qmax, clip_k)[:, None].to(w.dtype)
     return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
 
 
@@ -558,13 +615,14 @@ class QLinear(nn.Module):
         w = torch.empty(out_features, in_features)
         nn.init.orthogonal_(w) if init == "orthogonal" else nn.init.zeros_(w)
         self.weight = labelled(w, label)
-        self.qat = False
+        self.qat, self.clip_k = False, Config.int6_clip_k   # the export's clip rule: QAT trains on the exported grid
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         w = self.weight
         if self.qat:
-            w = w + (fake_quant_rows(w, INT6_MAX) - w).detach()
-        return F.linear(x, w)
+            w = w + (fake_quant_rows(w, INT6_MAX, self.clip_k) - w).detach()
+        y = F.linear(x, w)
+        return y if lora is None else y + F.linear(F.linear(x, lora[0].to(x.dtype)), lora[1].to(x.dtype))
 
 
 class Rotary(nn.Module):
@@ -641,11 +699,13 @@ class Attention(nn.Module):
         elif self.vr_form == "mix":    # v <- a v + b v0, a = b = 0.5
             self.vr = labelled(torch.tensor([0.5, 0.5]), "scalar")
 
-    def forward(self, x: torch.Tensor, v0: torch.Tensor | None, ve: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, v0: torch.Tensor | None, ve: torch.Tensor | None,
+                lora: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.h, self.hd)
-        k = self.c_k(x).view(B, T, self.hkv, self.hd)
-        v = self.c_v(x)
+        lora = lora or {}
+        q = self.c_q(x, lora.get("c_q")).view(B, T, self.h, self.hd)
+        k = self.c_k(x, lora.get("c_k")).view(B, T, self.hkv, self.hd)
+        v = self.c_v(x, lora.get("c_v"))
         v = (v if ve is None else v + ve).view(B, T, self.hkv, self.hd)
         if self.vr_form is None:
             v0 = v
@@ -663,7 +723,7 @@ class Attention(nn.Module):
         g = y.view(B, T, self.hkv, self.h // self.hkv, self.hd)
         vn = F.normalize(v, dim=-1).unsqueeze(3)
         y = (g - (g * vn).sum(-1, keepdim=True) * vn).reshape(B, T, self.h * self.hd)
-        return self.proj(y), v0
+        return self.proj(y, lora.get("proj")), v0
 
 
 class MLP(nn.Module):
@@ -672,8 +732,10 @@ class MLP(nn.Module):
         self.fc = QLinear(cfg.model_dim, cfg.mlp_mult * cfg.model_dim)
         self.proj = QLinear(cfg.mlp_mult * cfg.model_dim, cfg.model_dim, init="zeros")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.leaky_relu(self.fc(x), negative_slope=0.5).square())   # LeakyReLU(0.5)^2: PR #493
+    def forward(self, x: torch.Tensor, lora: dict | None = None) -> torch.Tensor:
+        lora = lora or {}
+        h = F.leaky_relu(self.fc(x, lora.get("fc")), negative_slope=0.5).square()   # LeakyReLU(0.5)^2: PR #493
+        return self.proj(h, lora.get("mlp_proj"))
 
 
 @dataclass(frozen=True)
@@ -696,15 +758,15 @@ class Block(nn.Module):
         self.mlp_scale = labelled(torch.ones(d), "scalar")
         self.resid_mix = labelled(torch.stack((torch.ones(d), torch.zeros(d))), "scalar")   # x <- a x + b x0
 
-    def forward(self, x, x0, v0, p: Pass, ve):
+    def forward(self, x, x0, v0, p: Pass, ve, lora: dict | None = None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         n = rms_norm(x) * p.ln
-        a, v0 = self.attn(n, v0, ve)
+        a, v0 = self.attn(n, v0, ve, lora)
         if p.parallel:
-            return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * self.mlp(n), v0
+            return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * self.mlp(n, lora), v0
         x = x + self.attn_scale.to(x.dtype) * a
-        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * p.ln)
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * p.ln, lora)
         return x, v0
 
 
@@ -801,12 +863,13 @@ class GPT(nn.Module):
         self.schedule = layer_schedule(cfg)
         n_ve = sum(p.ve >= 0 for p in self.schedule)
         self.value_embed = ValueEmbed(cfg, n_ve) if n_ve else None
-        self.n_enc = len(self.schedule) // 2          # U-Net: the first half of the passes feed the second half
-        n_skip = min(self.n_enc, len(self.schedule) - self.n_enc)
+        n_enc = len(self.schedule) // 2               # U-Net: the first half of the passes feed the second half
+        n_skip = min(n_enc, len(self.schedule) - n_enc)
         self.skip_weights = labelled(torch.ones(n_skip, d), "scalar")
         n_rep = len(cfg.recur_layers)
         self.iter_embed = labelled(torch.randn(n_rep, d) * 0.02, "recur") if n_rep else None   # PR #1278
         self.iter_gate = labelled(torch.full((n_rep, d), -2.0), "recur") if n_rep else None
+        self.recur_on = True     # off: the second passes are skipped (RECUR_START_FRAC); a flag torch.compile guards
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """The only place neighbouring tokens mix before attention; both mixers stop at a BOS. Under autocast the
@@ -818,21 +881,25 @@ class GPT(nn.Module):
         device = idx.device.type
         return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, T] -> final residual stream [B, T, d] (before the final norm)."""
+    def hidden(self, idx: torch.Tensor, lora: "LoRA | None" = None) -> torch.Tensor:
+        """Token ids [B, T] -> final residual stream [B, T, d] (before the final norm); `lora` adds test-time
+        low-rank adapters to the projections of every pass."""
         x = self.embed(idx)
         ve = self.value_embed(idx) if self.value_embed is not None else None
         x0, v0, skips = x, None, []
-        for i, p in enumerate(self.schedule):
+        active = [(i, p) for i, p in enumerate(self.schedule) if self.recur_on or p.repeat < 0]
+        n_enc = len(active) // 2          # U-Net over the passes that run
+        for k, (i, p) in enumerate(active):
             if p.repeat >= 0:   # second pass of a recurrent layer: per-pass conditioning
                 x = x + torch.sigmoid(self.iter_gate[p.repeat]).to(x.dtype) * self.iter_embed[p.repeat].to(x.dtype)
-            j = i - self.n_enc
-            if 0 <= j < len(self.skip_weights):
-                x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
+            if 0 <= k - n_enc < min(n_enc, len(active) - n_enc):
+                x = x + self.skip_weights[k - n_enc].to(x.dtype) * skips.pop()
             ve_p = ve * self.value_embed.scales[p.ve].to(ve.dtype) if p.ve >= 0 else None
-            x, v0 = self.blocks[p.layer](x, x0, v0, p, ve_p)
-            if i < self.n_enc:
+            x, v0 = self.blocks[p.layer](x, x0, v0, p, ve_p, lora.for_pass(i) if lora is not None else None)
+            if k < n_enc:
                 skips.append(x)
+        if not self.recur_on and self.iter_embed is not None:   # DDP expects a gradient for every parameter
+            x = x + 0.0 * (self.iter_embed.sum() + self.iter_gate.sum()).to(x.dtype)
         return x
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -841,14 +908,41 @@ class GPT(nn.Module):
         logits = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits   # float64 stays
         return self.softcap * torch.tanh(logits / self.softcap)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.hidden(idx))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, lora: "LoRA | None" = None, reduction: str = "mean") -> torch.Tensor:
+        logits = self.head(self.hidden(idx, lora))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
 
-    def set_qat(self, on: bool) -> None:
+    def set_qat(self, on: bool, clip_k: float = Config.int6_clip_k) -> None:
         for m in self.modules():
             if isinstance(m, QLinear):
-                m.qat = on
+                m.qat, m.clip_k = on, clip_k
+
+
+class LoRA(nn.Module):
+    """Test-time low-rank adapters (TTT_LORA_RANK): x -> x A^T B^T added to the attention and MLP projections of
+    every pass (a recurrent layer's passes adapt apart). B starts at 0, so a fresh adapter changes nothing."""
+    SITES = (("c_q", "attn.c_q"), ("c_k", "attn.c_k"), ("c_v", "attn.c_v"), ("proj", "attn.proj"),
+             ("fc", "mlp.fc"), ("mlp_proj", "mlp.proj"))
+
+    def __init__(self, model: GPT, rank: int) -> None:
+        super().__init__()
+        self.rank, self.names = rank, []
+        for i, p in enumerate(model.schedule):
+            block = model.blocks[p.layer]
+            for site, path in self.SITES:
+                w = block.get_submodule(path).weight
+                self.register_parameter(f"a{i}_{site}", nn.Parameter(torch.empty(rank, w.size(1), device=w.device)))
+                self.register_parameter(f"b{i}_{site}", nn.Parameter(torch.empty(w.size(0), rank, device=w.device)))
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        g = torch.Generator(device="cpu").manual_seed(0)    # the same adapters on every rank and at every reset
+        for name, p in self.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.size(1)) if name[0] == "a" else torch.zeros(p.shape))
+
+    def for_pass(self, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {site: (getattr(self, f"a{i}_{site}"), getattr(self, f"b{i}_{site}")) for site, _ in self.SITES}
 
 
 def param_labels(model: nn.Module) -> dict[str, str]:
@@ -965,26 +1059,132 @@ def lr_scale(progress: float, warmdown_frac: float) -> float:
 # ==================================================================================================
 ARTIFACT_MAGIC = b"PGOLF-1\n"
 CLIP_FRACTIONS = (1.0, 0.995, 0.99, 0.98, 0.97, 0.96, 0.94, 0.92, 0.9, 0.87, 0.84, 0.8)
+FP16_TINY = float(torch.finfo(torch.float16).tiny)   # the smallest normal fp16: the floor of a stored scale
 
 
-def quantize_rows(w: torch.Tensor, qmax: int, widen: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric quantization; each row's clip is the fraction of its abs-max with the least squared error.
-    widen > 1 multiplies every scale: log2(widen) fewer bits per weight after entropy coding, for more rounding error
-    (the size knob of fit_to_limit)."""
+def row_scales(w: torch.Tensor, qmax: int, clip_k: float) -> torch.Tensor:
+    """Per-row scale (as stored: fp16-rounded) of the grid scale x {-qmax..qmax}. clip_k > 0: the row clips at
+    clip_k x its std (SDClip, PR #1394; a larger k means a coarser grid, fewer levels used, a smaller artifact).
+    clip_k = 0: the fraction of the row's abs-max with the least squared rounding error, of 12 candidates."""
     w = w.float()
-    amax = w.abs().amax(dim=1).clamp_min(1e-12)
-    best_err = torch.full_like(amax, float("inf"))
-    best_scale = amax / qmax
+    if clip_k > 0:
+        return (clip_k * w.std(dim=1, correction=0) / qmax).half().float().clamp_min(FP16_TINY)
+    amax = w.abs().amax(dim=1)
+    best_err, best = torch.full_like(amax, float("inf")), (amax / qmax).half().float().clamp_min(FP16_TINY)
     for frac in CLIP_FRACTIONS:
-        scale = (amax * frac / qmax).half().float()   # the scale as it will be stored
-        q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
-        err = ((q * scale[:, None] - w) ** 2).sum(dim=1)
+        scale = (amax * frac / qmax).half().float().clamp_min(FP16_TINY)
+        err = ((torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax) * scale[:, None] - w) ** 2).sum(dim=1)
         better = err < best_err
-        best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
-    if widen != 1.0:
-        best_scale = (best_scale * widen).half().float()
-    q = torch.clamp(torch.round(w / best_scale[:, None]), -qmax, qmax).to(torch.int8)
-    return q, best_scale.half()
+        best_err, best = torch.where(better, err, best_err), torch.where(better, scale, best)
+    return best
+
+
+def gptq(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmax: int, damp: float, block: int = 128) -> torch.Tensor:
+    """Integer codes of w [rows, cols] on the grid scale[:, None] x {-qmax..qmax} that keep the layer's output
+    X w^T close, for inputs with H = X^T X (GPTQ, Frantar et al. 2022): columns in order of descending H diagonal,
+    each rounded in turn and its error spread onto the columns not yet rounded through the Cholesky factor of H^-1,
+    in blocks of `block` columns. Columns whose input is always 0 are set to 0."""
+    dt = torch.float64 if w.dtype == torch.float64 else torch.float32
+    W, H, s = w.to(dt).clone(), H.to(dt).clone(), scale.to(dt)
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = torch.argsort(H.diagonal(), descending=True)
+    W, H = W[:, perm], H[perm][:, perm]
+    for attempt in range(4):   # a rank-deficient H needs more damping than the default
+        try:
+            Hd = H + (damp * 10 ** attempt) * H.diagonal().mean() * torch.eye(len(H), dtype=dt, device=H.device)
+            U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+            break
+        except torch.linalg.LinAlgError:
+            if attempt == 3:
+                raise
+    Q = torch.zeros_like(W)
+    for i1 in range(0, W.size(1), block):
+        i2 = min(i1 + block, W.size(1))
+        W1, E, U1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2]), U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            q = torch.clamp(torch.round(W1[:, i] / s), -qmax, qmax)
+            Q[:, i1 + i] = q
+            E[:, i] = (W1[:, i] - q * s) / U1[i, i]
+            W1[:, i:] -= E[:, i:i + 1] * U1[i:i + 1, i:]
+        W[:, i2:] -= E @ U[i1:i2, i2:]
+    return Q[:, torch.argsort(perm)].to(torch.int8)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How the export rounds each tensor whose label stores it as int6 or int8 (see Config, export section)."""
+    quantizer: str = Config.quantizer
+    int6_clip_k: float = Config.int6_clip_k
+    embed_bits: int = Config.embed_bits
+    embed_clip_k: float = Config.embed_clip_k
+    gptq_damp: float = Config.gptq_damp
+
+    @classmethod
+    def from_config(cls, cfg: "Config") -> "QuantSpec":
+        return settings_view(cls, cfg, "")
+
+
+def quantize_tensor(w: torch.Tensor, kind: str, spec: QuantSpec, H: torch.Tensor | None = None,
+                    widen: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes, fp16 row scales) of one int6 or int8 (embedding) matrix: the clip rule sets the grid, then GPTQ
+    when a Hessian is given and the quantizer is gptq, else round to nearest. widen > 1 multiplies the int6 scales:
+    log2(widen) fewer bits per weight after entropy coding (the size knob of fit_to_limit)."""
+    qmax = INT6_MAX if kind == "int6" else 2 ** (spec.embed_bits - 1) - 1
+    scale = row_scales(w, qmax, spec.int6_clip_k if kind == "int6" else spec.embed_clip_k)
+    if kind == "int6" and widen != 1.0:
+        scale = (scale * widen).half().float()
+    if H is not None and spec.quantizer == "gptq":
+        q = gptq(w, H.to(w.device), scale, qmax, spec.gptq_damp)
+    else:
+        q = torch.clamp(torch.round(w.float() / scale[:, None]), -qmax, qmax).to(torch.int8)
+    return q, scale.half()
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, batches, run: Run) -> tuple[dict[str, torch.Tensor], int]:
+    """H = X^T X of the inputs of every QLinear (both passes of a recurrent layer add to one H) and, for the tied
+    embedding quantized as the output head, of the final-norm output; summed over `batches` on every rank and
+    all-reduced. Layers that read the same input (q, k, v) share one H. Returns ({weight name: H}, tokens seen)."""
+    sums: dict[str, torch.Tensor] = {}
+    alias: dict[str, str] = {}
+    last = [None, None]          # (the last input seen, its Hessian's name): q, k and v are called on one tensor
+
+    def hook(name):
+        def add(module, inputs):
+            x = inputs[0]
+            if x is last[0]:
+                alias.setdefault(name, last[1])
+                if alias[name] == last[1]:
+                    return
+            x = x.detach().reshape(-1, x.size(-1)).float()
+            sums[name] = sums.get(name, 0) + x.T @ x
+            last[0], last[1] = inputs[0], name
+        return add
+
+    handles = [m.register_forward_pre_hook(hook(f"{n}.weight")) for n, m in model.named_modules() if isinstance(m, QLinear)]
+    tokens = 0
+    try:
+        for x, _ in batches:
+            with run.autocast():
+                h = model.hidden(x)
+            hn = rms_norm(h.float()).reshape(-1, h.size(-1))
+            sums["tok_emb.weight"] = sums.get("tok_emb.weight", 0) + hn.T @ hn
+            tokens += x.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+    names = sorted(sums)
+    flat = run.all_reduce(torch.cat([sums[n].flatten() for n in names])) if names else None
+    out, offset = {}, 0
+    for n in names:
+        out[n] = flat[offset:offset + sums[n].numel()].view_as(sums[n]).cpu()
+        offset += sums[n].numel()
+    for n, target in alias.items():
+        out[n] = out[target]
+    tokens = int(run.all_reduce(torch.tensor([tokens], device=run.device)).item())
+    return out, tokens
 
 
 def shuffle_bytes(a: np.ndarray) -> bytes:
@@ -998,7 +1198,8 @@ def unshuffle_bytes(b: bytes, dtype: str, shape: list[int]) -> np.ndarray:
     return np.frombuffer(b, np.uint8).reshape(dt.itemsize, n).T.copy().view(dt).reshape(shape)
 
 
-def pack_state(state: dict[str, torch.Tensor], labels: dict[str, str], model_cfg: dict, widen: float = 1.0) -> bytes:
+def pack_state(state: dict[str, torch.Tensor], labels: dict[str, str], model_cfg: dict, spec: QuantSpec = QuantSpec(),
+               hessians: dict[str, torch.Tensor] | None = None, widen: float = 1.0) -> bytes:
     """Quantize each tensor by its label's storage and lay out one plain payload: header length, JSON header, bytes."""
     entries, chunks, offset = [], [], 0
 
@@ -1013,9 +1214,9 @@ def pack_state(state: dict[str, torch.Tensor], labels: dict[str, str], model_cfg
     for name, t in state.items():
         kind = PARAM_TABLE[labels[name]][3]
         if kind in ("int6", "int8") and t.dim() == 2:
-            q, scale = quantize_rows(t, *((INT6_MAX, widen) if kind == "int6" else (INT8_MAX, 1.0)))
-            add(name, "q", q.numpy())
-            add(name, "scale", scale.numpy())
+            q, scale = quantize_tensor(t, kind, spec, (hessians or {}).get(name), widen)
+            add(name, "q", q.cpu().numpy())
+            add(name, "scale", scale.cpu().numpy())
         else:
             kind = "fp32" if kind == "fp32" else "fp16"
             add(name, "value", t.detach().cpu().to(torch.float32 if kind == "fp32" else torch.float16).numpy())
@@ -1088,13 +1289,14 @@ def pack_artifact(payload: bytes) -> tuple[bytes, str, dict[str, int]]:
     return blobs[name], name, {k: len(b) for k, b in blobs.items()}
 
 
-def fit_to_limit(state, labels, model_cfg, budget: int, max_widen: float = 4.0):
-    """Pack; while the artifact is over `budget` bytes, widen every int6 scale by the factor that removes the excess
-    (log2(widen) bits per int6 weight) plus 1%, and pack again. Returns (blob, compressor, sizes, widen)."""
+def fit_to_limit(state, labels, model_cfg, budget: int, spec: QuantSpec = QuantSpec(), hessians=None, max_widen: float = 4.0):
+    """Pack; while the artifact is over `budget` bytes, widen every int6 grid by the factor that removes the excess
+    (log2(widen) bits per int6 weight) plus 1%, and quantize (GPTQ included) and pack again. Returns (blob,
+    compressor, sizes, widen)."""
     n_int6 = sum(t.numel() for n, t in state.items() if PARAM_TABLE[labels[n]][3] == "int6" and t.dim() == 2)
     widen = 1.0
     while True:
-        blob, name, sizes = pack_artifact(pack_state(state, labels, model_cfg, widen))
+        blob, name, sizes = pack_artifact(pack_state(state, labels, model_cfg, spec, hessians, widen))
         log(f"export_pack widen:{widen:.4f} " + " ".join(f"{k}_bytes:{v}" for k, v in sizes.items()))
         if len(blob) <= budget or widen >= max_widen or n_int6 == 0:
             return blob, name, sizes, widen
@@ -1152,9 +1354,26 @@ class Slot:
 
     @classmethod
     def from_config(cls, cfg: "Config") -> "Slot | None":
-        if cfg.slot_steps == 0:
-            return None
-        return cls(cfg.slot_steps, cfg.slot_lr, cfg.slot_lr_min, cfg.slot_focal, cfg.slot_bias, cfg.slot_warm_start)
+        return settings_view(cls, cfg, "slot_") if cfg.slot_steps else None
+
+
+@dataclass(frozen=True)
+class Ttt:
+    """Score-first test-time training (see README): the stream is cut into chunks of `chunk_tokens` (and, with reset
+    "document", at every BOS); each chunk is scored first, then, unless it is the last, trained on for `epochs` SGD
+    steps (momentum, cosine learning rate over the chunks, gradient clipping), all weights or rank-`lora_rank`
+    adapters, with the gradients of all ranks averaged."""
+    epochs: int = Config.ttt_epochs
+    chunk_tokens: int = Config.ttt_chunk_tokens
+    lr: float = Config.ttt_lr
+    momentum: float = Config.ttt_momentum
+    clip: float = Config.ttt_clip
+    lora_rank: int = Config.ttt_lora_rank
+    reset: str = Config.ttt_reset
+
+    @classmethod
+    def from_config(cls, cfg: "Config") -> "Ttt | None":
+        return settings_view(cls, cfg, "ttt_") if cfg.ttt_epochs else None
 
 
 @dataclass
@@ -1167,6 +1386,9 @@ class EvalResult:
     nll: np.ndarray | None = None   # per target, stream order (when asked)
     slot_steps_mean: float = 0.0    # SLOT steps per window actually run (the budget guard may lower them)
     slot_steps_min: int = 0
+    ttt_epochs_mean: float = 0.0    # TTT steps per trained chunk actually run
+    ttt_chunks_trained: int = 0
+    budget_cuts: int = 0            # times the budget guard lowered SLOT steps or TTT epochs (on any rank)
 
 
 @dataclass
@@ -1176,6 +1398,8 @@ class Shard:
     tokens: int = 0
     bytes: int = 0
     nll: list = dataclasses.field(default_factory=list)
+    pos: list = dataclasses.field(default_factory=list)   # target index of each nll (for the stream-order dump)
+    windows: int = 0
     slot_step_sum: int = 0          # sum over windows of the SLOT steps used
     slot_steps_min: int = 1 << 30
 
@@ -1229,12 +1453,15 @@ def slot_adamw(model, h, y, w, delta, bias, slot: Slot, steps: int):
 
 def slot_fit(model: GPT, h, y, first, slot: Slot, steps: int, prev):
     """One batch's per-window delta and bias: a warm or zero start, then AdamW on the columns that hold context.
-    Returns (delta, bias, the warm start for the next batch)."""
+    Returns (delta, bias, the warm start for the next batch); (None, None, prev) when the budget cut the steps to
+    0: the batch is then scored plain, never with a stale warm start."""
+    if steps == 0:
+        return None, None, prev
     delta, bias = slot_init(h.size(0), h.size(-1), model.tok_emb.weight.size(0), prev, slot.warm_start, h)
     bias = bias if slot.bias else None
     weights = slot_context_weights(first, h.size(1), slot.focal)
     cols = (weights.sum(0) > 0).nonzero().flatten()
-    if steps and len(cols):
+    if len(cols):
         c0, c1 = int(cols[0]), int(cols[-1]) + 1
         with torch.enable_grad():
             delta, bias = slot_adamw(model, h[:, c0:c1], y[:, c0:c1], weights[:, c0:c1], delta, bias, slot, steps)
@@ -1243,44 +1470,87 @@ def slot_fit(model: GPT, h, y, first, slot: Slot, steps: int, prev):
     return delta, bias, prev
 
 
-class SlotBudget:
-    """Keeps SLOT inside the eval deadline: from measured per-batch costs (forward, per SLOT step) project the rest of
-    this rank's batches and lower the step count (down to 0 = plain) as soon as the projection does not fit."""
+# Which knob the budget guard lowers first: the one that costs more seconds per bpb it gains (README, "Budget").
+BUDGET_CUT_ORDER = ("ttt", "slot")
 
-    def __init__(self, steps: int, deadline: float | None) -> None:
-        self.steps, self.deadline = steps, deadline
-        self.fwd_s = self.step_s = None
 
-    def observe(self, batch_index: int, fwd_s: float, slot_s: float, steps: int) -> None:
-        if batch_index == 0:       # the first batch pays for compilation: not representative
-            return
-        self.fwd_s = fwd_s if self.fwd_s is None else 0.8 * self.fwd_s + 0.2 * fwd_s
-        if steps:
-            per = slot_s / steps
-            self.step_s = per if self.step_s is None else 0.8 * self.step_s + 0.2 * per
+class EvalBudget:
+    """One deadline for everything in the eval phase. It measures the forward cost per window, the cost of one SLOT
+    step per window and of one TTT epoch per chunk, projects what this rank has left, and when that would not fit
+    lowers TTT epochs and SLOT steps (BUDGET_CUT_ORDER), one at a time, logging each cut. The first batch and the
+    first trained chunk pay for compilation and are not measured."""
 
-    def plan(self, batches_left: int, batch_index: int) -> int:
-        if self.deadline is None or self.steps == 0 or self.fwd_s is None or self.step_s is None:
-            return self.steps
-        per_batch = (self.deadline - time.perf_counter()) / batches_left
-        fits = int((per_batch - self.fwd_s) / self.step_s) if per_batch > self.fwd_s else 0
-        if fits < self.steps:
-            log(f"slot_budget: steps {self.steps} -> {max(fits, 0)} at batch {batch_index} ({batches_left} left, "
-                f"{per_batch * 1000:.0f}ms per batch left, forward {self.fwd_s * 1000:.0f}ms, step {self.step_s * 1000:.1f}ms)")
-            self.steps = max(fits, 0)
-        return self.steps
+    def __init__(self, deadline: float | None, steps: int, epochs: int, windows: int, chunks: int) -> None:
+        self.deadline, self.steps, self.epochs = deadline, steps, epochs
+        self.windows_left, self.chunks_left = windows, chunks   # this rank's windows to score, chunks to train on
+        self.fwd = self.step = self.epoch = None               # s per window, s per window and step, s per epoch
+        self.batches = self.trained = self.cuts = 0
+
+    @staticmethod
+    def _ema(old: float | None, new: float) -> float:
+        return new if old is None else 0.8 * old + 0.2 * new
+
+    def observe_batch(self, n: int, fwd_s: float, slot_s: float, steps: int) -> None:
+        self.windows_left -= n
+        self.batches += 1
+        if self.batches > 1:
+            self.fwd = self._ema(self.fwd, fwd_s / n)
+            if steps:
+                self.step = self._ema(self.step, slot_s / (n * steps))
+
+    def observe_chunk(self, seconds: float, epochs: int) -> None:
+        self.chunks_left -= 1
+        self.trained += bool(epochs)
+        if epochs and self.trained > 1:
+            self.epoch = self._ema(self.epoch, seconds / epochs)
+
+    def need(self, steps: int, epochs: int) -> float:
+        return (self.windows_left * ((self.fwd or 0.0) + steps * (self.step or 0.0))
+                + self.chunks_left * epochs * (self.epoch or 0.0))
+
+    def plan(self, where: str) -> tuple[int, int]:
+        """(SLOT steps, TTT epochs) that fit in what is left; the knob whose cost is not measured yet is not cut."""
+        if self.deadline is None:
+            return self.steps, self.epochs
+        before, left = (self.steps, self.epochs), self.deadline - time.perf_counter()
+        while self.need(self.steps, self.epochs) > left:
+            for knob in BUDGET_CUT_ORDER:
+                if knob == "ttt" and self.epochs and self.epoch is not None:
+                    self.epochs -= 1
+                    break
+                if knob == "slot" and self.steps and self.step is not None:
+                    self.steps -= 1
+                    break
+            else:
+                break
+        if (self.steps, self.epochs) != before:
+            self.cuts += 1
+            log(f"eval_budget: WARNING cut SLOT steps {before[0]} -> {self.steps}, TTT epochs {before[1]} -> "
+                f"{self.epochs} at {where} ({left:.1f}s left, {self.windows_left} windows and {self.chunks_left} chunks "
+                f"to go; per window {1000 * (self.fwd or 0):.2f}ms + {1000 * (self.step or 0):.3f}ms per step, "
+                f"{self.epoch or 0:.2f}s per epoch)")
+        return self.steps, self.epochs
+
+
+@dataclass
+class RankEval:
+    """What one rank carries from batch to batch and chunk to chunk: its sums, its budget, SLOT's warm start."""
+    budget: EvalBudget
+    shard: Shard = dataclasses.field(default_factory=Shard)
+    prev: tuple | None = None        # the previous batch's mean final (delta, bias): the warm start
 
 
 @torch.no_grad()
 def eval_shard(model: GPT, tokens: torch.Tensor, windows: np.ndarray, tables: ByteTables, device: torch.device,
                batch_windows: int, hidden_fn=None, slot: Slot | None = None, deadline: float | None = None,
-               capture: list | None = None, autocast=contextlib.nullcontext, want_nll: bool = False) -> Shard:
-    """Score `windows` (one rank's contiguous share, in stream order). With `capture`, append for every batch
-    (target indices, full log-probability rows): the causality harness checks those."""
+               capture: list | None = None, autocast=contextlib.nullcontext, want_nll: bool = False,
+               state: RankEval | None = None) -> Shard:
+    """Score `windows` (one rank's contiguous share, in stream order), adding to `state` (which carries the budget and
+    the warm start on to the next call). With `capture`, append for every batch (target indices, full
+    log-probability rows): the causality harness checks those."""
     hidden_fn = hidden_fn or model.hidden
-    tables, out = tables.to(device), Shard()
-    budget = SlotBudget(slot.steps if slot else 0, deadline)
-    prev = None                       # the previous batch's mean final (delta, bias): the warm start
+    state = state or RankEval(EvalBudget(deadline, slot.steps if slot else 0, 0, len(windows), 0))
+    tables, out = tables.to(device), state.shard
     n_batches = (len(windows) + batch_windows - 1) // batch_windows
     for i in range(n_batches):
         w = windows[i * batch_windows:(i + 1) * batch_windows]
@@ -1291,7 +1561,7 @@ def eval_shard(model: GPT, tokens: torch.Tensor, windows: np.ndarray, tables: By
         first = torch.as_tensor(first_np, device=device)
         pos = torch.arange(width, device=device)[None, :]
         mask = pos >= first[:, None]
-        steps = budget.plan(n_batches - i, i)
+        steps = state.budget.plan(f"batch {i}")[0] if slot else 0
         t0 = time.perf_counter()
         pad = batch_windows - len(w)   # keep one batch shape: a compiled forward would recompile for a short batch
         with autocast():
@@ -1302,7 +1572,7 @@ def eval_shard(model: GPT, tokens: torch.Tensor, windows: np.ndarray, tables: By
             torch.cuda.synchronize(device)
         t1 = time.perf_counter()
         if slot is not None:
-            delta, bias, prev = slot_fit(model, h, y, first, slot, steps, prev)
+            delta, bias, state.prev = slot_fit(model, h, y, first, slot, steps, state.prev)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t2 = time.perf_counter()
@@ -1314,42 +1584,187 @@ def eval_shard(model: GPT, tokens: torch.Tensor, windows: np.ndarray, tables: By
         out.nll_sum += float(nll.sum())
         out.tokens += nll.numel()
         out.bytes += int(tables.count(x[mask], target).sum())
+        target_pos = (torch.as_tensor(w[:, 0], device=device)[:, None] + 1 + pos)[mask]
         if want_nll:
             out.nll.append(nll.cpu())
+            out.pos.append(target_pos.cpu())
         if capture is not None:
-            capture.append(((torch.as_tensor(w[:, 0], device=device)[:, None] + 1 + pos)[mask].cpu(), logp.cpu()))
+            capture.append((target_pos.cpu(), logp.cpu()))
+        out.windows += len(w)
         if slot is not None:
             out.slot_step_sum += steps * len(w)
             out.slot_steps_min = min(out.slot_steps_min, steps)
-        budget.observe(i, (t1 - t0) + (time.perf_counter() - t2), t2 - t1, steps)
+        state.budget.observe_batch(len(w), (t1 - t0) + (time.perf_counter() - t2), t2 - t1, steps)
     return out
+
+
+def eval_chunks(tokens: torch.Tensor, windows: np.ndarray, ttt: Ttt | None) -> list[tuple[int, int, int, int]]:
+    """(first window, end window, first target, end target) of each chunk, in stream order. A window belongs to the
+    chunk of its first scored target, so it is scored before any training on a token it scores; training on a
+    chunk uses only its own targets, all of which are scored by then (by its windows or earlier ones)."""
+    n = len(tokens)
+    if ttt is None:
+        return [(0, len(windows), 1, n)]
+    starts = set(range(0, n, ttt.chunk_tokens))
+    if ttt.reset == "document":
+        starts |= set((tokens == BOS_ID).nonzero().flatten().tolist())
+    starts = np.array(sorted(starts))
+    owner = np.searchsorted(starts, windows[:, 2], side="right") - 1     # the chunk of each window's first target
+    bounds = np.searchsorted(owner, np.arange(len(starts) + 1))
+    return [(int(bounds[c]), int(bounds[c + 1]), max(1, int(starts[c])), int(starts[c + 1]) if c + 1 < len(starts) else n)
+            for c in range(len(starts))]
+
+
+def ttt_batches(tokens: torch.Tensor, a: int, b: int, seq_len: int, share: tuple[int, int], device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's training sequences of the chunk with targets a..b-1 (inputs a-1..b-2): the chunk's sequences of
+    seq_len pairs, the last padded with ignored targets, split across ranks; in batches of at most 32 sequences."""
+    n_seq = -(-(b - a) // seq_len)
+    lo, hi = share[0] * n_seq // share[1], (share[0] + 1) * n_seq // share[1]
+    out = []
+    for k0 in range(lo, hi, 32):
+        xs, ys = [], []
+        for k in range(k0, min(hi, k0 + 32)):
+            t0, t1 = a + k * seq_len, min(b, a + (k + 1) * seq_len)
+            x, y = tokens[t0 - 1:t1 - 1], tokens[t0:t1]
+            pad = seq_len - len(x)
+            xs.append(F.pad(x, (0, pad), value=BOS_ID))
+            ys.append(F.pad(y, (0, pad), value=-100))
+        out.append((torch.stack(xs).to(device), torch.stack(ys).to(device)))
+    return out
+
+
+def ttt_compiled(model: GPT, lora: LoRA | None, ttt: Ttt, seq_len: int, rank: int, world: int, run: Run):
+    """The TTT step's forward, compiled (CUDA) and warmed up on random tokens, never on validation tokens: one
+    forward and backward at each batch shape of this rank's share of a full chunk; the gradients are dropped and
+    no weight moves. The warm-up runs inside the eval phase, so the budget pays for it."""
+    fn = torch.compile(model, dynamic=False)
+    n_seq = -(-ttt.chunk_tokens // seq_len)
+    size = (rank + 1) * n_seq // world - rank * n_seq // world
+    g = torch.Generator().manual_seed(0)
+    with torch.enable_grad():
+        for n in sorted({min(32, size - k) for k in range(0, size, 32)}):
+            x = torch.randint(0, model.tok_emb.weight.size(0), (n, seq_len), generator=g).to(run.device)
+            with run.autocast():
+                loss = fn(x, x, lora, reduction="sum")
+            loss.backward()
+    for p in list(model.parameters()) + (list(lora.parameters()) if lora is not None else []):
+        p.grad = None
+    return fn
+
+
+def ttt_train(model: GPT, lora: LoRA | None, opt, tokens: torch.Tensor, chunk: tuple, ttt: Ttt, epochs: int, lr: float,
+              seq_len: int, ranks: list[int], world: int, run: Run) -> None:
+    """`epochs` SGD steps on one scored chunk. Each (simulated) rank adds the gradient of its sequences' summed loss
+    over the chunk's target count; one all-reduce makes it the chunk's mean gradient on every rank, whatever the
+    split, so every rank's weights stay the same."""
+    _, _, a, b = chunk
+    params = [p for g in opt.param_groups for p in g["params"]]
+    shares = [ttt_batches(tokens, a, b, seq_len, (r, world), run.device) for r in ranks]
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)    # only this chunk's gradient: nothing left over from anything else
+    for _ in range(epochs):
+        with torch.enable_grad():
+            for batches in shares:
+                for x, y in batches:
+                    with run.autocast():
+                        loss = model(x, y, lora, reduction="sum") / (b - a)
+                    loss.backward()
+        if run.distributed:
+            flat = run.all_reduce(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]))
+            for p, g in zip(params, torch.split(flat, [p.numel() for p in params])):
+                p.grad = g.view_as(p)
+        torch.nn.utils.clip_grad_norm_(params, ttt.clip, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
 
 def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq_len: int, stride: int,
              batch_windows: int, hidden_fn=None, want_nll: bool = False, slot: Slot | None = None,
-             deadline: float | None = None) -> EvalResult:
-    """Score every target of `tokens` once; windows are split across ranks in contiguous stream order."""
+             deadline: float | None = None, ttt: Ttt | None = None, capture: list | None = None,
+             sim_ranks: int = 0, compile_ttt: bool = False) -> EvalResult:
+    """Score every target of `tokens` once, chunk by chunk in stream order (one chunk without TTT); each chunk's
+    windows are split across ranks in contiguous order, and with TTT each chunk but the last is trained on after it
+    is scored. sim_ranks > 0 runs that many ranks' shares in this one process (the causality harness)."""
     t0 = time.perf_counter()
     windows = build_windows(len(tokens), seq_len, stride)
-    lo, hi = len(windows) * run.rank // run.world_size, len(windows) * (run.rank + 1) // run.world_size
-    s = eval_shard(model, tokens, windows[lo:hi], tables, run.device, batch_windows, hidden_fn, slot, deadline,
-                   autocast=run.autocast, want_nll=want_nll)
-    totals = run.all_reduce(torch.tensor([s.nll_sum, s.tokens, s.bytes, s.slot_step_sum, hi - lo], dtype=torch.float64, device=run.device))
-    steps_min = run.all_reduce(torch.tensor([s.slot_steps_min if hi > lo else 1 << 30], device=run.device), dist.ReduceOp.MIN if run.distributed else None)
-    nll_sum, n_tok, n_bytes, step_sum, n_windows = totals.tolist()
-    need(n_bytes > 0, f"the {int(n_tok)} scored targets hold no text bytes (VAL_TOKENS={len(tokens)} too small?)")
+    chunks = eval_chunks(tokens, windows, ttt)
+    world, ranks = (sim_ranks, list(range(sim_ranks))) if sim_ranks else (run.world_size, [run.rank])
+
+    def share(chunk, r):   # rank r's contiguous part of the chunk's windows
+        return chunk[0] + (chunk[1] - chunk[0]) * r // world, chunk[0] + (chunk[1] - chunk[0]) * (r + 1) // world
+
+    states = {r: RankEval(EvalBudget(deadline, slot.steps if slot else 0, ttt.epochs if ttt else 0,
+                                     sum(hi - lo for lo, hi in (share(c, r) for c in chunks)), len(chunks) - 1))
+              for r in ranks}
+    lora = LoRA(model, ttt.lora_rank) if ttt and ttt.lora_rank else None
+    base = {n: p.detach().clone() for n, p in model.named_parameters()} if ttt and not lora else None
+    params = list(lora.parameters()) if lora else list(model.parameters())
+    opt = torch.optim.SGD(params, lr=ttt.lr, momentum=ttt.momentum) if ttt else None
+    score_fn = functools.partial(hidden_fn or model.hidden, lora=lora) if lora else hidden_fn
+    train_fn = ttt_compiled(model, lora, ttt, seq_len, ranks[0], world, run) if compile_ttt else model
+    epochs_run = []
+    for c, chunk in enumerate(chunks):
+        if ttt and ttt.reset == "document" and c and tokens[chunk[2]] == BOS_ID:
+            reset_ttt(model, lora, base, opt)
+        for r in ranks:
+            lo, hi = share(chunk, r)
+            eval_shard(model, tokens, windows[lo:hi], tables, run.device, batch_windows, score_fn, slot, capture=capture,
+                       autocast=run.autocast, want_nll=want_nll, state=states[r])
+        if ttt is None or c == len(chunks) - 1:
+            continue
+        planned = min(states[r].budget.plan(f"chunk {c}")[1] for r in ranks)
+        epochs = int(run.all_reduce(torch.tensor([planned], device=run.device), dist.ReduceOp.MIN).item())
+        run.sync()
+        t1 = time.perf_counter()
+        lr = ttt.lr * 0.5 * (1 + math.cos(math.pi * c / max(1, len(chunks) - 1)))
+        if epochs:
+            ttt_train(train_fn, lora, opt, tokens, chunk, ttt, epochs, lr, seq_len, ranks, world, run)
+        run.sync()
+        for r in ranks:
+            states[r].budget.observe_chunk(time.perf_counter() - t1, epochs)
+        epochs_run.append(epochs)
+    if base is not None:       # the artifact's weights come back: nothing trained here outlives the evaluation
+        reset_ttt(model, None, base, None)
+    return gather_result(states, ranks, run, slot, epochs_run, want_nll, t0)
+
+
+@torch.no_grad()
+def reset_ttt(model: GPT, lora: LoRA | None, base: dict | None, opt) -> None:
+    """Back to the artifact's weights (fresh adapters), with no optimizer momentum."""
+    if lora is not None:
+        lora.reset()
+    elif base is not None:
+        for n, p in model.named_parameters():
+            p.copy_(base[n])
+    if opt is not None:
+        opt.state.clear()
+
+
+def gather_result(states: dict, ranks: list[int], run: Run, slot, epochs_run: list[int], want_nll: bool, t0: float) -> EvalResult:
+    """Sum the (simulated) ranks' shares, all-reduce them, and put the per-target NLL back in stream order."""
+    shards = [states[r].shard for r in ranks]
+    sums = [sum(getattr(s, k) for s in shards) for k in ("nll_sum", "tokens", "bytes", "slot_step_sum", "windows")]
+    totals = run.all_reduce(torch.tensor(sums + [sum(states[r].budget.cuts for r in ranks)], dtype=torch.float64, device=run.device))
+    steps_min = run.all_reduce(torch.tensor([min(s.slot_steps_min for s in shards)], device=run.device),
+                               dist.ReduceOp.MIN)
+    nll_sum, n_tok, n_bytes, step_sum, n_windows, cuts = totals.tolist()
+    need(n_bytes > 0, f"the {int(n_tok)} scored targets hold no text bytes (VAL_TOKENS too small?)")
     nll_all = None
     if want_nll:
-        local = torch.cat(s.nll).numpy() if s.nll else np.zeros(0)
+        local = [(torch.cat(s.pos).numpy(), torch.cat(s.nll).numpy()) for s in shards if s.nll]
         if run.distributed:
             gathered = [None] * run.world_size
             dist.all_gather_object(gathered, local)
-            local = np.concatenate(gathered)
-        nll_all = local
+            local = [pair for part in gathered for pair in part]
+        pos = np.concatenate([p for p, _ in local]) if local else np.zeros(0, dtype=np.int64)
+        nll_all = np.concatenate([v for _, v in local])[np.argsort(pos, kind="stable")] if local else np.zeros(0)
     run.sync()
     return EvalResult(loss=nll_sum / n_tok, bpb=nll_sum / math.log(2) / n_bytes, tokens=int(n_tok), bytes=int(n_bytes),
                       seconds=time.perf_counter() - t0, nll=nll_all, slot_steps_mean=step_sum / max(n_windows, 1),
-                      slot_steps_min=int(steps_min.item()) if slot else 0)
+                      slot_steps_min=int(steps_min.item()) if slot else 0,
+                      ttt_epochs_mean=float(np.mean(epochs_run)) if epochs_run else 0.0, ttt_chunks_trained=sum(e > 0 for e in epochs_run),
+                      budget_cuts=int(cuts))
 
 
 # ==================================================================================================
@@ -1429,8 +1844,9 @@ def training_forward(model: GPT, cfg: Config, run: Run, fullgraph: bool = True):
 
 
 def compile_warmup(model: GPT, fwd, opts, cfg: Config, run: Run, grad_accum: int, local_tokens: int):
-    """Run WARMUP_STEPS real steps so that compilation happens before the clock, the last one with QAT on (so both
-    QAT graphs exist), then restore model and optimizers. Returns the training forward: where FlashAttention-3 does
+    """Run WARMUP_STEPS real steps so that compilation happens before the clock (the first half without the second
+    passes when RECUR_START_FRAC > 0, the last one with QAT on: every graph the run needs exists), then restore
+    model and optimizers. Returns the training forward: where FlashAttention-3 does
     not trace in one graph, it is compiled again with graph breaks, and the log says so."""
     if cfg.warmup_steps == 0:
         return fwd
@@ -1439,7 +1855,8 @@ def compile_warmup(model: GPT, fwd, opts, cfg: Config, run: Run, grad_accum: int
     loader = TrainLoader(cfg, run, local_tokens)
     with timed("compile_warmup", run):
         for k in range(cfg.warmup_steps):
-            model.set_qat(cfg.late_qat_frac > 0 and k == cfg.warmup_steps - 1 and k > 0)
+            model.set_qat(cfg.late_qat_frac > 0 and k == cfg.warmup_steps - 1 and k > 0, cfg.int6_clip_k)
+            model.recur_on = not (cfg.recur_start_frac > 0 and k < cfg.warmup_steps // 2)
             batches = loader.next_step(grad_accum)
             try:
                 train_step(fwd, opts, batches, run, cfg.grad_clip_norm, list(model.parameters()))
@@ -1453,6 +1870,7 @@ def compile_warmup(model: GPT, fwd, opts, cfg: Config, run: Run, grad_accum: int
                 fwd = training_forward(model, cfg, run, fullgraph=False)
                 train_step(fwd, opts, batches, run, cfg.grad_clip_norm, list(model.parameters()))
     model.set_qat(False)
+    model.recur_on = True
     model.load_state_dict(model_state)
     for o, s in zip(opts, opt_states):
         o.load_state_dict(s)
@@ -1479,8 +1897,45 @@ def build_model(cfg: Config, run: Run) -> GPT:
     return GPT(cfg, attention="sdpa" if problem else "fa3").to(run.device)
 
 
-def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Train under the wall-clock cap and return the EMA weights (CPU, fp32) and their labels."""
+@dataclass
+class Calibration:
+    """What GPTQ needs from training: the Hessians, and the line that says how they were made."""
+    hessians: dict[str, torch.Tensor]
+    summary: str
+
+
+def calibrate(model: GPT, state: dict[str, torch.Tensor], loader: TrainLoader, cfg: Config, run: Run,
+              clock: WallClock) -> Calibration:
+    """GPTQ's Hessians, from the next training batches and with the EMA weights (what is exported; `model` holds
+    them), inside the training budget: the cap kept GPTQ_RESERVE_SECONDS for this. Batches stop early rather than
+    run past the cap."""
+    t0, limit = clock.elapsed(), cfg.max_wallclock_seconds or float("inf")
+    wanted = max(1, math.ceil(cfg.gptq_calib_batches / run.world_size))   # micro-batches per rank
+    times: list[float] = []
+
+    def batches():
+        for k in range(wanted):
+            # every rank makes the same decision from the agreed start time, so no rank is left waiting
+            if k and t0 + (k + 1) * max(times) > limit:
+                log(f"gptq_calib: WARNING stopped after {k} of {wanted} batches per rank to stay inside the cap")
+                return
+            t = time.perf_counter()
+            yield loader.next()
+            run.sync()
+            times.append(time.perf_counter() - t)
+
+    hessians, tokens = collect_hessians(model, batches(), run)
+    calib = f"calib_batches:{len(times) * run.world_size} calib_tokens:{tokens} calib_time:{1000 * (clock.elapsed() - t0):.0f}ms"
+    log(f"gptq_calib {calib} train_time_with_calib:{1000 * clock.elapsed():.0f}ms")
+    if clock.elapsed() > limit:
+        log(f"gptq_calib: WARNING training + calibration took {clock.elapsed():.1f}s, over the {limit:.0f}s cap")
+    return Calibration(hessians, calib)
+
+
+def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[str, torch.Tensor], dict[str, str],
+                                                                        Calibration | None, GPT]:
+    """Train under the wall-clock cap (less the calibration reserve), then calibrate GPTQ inside it. Returns the EMA
+    weights (CPU, fp32), their labels, GPTQ's calibration (None without GPTQ) and the model holding the EMA weights."""
     grad_accum, local_tokens = batch_split(cfg, run)
     model = build_model(cfg, run)
     labels = param_labels(model)
@@ -1494,13 +1949,17 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
     host_flags = torch.zeros(2, pin_memory=run.device.type == "cuda")   # (cap hit, elapsed s): sent without a sync
     run.barrier()
     run.sync()
-    clock, step, step_avg_s, qat_on, agreed_s = WallClock(cfg.max_wallclock_seconds), 0, 0.0, False, 0.0
+    train_s = cfg.max_wallclock_seconds - cfg.train_reserve_s() if cfg.max_wallclock_seconds else 0.0
+    clock, step, step_avg_s, qat_on, agreed_s = WallClock(train_s), 0, 0.0, False, 0.0
     recent = collections.deque(maxlen=20)   # the last step times: the cap check plans with the slowest
     batches = loader.next_step(grad_accum)
     while step < cfg.iterations:
         progress = clock.progress(step, cfg.iterations, agreed_s)
+        if model.recur_on != (progress >= cfg.recur_start_frac):
+            model.recur_on = not model.recur_on
+            log(f"recurrence:{'on' if model.recur_on else 'off'} step:{step} train_time:{1000 * clock.elapsed():.0f}ms")
         if not qat_on and cfg.late_qat_frac > 0 and progress >= 1 - cfg.late_qat_frac:
-            model.set_qat(True)
+            model.set_qat(True, cfg.int6_clip_k)
             qat_on = True
             log(f"late_qat:on step:{step} train_time:{1000 * clock.elapsed():.0f}ms")
         set_schedule(opts, cfg, step, progress)
@@ -1512,7 +1971,7 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
         # little slack for one-off hiccups. One all-reduce, where the step waits for the device anyway, makes every
         # rank agree on that, on a non-finite loss, and on the elapsed time that drives the schedule.
         slowest = max(recent, default=0.0)
-        cap_hit = cfg.max_wallclock_seconds > 0 and elapsed_before + 2 * slowest + CAP_SLACK_S > cfg.max_wallclock_seconds
+        cap_hit = train_s > 0 and elapsed_before + 2 * slowest + CAP_SLACK_S > train_s
         host_flags[0], host_flags[1] = float(cap_hit), elapsed_before
         flags = torch.cat((loss.float().view(1), (~torch.isfinite(loss)).float().view(1),
                            host_flags.to(run.device, non_blocking=True)))
@@ -1539,27 +1998,61 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
     check_ranks_agree(model, run)
     if run.device.type == "cuda":
         log(f"peak_memory_allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB")
-    return ema.state_dict(model), labels
+    state = ema.state_dict(model)
+    model.recur_on = True
+    with torch.no_grad():   # from here on the model holds what is exported
+        for name, p in model.named_parameters():
+            p.copy_(state[name])
+    model.eval()
+    clock.limit_s = cfg.max_wallclock_seconds
+    calib = calibrate(model, state, loader, cfg, run, clock) if cfg.quantizer == "gptq" else None
+    return state, labels, calib, model
 
 
 # ==================================================================================================
 # Phases and main
 # ==================================================================================================
 
-def export_phase(cfg: Config, run: Run, state: dict[str, torch.Tensor], labels: dict[str, str], path: Path) -> None:
-    """Quantize, pack and write the artifact (rank 0, atomically); refuse to call an over-size artifact a success."""
+def export_phase(cfg: Config, run: Run, state: dict[str, torch.Tensor], labels: dict[str, str], path: Path,
+                 calib: Calibration | None = None) -> None:
+    """Quantize (GPTQ where there are Hessians), pack and write the artifact on rank 0, atomically; every rank gets
+    its outcome, and an over-size artifact is never called a success."""
     code_bytes = len(Path(__file__).read_bytes())
-    if run.is_main:
+    spec = QuantSpec.from_config(cfg)
+
+    def export() -> int:
         with timed("export", run):
             model_cfg = {f: getattr(cfg, f) for f in MODEL_FIELDS}
-            blob, name, sizes, widen = fit_to_limit(state, labels, model_cfg, ARTIFACT_LIMIT_BYTES - code_bytes)
+            blob, name, sizes, widen = fit_to_limit(state, labels, model_cfg, ARTIFACT_LIMIT_BYTES - code_bytes, spec,
+                                                    calib.hessians if calib else None)
             write_atomic(path, blob, replace=False)
-        log(f"artifact:{path} int6_scale_widen:{widen:.4f} " + " ".join(f"{k}_bytes:{v}" for k, v in sizes.items()))
+        log(f"artifact:{path} quantizer:{spec.quantizer if calib else 'rtn'} {calib.summary + ' ' if calib else ''}"
+            f"int6_clip_k:{spec.int6_clip_k} "
+            f"embed_bits:{spec.embed_bits} int6_scale_widen:{widen:.4f} " + " ".join(f"{k}_bytes:{v}" for k, v in sizes.items()))
         log(f"code_bytes:{code_bytes} model_bytes:{len(blob)} total_submission_bytes:{code_bytes + len(blob)} compressor:{name}")
-    run.barrier()
-    total = code_bytes + path.stat().st_size
+        return len(blob)
+
+    total = code_bytes + run.main_only(export)
     if total > ARTIFACT_LIMIT_BYTES:
         raise RunError(f"total submission {total} bytes exceeds the {ARTIFACT_LIMIT_BYTES}-byte limit (artifact kept at {path})")
+
+
+def prequant_eval(cfg: Config, run: Run, model: GPT) -> None:
+    """EVAL_PREQUANT=1: score the EMA weights before quantization like the final evaluation, SLOT off, so that the
+    log shows what quantization costs (final - prequant)."""
+    tables = load_byte_tables(cfg.tokenizer_path, cfg.vocab_size)
+    hidden_fn = torch.compile(model.hidden, dynamic=False) if cfg.compile and run.device.type == "cuda" else model.hidden
+    r = evaluate(model, load_val_tokens(cfg), tables, run, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows, hidden_fn)
+    log(f"prequant_exact val_loss:{r.loss:.8f} val_bpb:{r.bpb:.8f} eval_time:{1000 * r.seconds:.0f}ms scored_tokens:{r.tokens}")
+
+
+def log_score(name: str, r: EvalResult, slot: Slot | None = None, ttt: Ttt | None = None) -> None:
+    """The final_<name>_exact line; the score of a run is its last such line (package_record.SCORE_LINES)."""
+    extra = f" slot_steps_mean:{r.slot_steps_mean:.2f} slot_steps_min:{r.slot_steps_min}" if slot else ""
+    extra += f" ttt_epochs_mean:{r.ttt_epochs_mean:.2f} ttt_chunks_trained:{r.ttt_chunks_trained}" if ttt else ""
+    extra += f" budget_cuts:{r.budget_cuts}" if slot or ttt else ""
+    log(f"final_{name}_exact val_loss:{r.loss:.8f} val_bpb:{r.bpb:.8f} eval_time:{1000 * r.seconds:.0f}ms "
+        f"scored_tokens:{r.tokens} scored_bytes:{r.bytes}{extra}")
 
 
 def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path, t0: float) -> None:
@@ -1582,19 +2075,29 @@ def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path, t0: float)
     hidden_fn = torch.compile(model.hidden, dynamic=False) if cfg.compile and run.device.type == "cuda" else model.hidden
     log(f"eval_tokens:{len(tokens)} eval_seq_len:{cfg.eval_seq_len} eval_stride:{cfg.eval_stride} "
         f"eval_batch_windows:{cfg.eval_batch_windows} eval_budget:{cfg.eval_budget_seconds:.0f}s")
-    slot = Slot.from_config(cfg)
-    deadline = t0 + cfg.eval_budget_seconds
-    runs = [None, slot] if slot and cfg.eval_compare_plain else [slot]
-    for i, s in enumerate(runs):
-        last = i == len(runs) - 1
-        if s:
-            log(f"slot_settings steps:{s.steps} lr:{s.lr} lr_min:{s.lr_min} focal:{s.focal} bias:{int(s.bias)} "
-                f"warm_start:{s.warm_start}")
-        r = evaluate(model, tokens, tables, run, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows, hidden_fn,
-                     want_nll=last and bool(cfg.nll_dump_path), slot=s, deadline=deadline if s else None)
-        name, extra = ("slot", f" slot_steps_mean:{r.slot_steps_mean:.2f} slot_steps_min:{r.slot_steps_min}") if s else ("sliding_window", "")
-        log(f"final_{name}_exact val_loss:{r.loss:.8f} val_bpb:{r.bpb:.8f} eval_time:{1000 * r.seconds:.0f}ms "
-            f"scored_tokens:{r.tokens} scored_bytes:{r.bytes}{extra}")
+    slot, ttt = Slot.from_config(cfg), Ttt.from_config(cfg)
+    deadline = t0 + cfg.eval_budget_seconds if cfg.eval_budget_seconds > 0 else None   # 0: no deadline (CPU studies)
+    geometry = (tokens, tables, run, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows, hidden_fn)
+    if cfg.eval_compare_plain and (slot or ttt):
+        r = evaluate(model, *geometry)
+        log_score("sliding_window", r)
+        if deadline is not None:
+            deadline += r.seconds
+            log(f"eval_compare_plain: the diagnostic pass took {r.seconds:.1f}s and does not count against "
+                f"EVAL_BUDGET_SECONDS (the deadline moves by as much; eval_done counts it, so a record run leaves it off)")
+    if slot:
+        log(f"slot_settings steps:{slot.steps} lr:{slot.lr} lr_min:{slot.lr_min} focal:{slot.focal} bias:{int(slot.bias)} "
+            f"warm_start:{slot.warm_start}")
+    if ttt:
+        log(f"ttt_settings epochs:{ttt.epochs} chunk_tokens:{ttt.chunk_tokens} lr:{ttt.lr} momentum:{ttt.momentum} "
+            f"clip:{ttt.clip} lora_rank:{ttt.lora_rank} reset:{ttt.reset}")
+    r = evaluate(model, *geometry, want_nll=bool(cfg.nll_dump_path), slot=slot, deadline=deadline, ttt=ttt,
+                 compile_ttt=cfg.compile and run.device.type == "cuda" and ttt is not None and ttt.reset == "never")
+    log_score({(0, 0): "sliding_window", (1, 0): "slot", (0, 1): "ttt", (1, 1): "slot_ttt"}[(bool(slot), bool(ttt))], r, slot, ttt)
+    if r.budget_cuts:
+        log(f"eval_budget: WARNING the budget guard cut SLOT steps or TTT epochs {r.budget_cuts} time(s): this score "
+            f"is not the configured one (slot_steps_mean:{r.slot_steps_mean:.2f} of {slot.steps if slot else 0}, "
+            f"ttt_epochs_mean:{r.ttt_epochs_mean:.2f} of {ttt.epochs if ttt else 0})")
     if cfg.nll_dump_path and run.is_main:
         buf = io.BytesIO()
         np.save(buf, r.nll.astype(np.float64))
@@ -1656,8 +2159,11 @@ def main() -> int:
         if "train" in phases:
             # check the tokenizer now, not after 600 s of training
             tables = load_byte_tables(cfg.tokenizer_path, cfg.vocab_size) if "eval" in phases or cfg.val_loss_every else None
-            state, labels = train_phase(cfg, run, tables)
-            export_phase(cfg, run, state, labels, path)
+            state, labels, calib, model = train_phase(cfg, run, tables)
+            if cfg.eval_prequant:
+                prequant_eval(cfg, run, model)
+            del model
+            export_phase(cfg, run, state, labels, path, calib)
         if "eval" in phases:
             eval_phase(cfg, run, explicit, path, started if phases == {"eval"} else time.perf_counter())
         return 0

@@ -71,3 +71,14 @@ def test_existing_study_is_never_overwritten(study, tiny_data, tmp_path):
     _, _, out = study
     r = ablate(tiny_data, tmp_path, "--out-dir", str(out.parent), "--name", out.stem, "LN_SCALE=off")
     assert r.returncode == 1 and "already exists" in r.stderr
+
+
+def test_seconds_mode_gives_every_run_the_same_clock(tiny_data, tmp_path):
+    r = ablate(tiny_data, tmp_path, "--out-dir", str(tmp_path), "--name", "t", "--seconds", "1.5", "--val-tokens", "400",
+               "--held-out", "0", "--jobs", "2", "RECUR_LAYERS=")
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads((tmp_path / "t.json").read_text())
+    assert doc["meta"]["seconds"] == 1.5 and [row["settings"]["MAX_WALLCLOCK_SECONDS"] for row in doc["rows"]] == ["1.5", "1.5"]
+    for row in doc["rows"]:
+        assert 1 < row["steps"] < 1_000_000 and row["train_time_ms"] <= 1500 + 3 * row["ms_per_step"]
+        assert row["val_bpb_held_out"] is None

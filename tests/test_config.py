@@ -36,7 +36,7 @@ def test_empty_recur_layers_is_the_plain_model():
     ({"WARMDOWN_ITERS": "3500"}, "WARMDOWN_FRAC"),
     ({"SLOT_OPTIMIZER": "lbfgs"}, "SLOT always uses AdamW"),
     ({"SLOT_ENABLED": "0"}, "use SLOT_STEPS"),
-    ({"TTT_ENABLED": "1"}, "no test-time training"),
+    ({"TTT_ENABLED": "1"}, "use TTT_EPOCHS"),
     ({"MAX_WALLCLOCK": "600"}, "use MAX_WALLCLOCK_SECONDS"),
     ({"NUM_LAYERS": "eleven"}, "NUM_LAYERS='eleven' is not a valid int"),
     ({"COMPILE": "maybe"}, "COMPILE='maybe'"),

@@ -55,3 +55,22 @@ def test_ranks_stay_identical_when_the_clock_drives_the_schedule(tiny_data, tmp_
     assert "stopping_early" in lines and "late_qat" in lines
     body = (tmp_path / "logs" / "clock.txt").read_text().split("\n" + "=" * 100 + "\n", 1)[1]   # not the source block
     assert "\nrank_sync: identical weights\n" in body
+
+
+def test_ttt_on_one_and_two_processes_agrees(artifact):
+    """Score-first TTT with SLOT (no warm start) on 1 and 2 gloo processes: the chunk's gradient is averaged across
+    ranks, so both runs adapt the same weights and score alike (to float32 tolerance)."""
+    work, env = artifact
+    lines = {}
+    for n in (1, 2):
+        e = dict(env, PHASES="eval", RUN_ID=f"ttt{n}", ARTIFACT_PATH=str(work / "logs" / "two.pgz"), TTT_EPOCHS="2",
+                 TTT_CHUNK_TOKENS="256", TTT_LR="0.01", EVAL_COMPARE_PLAIN="0")
+        e.pop("NLL_DUMP_PATH")
+        r = run_script(e, work, nproc=n)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        lines[n] = parse_log(work / "logs" / f"ttt{n}.txt")["final_slot_ttt_exact"]
+    assert lines[1]["scored_tokens"] == lines[2]["scored_tokens"]
+    assert int(lines[1]["ttt_chunks_trained"]) == int(lines[2]["ttt_chunks_trained"]) > 2
+    assert float(lines[1]["val_loss"]) == pytest.approx(float(lines[2]["val_loss"]), rel=1e-5)
+    plain = parse_log(work / "logs" / "two.txt")["final_slot_exact"]
+    assert float(lines[1]["val_loss"]) != float(plain["val_loss"]), "TTT changed nothing"

@@ -26,7 +26,7 @@ def test_schedule_runs_layers_4_and_5_twice():
 
 def test_default_model_shape():
     m = T.GPT(T.Config())
-    assert len(m.schedule) == 13 and m.n_enc == 6 and m.skip_weights.shape == (6, 512)
+    assert len(m.schedule) == 13 and m.skip_weights.shape == (6, 512)
     assert m.iter_embed.shape == m.iter_gate.shape == (2, 512)
     assert torch.all(m.iter_gate == -2.0)
     plain = T.GPT(T.config_from_env({"RECUR_LAYERS": ""})[0])
@@ -144,3 +144,27 @@ def test_cpu_never_picks_flash_attention():
     cfg, _ = T.config_from_env(TINY_ENV)
     assert T.flash_attention_problem(cfg, torch.device("cpu")) == "not a Hopper GPU"
     assert T.build_model(cfg, T.Run()).blocks[0].attn.backend == "sdpa"
+
+
+def test_recurrence_off_skips_the_second_passes_but_keeps_every_parameter_in_the_graph():
+    """RECUR_START_FRAC: before the switch the model runs 3 of the tiny model's 4 passes; iter_embed / iter_gate then
+    get a zero gradient (not none: DDP needs one for every parameter), and the output does not depend on them."""
+    m = tiny_model(seed=2)
+    x = torch.randint(2, 320, (2, 16))
+    m.recur_on = False
+    out = m(x, x)
+    out.backward()
+    assert m.iter_embed.grad is not None and torch.all(m.iter_embed.grad == 0) and torch.all(m.iter_gate.grad == 0)
+    with torch.no_grad():
+        m.iter_embed.add_(1.0)
+    assert torch.equal(m(x, x), out.detach())
+    calls = []
+    hooks = [b.register_forward_hook(lambda *a: calls.append(1)) for b in m.blocks]
+    m.hidden(x)
+    assert len(calls) == 3
+    m.recur_on = True
+    calls.clear()
+    m.hidden(x)
+    assert len(calls) == 4 and not torch.equal(m(x, x), out.detach())
+    for h in hooks:
+        h.remove()

@@ -24,7 +24,7 @@ def test_qat_switch_takes_effect_under_compile(backend):
     with torch.no_grad():
         for m in ref.modules():
             if isinstance(m, T.QLinear):
-                m.weight.copy_(T.fake_quant_rows(m.weight, T.INT6_MAX))
+                m.weight.copy_(T.fake_quant_rows(m.weight, T.INT6_MAX, T.Config.int6_clip_k))   # the export grid
     x = torch.randint(0, cfg.vocab_size, (2, 32))
     torch._dynamo.utils.counters.clear()
     compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)

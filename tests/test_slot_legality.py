@@ -1,10 +1,12 @@
 """The causality harness for the evaluation (LEGAL_EVAL.md): the real eval code (windows, batching, SLOT, warm
-start, rank sharding) on a tiny float64 model, keeping the full log-probability row of every scored target.
+start, score-first TTT, rank sharding) on a tiny float64 model, keeping the full log-probability row of every
+scored target.
 
 1. flip test: change token p, re-run everything; every scored t <= p must be bit-identical;
 2. invariance: windows-per-batch 1 vs B, and 1 vs several simulated ranks, agree (warm start off);
 3. coverage (each target once) and normalisation (each row a distribution over the whole vocabulary);
-4. the harness bites: two deliberately leaky SLOT variants, kept in this file, must be caught.
+4. the harness bites: two deliberately leaky SLOT variants and a TTT that trains before it scores, kept in this
+   file, must be caught.
 """
 import math
 
@@ -31,40 +33,44 @@ def setup():
     return model, tokens, tables
 
 
-def scored_rows(model, tokens, tables, slot, batch=BATCH, ranks=1):
-    """Run the real per-rank evaluation for each simulated rank; return {target index: log-prob row}."""
-    windows = T.build_windows(len(tokens), SEQ, STRIDE)
+def scored_rows(model, tokens, tables, slot, batch=BATCH, ranks=1, ttt=None):
+    """Run the real evaluation (evaluate: chunks, TTT, the simulated ranks' shares, SLOT, warm start) in this
+    process; return {target index: log-prob row}."""
+    cap = []
+    T.evaluate(model, tokens, tables, T.Run(), SEQ, STRIDE, batch, slot=slot, ttt=ttt, capture=cap, sim_ranks=ranks)
     rows = {}
-    for r in range(ranks):
-        lo, hi = len(windows) * r // ranks, len(windows) * (r + 1) // ranks
-        cap = []
-        T.eval_shard(model, tokens, windows[lo:hi], tables, torch.device("cpu"), batch, slot=slot, capture=cap)
-        for idx, logp in cap:
-            for t, row in zip(idx.tolist(), logp):
-                assert t not in rows, f"target {t} scored twice"
-                rows[t] = row
+    for idx, logp in cap:
+        for t, row in zip(idx.tolist(), logp):
+            assert t not in rows, f"target {t} scored twice"
+            rows[t] = row
     return rows
 
 
-def flip_positions(ranks=1):
-    """Targets inside slices, at window starts, at batch and rank boundaries, and the two ends."""
+def flip_positions(ranks=1, ttt=None):
+    """Targets inside slices, at window starts, at batch and rank boundaries, and the two ends; with TTT also at
+    the first and last token of each chunk, inside a chunk, and at the rank boundaries within each chunk."""
     w = T.build_windows(N, SEQ, STRIDE)
     pos = {1, N - 1, int(w[7, 0]), int(w[9, 2]) + 1}                # ends, a window start, inside a slice
     for b in (1, 4):
         pos |= {int(w[b * BATCH, 2]), int(w[b * BATCH - 1, 1])}   # first target of a batch, last of the one before
-    for r in range(1, ranks):
-        pos.add(int(w[len(w) * r // ranks, 2]))                   # first target of a rank
-    return sorted(pos)
+    chunks = T.eval_chunks(torch.zeros(N, dtype=torch.long), w, ttt)
+    for w0, w1, a, b in chunks:
+        if ttt is not None:
+            pos |= {a, b - 1, (a + b) // 2}
+        for r in range(1, ranks):
+            if w0 + (w1 - w0) * r // ranks < w1:
+                pos.add(int(w[w0 + (w1 - w0) * r // ranks, 2]))     # first target of a rank's share
+    return sorted(p for p in pos if 1 <= p < N)
 
 
-def flip_violations(model, tokens, tables, slot, ranks=1, batch=BATCH):
+def flip_violations(model, tokens, tables, slot, ranks=1, batch=BATCH, ttt=None):
     """(p, t) pairs where changing token p changed the distribution used for some scored target t <= p."""
-    base = scored_rows(model, tokens, tables, slot, batch, ranks)
+    base = scored_rows(model, tokens, tables, slot, batch, ranks, ttt)
     bad, moved = [], 0
-    for p in flip_positions(ranks):
+    for p in flip_positions(ranks, ttt):
         flipped = tokens.clone()
         flipped[p] = 3 + (flipped[p] - 3 + 17) % (model.tok_emb.weight.size(0) - 3)
-        rows = scored_rows(model, flipped, tables, slot, batch, ranks)
+        rows = scored_rows(model, flipped, tables, slot, batch, ranks, ttt)
         bad += [(p, t) for t in range(1, p + 1) if not torch.equal(rows[t], base[t])]
         moved += sum(not torch.equal(rows[t], base[t]) for t in range(p + 1, N))
     assert moved > 0, "the flips changed nothing at all: the harness would prove nothing"
@@ -173,13 +179,41 @@ def test_budget_guard_cuts_steps_to_meet_the_deadline(setup):
     assert out.slot_steps_min < 50 and out.slot_step_sum < 50 * len(windows)
     assert out.tokens == N - 1   # cutting SLOT never drops a target
 
-    budget = T.SlotBudget(steps=8, deadline=time.perf_counter() + 10.0)
-    budget.observe(0, fwd_s=5.0, slot_s=5.0, steps=8)          # batch 0 (compilation) is ignored
-    assert budget.plan(batches_left=10, batch_index=1) == 8
-    budget.observe(1, fwd_s=0.5, slot_s=0.8, steps=8)           # 0.1 s per step
-    assert budget.plan(batches_left=10, batch_index=2) in (4, 5)   # ~1.0 s per batch left: 0.5 + 5 x 0.1 fits
-    budget.observe(2, fwd_s=2.0, slot_s=0.5, steps=5)
-    assert budget.plan(batches_left=100, batch_index=3) == 0    # not even the forward fits: SLOT off
+    budget = T.EvalBudget(deadline=time.perf_counter() + 10.0, steps=8, epochs=0, windows=110, chunks=0)
+    budget.observe_batch(10, fwd_s=5.0, slot_s=5.0, steps=8)           # batch 1 (compilation) is not measured
+    assert budget.plan("b") == (8, 0)
+    budget.observe_batch(10, fwd_s=0.5, slot_s=0.8, steps=8)           # 0.05 s per window, 0.01 per window-step
+    assert budget.plan("b")[0] == 6                                     # 90 x (0.05 + 7 x 0.01) = 10.8 > 10; 6 gives 9.9
+    budget.observe_batch(10, fwd_s=20.0, slot_s=0.5, steps=5)
+    assert budget.plan("b")[0] == 0 and budget.cuts == 2               # not even the forward fits: SLOT off
+
+
+def test_budget_guard_cuts_ttt_epochs_before_slot_steps():
+    import time
+    budget = T.EvalBudget(deadline=time.perf_counter() + 10.0, steps=4, epochs=3, windows=100, chunks=10)
+    for _ in range(2):
+        budget.observe_batch(10, fwd_s=0.1, slot_s=0.4, steps=4)       # 0.01 s per window, 0.01 per window-step
+        budget.observe_chunk(0.9, epochs=3)                            # 0.3 s per epoch
+    # 80 windows x 0.05 = 4 s of SLOT-on scoring + 8 chunks x 3 x 0.3 = 7.2 s of TTT: over 10 s
+    assert T.BUDGET_CUT_ORDER[0] == "ttt"
+    steps, epochs = budget.plan("chunk")
+    assert steps == 4 and epochs == 2 and budget.need(steps, epochs) <= 10.0
+
+
+def test_slot_cut_to_zero_scores_plain_without_a_stale_warm_start(setup):
+    """The budget bug of issue 11: with steps cut to 0 the warm start used to apply alpha x the last deltas."""
+    model, tokens, tables = setup
+    windows = T.build_windows(len(tokens), SEQ, STRIDE)
+    state = T.RankEval(T.EvalBudget(None, 3, 0, len(windows), 0))
+    plain, cut = [], []
+    T.eval_shard(model, tokens, windows[:10], tables, torch.device("cpu"), BATCH, slot=SLOTS["adamw_warm_start"], state=state)
+    assert state.prev is not None, "a warm start is pending"
+    state.budget.steps = 0                                               # as a cut to 0 leaves it
+    T.eval_shard(model, tokens, windows[10:], tables, torch.device("cpu"), BATCH, slot=SLOTS["adamw_warm_start"],
+                 capture=cut, state=state)
+    T.eval_shard(model, tokens, windows[10:], tables, torch.device("cpu"), BATCH, capture=plain)
+    for (i1, r1), (i2, r2) in zip(cut, plain):
+        assert torch.equal(i1, i2) and torch.equal(r1, r2)
 
 
 # ---- the harness must bite: two leaky variants of the real code --------------------------------------------------
@@ -207,3 +241,76 @@ def test_harness_catches_leaky_variants(setup, monkeypatch, target, leaky):
     assert bad, f"the harness did not catch the leaky variant {target}"
     if target == "slot_context_weights":
         assert any(p == t for p, t in bad), "scoring on optimized targets leaks each target into its own row"
+
+
+# ---- score-first test-time training: the same harness, with the chunk loop and the weights that change --------
+
+TTTS = {
+    "all_weights": T.Ttt(epochs=2, chunk_tokens=48, lr=0.05, momentum=0.9, clip=1.0),
+    "lora": T.Ttt(epochs=2, chunk_tokens=48, lr=0.5, momentum=0.9, clip=1.0, lora_rank=2),
+    "document": T.Ttt(epochs=2, chunk_tokens=48, lr=0.05, momentum=0.9, clip=1.0, reset="document"),
+}
+
+
+@pytest.mark.parametrize("ttt", list(TTTS))
+@pytest.mark.parametrize("slot", ["plain", "adamw_warm_start"])
+def test_flip_test_passes_with_ttt(setup, ttt, slot):
+    model, tokens, tables = setup
+    assert flip_violations(model, tokens, tables, SLOTS.get(slot), ttt=TTTS[ttt]) == []
+
+
+@pytest.mark.parametrize("ttt", ["all_weights", "lora"])
+def test_flip_test_passes_with_ttt_across_simulated_ranks(setup, ttt):
+    model, tokens, tables = setup
+    assert flip_violations(model, tokens, tables, SLOTS["adamw"], ranks=3, ttt=TTTS[ttt]) == []
+
+
+def test_ttt_changes_the_scores_of_later_chunks_only(setup):
+    """TTT must do something (or the flip tests above prove nothing about it): the first chunk is scored by the
+    artifact's weights, later chunks by adapted ones; and the model is the artifact's again afterwards."""
+    model, tokens, tables = setup
+    before = [p.detach().clone() for p in model.parameters()]
+    plain = scored_rows(model, tokens, tables, None)
+    adapted = scored_rows(model, tokens, tables, None, ttt=TTTS["all_weights"])
+    first_chunk_end = T.eval_chunks(tokens, T.build_windows(N, SEQ, STRIDE), TTTS["all_weights"])[0][1]
+    w = T.build_windows(N, SEQ, STRIDE)
+    last_of_chunk0 = int(w[first_chunk_end - 1, 1])
+    assert all(torch.equal(adapted[t], plain[t]) for t in range(1, last_of_chunk0 + 1))
+    assert sum(not torch.allclose(adapted[t], plain[t]) for t in range(last_of_chunk0 + 1, N)) > 50
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("ttt", ["all_weights", "lora"])
+def test_ttt_rank_invariance(setup, ttt):
+    model, tokens, tables = setup
+    ref = scored_rows(model, tokens, tables, SLOTS["adamw"], ttt=TTTS[ttt])
+    for batch, ranks in ((BATCH, 3), (2, 4)):
+        rows = scored_rows(model, tokens, tables, SLOTS["adamw"], batch=batch, ranks=ranks, ttt=TTTS[ttt])
+        for t in ref:    # float64 sums in another order, through a few SGD steps: ~1e-8, where a wrong split is ~1e-2
+            torch.testing.assert_close(rows[t], ref[t], rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("ttt", list(TTTS))
+def test_coverage_and_normalisation_with_ttt(setup, ttt):
+    model, tokens, tables = setup
+    rows = scored_rows(model, tokens, tables, SLOTS["default"], ttt=TTTS[ttt])
+    assert sorted(rows) == list(range(1, N))
+    assert float(torch.stack([torch.logsumexp(r, 0) for r in rows.values()]).abs().max()) < 1e-12
+
+
+REAL_EVAL_CHUNKS = T.eval_chunks
+
+
+def leaky_train_before_scoring(tokens, windows, ttt):
+    """Train on a chunk, then score it (illegal): each chunk's training targets become the next chunk's, so the
+    weights that score chunk c+1 have seen its tokens."""
+    chunks = REAL_EVAL_CHUNKS(tokens, windows, ttt)
+    return [(w0, w1, a, b) for (w0, w1, _, _), (_, _, a, b) in zip(chunks, chunks[1:] + chunks[-1:])]
+
+
+def test_harness_catches_training_before_scoring(setup, monkeypatch):
+    model, tokens, tables = setup
+    monkeypatch.setattr(T, "eval_chunks", leaky_train_before_scoring)
+    bad = flip_violations(model, tokens, tables, None, ttt=TTTS["all_weights"])
+    assert bad, "the harness did not catch TTT that trains on a chunk before scoring it"
+    assert any(p == t for p, t in bad), "a target's own row depends on itself"

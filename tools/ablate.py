@@ -12,8 +12,9 @@ train loss over the last three logged steps, val bpb on both slices and the diff
 this machine, parameters and packed bytes. JSON goes to logs/ablate/<name>.json (never overwritten; --out-dir moves it); each
 run's log and artifact to logs/ablate/<name>/.
 
---equal-time gives every variant the baseline's measured training time instead of its step count (MAX_WALLCLOCK_SECONDS,
-warm-down by the clock): the way to compare variants whose steps cost different amounts, such as recurrence on and off.
+--seconds S trains every run, the baseline too, for S seconds of wall clock instead of a step count
+(MAX_WALLCLOCK_SECONDS=S, warm-down by the clock): the way to compare variants whose steps cost different amounts,
+such as recurrence on and off. Runs that share the machine (--jobs 2) share it alike, so the comparison stays fair.
 What a CPU-scale difference can and cannot tell about an 8 x H100 run: see the README ("Ablations").
 """
 from __future__ import annotations
@@ -164,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--preset", default="proxy_11x128", choices=sorted(PRESETS), help="the fixed configuration (default proxy_11x128)")
     ap.add_argument("--base", default="", help='settings added to the preset for the baseline and every variant ("A=1 B=2")')
     ap.add_argument("--steps", type=int, default=0, help="override the preset's ITERATIONS (warm-down stays half the run)")
-    ap.add_argument("--equal-time", action="store_true", help="variants train for the baseline's measured time, not its steps")
+    ap.add_argument("--seconds", type=float, default=0.0, help="every run trains for this many seconds, not a step count")
     ap.add_argument("--val-tokens", type=int, default=65_536, help="tuning slice: val tokens 0..N (default 65536)")
     ap.add_argument("--held-out", type=int, default=131_072, help="held-out slice: N val tokens after a gap (0 = none; default 131072)")
     ap.add_argument("--held-out-offset", type=int, default=262_144, help="first token of the held-out slice (default 262144)")
@@ -183,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     preset = dict(PRESETS[args.preset], **parse_settings(args.base, "--base"))
     if args.steps:
         preset["ITERATIONS"] = str(args.steps)
+    if args.seconds:
+        preset.update(MAX_WALLCLOCK_SECONDS=str(args.seconds), ITERATIONS="1000000")
     checked(preset, "the baseline")
     variants = [(v, checked(dict(preset, **parse_settings(v, f"variant {v!r}")), f"variant {v!r}")) for v in args.variants]
     name = args.name or time.strftime("%Y%m%d_%H%M%S")
@@ -198,11 +201,6 @@ def main(argv: list[str] | None = None) -> int:
           f"val slices {slices}", flush=True)
     with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:   # each run is its own process
         base_future = pool.submit(run_variant, "baseline", preset, args, out_dir, slices)
-        if args.equal_time:    # the variants need the baseline's time first
-            if "error" in base_future.result():
-                raise T.RunError(f"the baseline failed: {base_future.result()['error']} (log in {out_dir})")
-            seconds = f"{base_future.result()['train_time_ms'] / 1000:.3f}"
-            variants = [(v, dict(s, MAX_WALLCLOCK_SECONDS=seconds, ITERATIONS="1000000")) for v, s in variants]
         futures = [pool.submit(run_variant, f"v{i + 1}", s, args, out_dir, slices) for i, (v, s) in enumerate(variants)]
         base = base_future.result()
         if "error" in base:
@@ -217,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + text)
     import torch
     meta = dict(preset=args.preset, preset_settings=PRESETS[args.preset], base=args.base, steps=int(preset["ITERATIONS"]),
-                equal_time=args.equal_time, seed=args.seed, val_slices=slices, jobs=args.jobs, threads=args.threads,
+                seconds=args.seconds, seed=args.seed, val_slices=slices, jobs=args.jobs, threads=args.threads,
                 data_path=args.data_path, torch=torch.__version__, code=code_version(), date=time.strftime("%Y-%m-%d"), host_cpus=os.cpu_count(),
                 command=" ".join([Path(sys.argv[0]).name] + [f'"{a}"' if " " in a else a for a in (argv or sys.argv[1:])]))
     T.write_atomic(out_json, json.dumps(dict(meta=meta, rows=rows), indent=1).encode(), replace=False)

@@ -199,15 +199,35 @@ def bench_eval(cfg: tg.Config, run: tg.Run, model: tg.GPT, n_tokens: int, peak: 
     return out
 
 
-def bench_export(cfg: tg.Config, state: dict[str, torch.Tensor], labels: dict[str, str], weights: str) -> dict:
-    """pack_state (quantize) and pack_artifact (every compressor, keep the smallest), timed apart, as in export_phase."""
+def bench_calibration(cfg: tg.Config, run: tg.Run, model: tg.GPT, state: dict[str, torch.Tensor]) -> tuple[dict | None, float | None]:
+    """GPTQ's Hessians from GPTQ_CALIB_BATCHES training micro-batches with the EMA weights, timed, as after training
+    (one device: all batches on it). Returns (Hessians, seconds); (None, None) when the quantizer is rtn."""
+    if cfg.quantizer != "gptq":
+        return None, None
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(state[name].to(p.device))
+    model.eval()
+    loader = tg.TrainLoader(cfg, run, tg.batch_split(cfg, run)[1])
+    run.sync()
     t0 = time.perf_counter()
-    payload = tg.pack_state(state, labels, {f: getattr(cfg, f) for f in tg.MODEL_FIELDS})
+    hessians, _ = tg.collect_hessians(model, (loader.next() for _ in range(cfg.gptq_calib_batches)), run)
+    run.sync()
+    return hessians, time.perf_counter() - t0
+
+
+def bench_export(cfg: tg.Config, state: dict[str, torch.Tensor], labels: dict[str, str], weights: str,
+                 hessians: dict | None = None, calib_s: float | None = None) -> dict:
+    """pack_state (quantize: GPTQ where there are Hessians) and pack_artifact (every compressor, keep the smallest),
+    timed apart, as in export_phase."""
+    t0 = time.perf_counter()
+    payload = tg.pack_state(state, labels, {f: getattr(cfg, f) for f in tg.MODEL_FIELDS}, tg.QuantSpec.from_config(cfg), hessians)
     t1 = time.perf_counter()
     blob, compressor, sizes = tg.pack_artifact(payload)
     t2 = time.perf_counter()
     code_bytes = len(Path(tg.__file__).read_bytes())
-    return {"weights": weights, "quantize_s": t1 - t0, "compress_s": t2 - t1, "export_s": t2 - t0,
+    return {"weights": weights, "quantizer": cfg.quantizer if hessians else "rtn", "calib_s": calib_s,
+            "calib_batches": cfg.gptq_calib_batches if hessians else 0, "quantize_s": t1 - t0, "compress_s": t2 - t1, "export_s": t2 - t0,
             "payload_bytes": len(payload), "compressor": compressor, "compressed_bytes": sizes,
             "artifact_bytes": len(blob), "code_bytes": code_bytes, "total_submission_bytes": code_bytes + len(blob),
             "limit_bytes": tg.ARTIFACT_LIMIT_BYTES, "fits": code_bytes + len(blob) <= tg.ARTIFACT_LIMIT_BYTES}
@@ -268,7 +288,9 @@ def table(results: dict) -> str:
     if "export" in results:
         x = results["export"]
         over = "" if x["fits"] else "  OVER THE LIMIT"
-        rows += [("export", "quantize / compress", f"{x['quantize_s']:.2f} s / {x['compress_s']:.2f} s"),
+        calib = f"{x['calib_s']:.2f} s ({x['calib_batches']} batches), " if x.get("calib_s") is not None else ""
+        rows += [("export", f"{'calibrate / ' if calib else ''}quantize ({x['quantizer']}) / compress",
+                  f"{calib}{x['quantize_s']:.2f} s / {x['compress_s']:.2f} s"),
                  ("export", "artifact bytes", f"{x['artifact_bytes']:,} ({x['compressor']}; weights: {x['weights']})"),
                  ("export", "code + artifact bytes", f"{x['total_submission_bytes']:,} of {x['limit_bytes']:,}{over}")]
     widths = [max(len(r[i]) for r in rows) for i in range(2)]
@@ -329,7 +351,8 @@ def measure(cfg: tg.Config, run: tg.Run, args) -> dict:
     if "export" in args.sections:
         weights = f"EMA after {args.steps} bench steps" if state is not None else "initialisation"
         state = state if state is not None else {n: p.detach().float().cpu() for n, p in model.named_parameters()}
-        results["export"] = bench_export(cfg, state, tg.param_labels(model), weights)
+        hessians, calib_s = bench_calibration(cfg, run, model, state)
+        results["export"] = bench_export(cfg, state, tg.param_labels(model), weights, hessians, calib_s)
     if "eval" in args.sections:
         results["eval"] = bench_eval(cfg, run, model, args.eval_tokens, args.peak_flops)
     model = state = None

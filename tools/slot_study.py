@@ -1,13 +1,15 @@
-r"""Compare evaluation variants on one artifact and one slice of val: plain sliding window, SLOT settings, and (for the
-record only) the two illegal SLOT variants the causality harness catches.
+r"""Compare evaluation variants on one artifact and one slice of val: plain sliding window, SLOT settings, score-first
+TTT (alone or with SLOT), and (for the record only) the two illegal SLOT variants the causality harness catches.
 
     ARTIFACT_PATH=logs/run.pgz DATA_PATH=... TOKENIZER_PATH=... EVAL_SEQ_LEN=512 EVAL_STRIDE=64 \
         python tools/slot_study.py --tokens 200000 plain steps=8 steps=8,warm_start=0.9 steps=8,bias=0 \
         leaky_shared:steps=8 leaky_scored:steps=8
 
-A variant is `[kind:]key=value,...` over the fields of train_gpt.Slot (steps, lr, lr_min, focal, bias, warm_start);
-kind is `slot` (default), `leaky_shared` (one delta shared by each batch) or `leaky_scored` (delta optimized on the
-scored positions). `plain` is the plain sliding window. The model comes from the artifact on disk,
+A variant is `[kind:]key=value,...` over the fields of train_gpt.Slot (steps, lr, lr_min, focal, bias, warm_start)
+and, prefixed ttt_, of train_gpt.Ttt (ttt_epochs, ttt_chunk_tokens, ttt_lr, ttt_momentum, ttt_clip, ttt_lora_rank,
+ttt_reset); kind is `slot` (default: SLOT, with TTT when a ttt_ key is given), `ttt` (TTT on the plain window),
+`leaky_shared` (one delta shared by each batch) or `leaky_scored` (delta optimized on the scored positions).
+`plain` is the plain sliding window. Example: plain ttt:ttt_epochs=3 steps=8,ttt_epochs=3,ttt_lr=0.005. The model comes from the artifact on disk,
 as in the real evaluation; the eval geometry from EVAL_SEQ_LEN / EVAL_STRIDE / EVAL_BATCH_WINDOWS.
 """
 from __future__ import annotations
@@ -30,33 +32,41 @@ sys.path.insert(0, str(ROOT / "tests"))
 import train_gpt as T  # noqa: E402
 
 
-def parse_variant(text: str) -> tuple[str, str, T.Slot | None]:
+def parse_variant(text: str) -> tuple[str, str, T.Slot | None, T.Ttt | None]:
+    """(text, kind, SLOT settings or None, TTT settings or None)."""
     if text == "plain":
-        return text, "plain", None
+        return text, "plain", None, None
     kind, _, spec = text.rpartition(":")
     kind = kind or "slot"
-    if kind not in ("slot", "leaky_shared", "leaky_scored"):
+    if kind not in ("slot", "ttt", "leaky_shared", "leaky_scored"):
         raise SystemExit(f"error: unknown variant kind {kind!r} in {text!r}")
-    hints = {f.name: f.type for f in dataclasses.fields(T.Slot)}
-    values = {}
+    fields = {f.name: (T.Slot, f.name, f.type) for f in dataclasses.fields(T.Slot)}
+    fields.update({f"ttt_{f.name}": (T.Ttt, f.name, f.type) for f in dataclasses.fields(T.Ttt)})
+    values = {T.Slot: {}, T.Ttt: {}}
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
-        if key not in hints:
-            close = difflib.get_close_matches(key, list(hints), n=1)
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
             guess = f"did you mean {close[0]}? " if close else ""
-            raise SystemExit(f"error: {key!r} in {text!r} is not a Slot field ({guess}fields: {', '.join(hints)})")
-        hint = {"int": int, "float": float, "bool": bool, "str": str}[str(hints[key])]
+            raise SystemExit(f"error: {key!r} in {text!r} is not a Slot field or ttt_<Ttt field> ({guess}fields: {', '.join(fields)})")
+        cls, name, type_name = fields[key]
+        hint = {"int": int, "float": float, "bool": bool, "str": str}[str(type_name)]
         try:
-            values[key] = bool(int(value)) if hint is bool else hint(value)
+            values[cls][name] = bool(int(value)) if hint is bool else hint(value)
         except ValueError:
             raise SystemExit(f"error: {key}={value!r} in {text!r} is not a valid {hint.__name__}") from None
-    return text, kind, T.Slot(**values)
+    if kind == "ttt" and values[T.Slot]:
+        raise SystemExit(f"error: {text!r}: a ttt: variant has no SLOT; drop the kind to combine SLOT with TTT")
+    ttt = T.Ttt(**values[T.Ttt]) if values[T.Ttt] or kind == "ttt" else None
+    if ttt is not None and ttt.epochs == 0:
+        raise SystemExit(f"error: {text!r}: set ttt_epochs > 0 (TTT with 0 epochs is the variant without it)")
+    return text, kind, (None if kind == "ttt" else T.Slot(**values[T.Slot])), ttt
 
 
 @contextlib.contextmanager
 def leaky(kind: str):
     """Swap in one of the illegal variants kept in the causality harness (never used by train_gpt.py)."""
-    if kind in ("plain", "slot"):
+    if kind in ("plain", "slot", "ttt"):
         yield
         return
     import test_slot_legality as H
@@ -97,11 +107,12 @@ def main() -> int:
         raise T.RunError(f"--offset {args.offset} is outside the {len(tokens)} val tokens")
     tokens = tokens[args.offset:args.offset + args.tokens] if args.tokens else tokens[args.offset:]
     rows = []
-    for text, kind, slot in variants:
+    for text, kind, slot, ttt in variants:
         with leaky(kind):
-            r = T.evaluate(model, tokens, tables, run, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows, slot=slot)
+            r = T.evaluate(model, tokens, tables, run, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows, slot=slot, ttt=ttt)
         rows.append(dict(variant=text, kind=kind, legal=not kind.startswith("leaky"), val_loss=r.loss, val_bpb=r.bpb,
-                         seconds=r.seconds, tokens=r.tokens, slot=dataclasses.asdict(slot) if slot else None))
+                         seconds=r.seconds, tokens=r.tokens, slot=dataclasses.asdict(slot) if slot else None,
+                         ttt=dataclasses.asdict(ttt) if ttt else None))
         print(f"{text:45s} val_bpb:{r.bpb:.6f} val_loss:{r.loss:.6f} time:{r.seconds:.1f}s", flush=True)
     plain = next((row["val_bpb"] for row in rows if row["variant"] == "plain"), None)
     print(f"\n{'variant':45s} {'legal':>5s} {'val_bpb':>10s} {'vs plain':>10s} {'seconds':>8s}")

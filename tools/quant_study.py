@@ -1,0 +1,136 @@
+r"""Quantizer variants side by side on one trained model: per-matrix output error on held-out calibration
+activations, packed bytes, and the bpb of the model read back, against the same model before quantization.
+
+    DATA_PATH=... TOKENIZER_PATH=... NUM_LAYERS=11 MODEL_DIM=128 ... ITERATIONS=300 \
+        python tools/quant_study.py --name proxy "quantizer=rtn,int6_clip_k=0" "quantizer=gptq,int6_clip_k=0" \
+        "quantizer=rtn" "quantizer=gptq" "quantizer=gptq,embed_bits=7"
+
+A variant is key=value,... over the fields of train_gpt.QuantSpec (quantizer, int6_clip_k, embed_bits, embed_clip_k,
+gptq_damp). The model is trained once with train_gpt.train_phase (the settings come from the environment, as for
+train_gpt.py; its GPTQ calibration gives the Hessians), then cached with held-out Hessians from the next
+--held-batches training micro-batches in logs/quant_study/<name>.pt (--cache; reused when present). For each matrix with a
+Hessian the error is ||X (W - Q)^T||^2 / ||X W^T||^2 over the held-out inputs X (tr(D H D^T) / tr(W H W^T));
+"vs rtn" divides it by round-to-nearest on the same grid. bpb: the plain sliding window (EVAL_SEQ_LEN /
+EVAL_STRIDE) on the val slices --val-tokens (0..N) and --held-out (after --held-out-offset).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train_gpt as T  # noqa: E402
+
+
+def parse_variant(text: str) -> T.QuantSpec:
+    hints = {f.name: f.type for f in dataclasses.fields(T.QuantSpec)}
+    values = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in hints:
+            raise T.RunError(f"{key!r} in {text!r} is not a QuantSpec field ({', '.join(hints)})")
+        values[key] = {"int": int, "float": float, "str": str}[str(hints[key])](value)
+    return T.QuantSpec(**values)
+
+
+def train_or_load(cfg: T.Config, run: T.Run, path: Path, held_batches: int) -> dict:
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    t0 = time.perf_counter()
+    state, labels, calib, model = T.train_phase(dataclasses.replace(cfg, quantizer="gptq"), run, None)
+    grad_accum, local_tokens = T.batch_split(cfg, run)
+    loader = T.TrainLoader(cfg, run, local_tokens)
+    for _ in range(cfg.iterations * grad_accum + cfg.gptq_calib_batches):   # past what training and calibration read
+        loader.next()
+    held, _ = T.collect_hessians(model, (loader.next() for _ in range(held_batches)), run)
+    cache = dict(state=state, labels=labels, model_cfg={f: getattr(cfg, f) for f in T.MODEL_FIELDS},
+                 fit=calib.hessians, held=held, train_seconds=time.perf_counter() - t0, calib=calib.summary)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(cache, path)
+    return cache
+
+
+def matrix_errors(cache: dict, spec: T.QuantSpec) -> dict[str, float]:
+    """Relative output error of each matrix that has a Hessian, on the held-out inputs."""
+    out = {}
+    for name, H in cache["held"].items():
+        kind = T.PARAM_TABLE[cache["labels"][name]][3]
+        w = cache["state"][name].double()
+        q, scale = T.quantize_tensor(cache["state"][name], kind, spec, cache["fit"][name])
+        d = w - q.double() * scale.double()[:, None]
+        Hd = H.double()
+        out[name] = float(torch.trace(d @ Hd @ d.T) / torch.trace(w @ Hd @ w.T))
+    return out
+
+
+def score(model: T.GPT, state: dict, cfg: T.Config, slices, val, tables) -> list[float]:
+    model.load_state_dict(state)
+    return [T.evaluate(model, val[a:a + n], tables, T.Run(), cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows).bpb
+            for a, n in slices]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("variants", nargs="+", help="key=value,... over QuantSpec fields")
+    ap.add_argument("--name", required=True, help="study name: <out-dir>/<name>.json")
+    ap.add_argument("--out-dir", default=str(ROOT / "logs" / "quant_study"))
+    ap.add_argument("--cache", default="", help="the trained model and its Hessians (default <out-dir>/<name>.pt; made when missing)")
+    ap.add_argument("--held-batches", type=int, default=16)
+    ap.add_argument("--val-tokens", type=int, default=65_536)
+    ap.add_argument("--held-out", type=int, default=131_072)
+    ap.add_argument("--held-out-offset", type=int, default=262_144)
+    args = ap.parse_args(argv)
+    specs = [(v, parse_variant(v)) for v in args.variants]
+    cfg, _ = T.config_from_env(os.environ)
+    out_dir = Path(args.out_dir)
+    out = out_dir / f"{args.name}.json"
+    if out.exists():
+        raise T.RunError(f"{out} already exists; pass another --name (a study is never overwritten)")
+    run = T.start_run({})
+    cache = train_or_load(cfg, run, Path(args.cache) if args.cache else out_dir / f"{args.name}.pt", args.held_batches)
+    cfg = dataclasses.replace(cfg, **cache["model_cfg"])
+    tables = T.load_byte_tables(cfg.tokenizer_path, cfg.vocab_size)
+    val = T.load_val_tokens(dataclasses.replace(cfg, val_tokens=0))
+    slices = [(0, args.val_tokens)] + ([(args.held_out_offset, args.held_out)] if args.held_out else [])
+    model = T.GPT(cfg).eval()
+    pre = score(model, cache["state"], cfg, slices, val, tables)
+    print(f"prequant val_bpb {pre}", flush=True)
+    model_cfg = cache["model_cfg"]
+    rows = []
+    for text, spec in specs:
+        t0 = time.perf_counter()
+        payload = T.pack_state(cache["state"], cache["labels"], model_cfg, spec, cache["fit"])
+        quant_s = time.perf_counter() - t0
+        blob, compressor, sizes = T.pack_artifact(payload)
+        post = score(model, T.unpack_state(payload)[1], cfg, slices, val, tables)
+        errs = matrix_errors(cache, spec)
+        rtn = matrix_errors(cache, dataclasses.replace(spec, quantizer="rtn"))
+        ratios = [errs[n] / rtn[n] for n in errs if rtn[n] > 0]
+        rows.append(dict(variant=text, spec=dataclasses.asdict(spec), bytes=len(blob), compressor=compressor,
+                         median_rel_error=statistics.median(errs.values()), median_vs_rtn=statistics.median(ratios),
+                         val_bpb=post, gap=[b - a for a, b in zip(pre, post)], quantize_s=quant_s, errors=errs))
+        print(f"{text:40s} bytes {len(blob):9d}  median rel err {rows[-1]['median_rel_error']:.5f}  vs rtn "
+              f"{rows[-1]['median_vs_rtn']:.3f}  gap " + " ".join(f"{g:+.5f}" for g in rows[-1]["gap"]), flush=True)
+    meta = dict(name=args.name, slices=slices, prequant_bpb=pre, model=model_cfg, calib=cache.get("calib"),
+                held_batches=args.held_batches, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+                threads=torch.get_num_threads(), eval_seq_len=cfg.eval_seq_len, eval_stride=cfg.eval_stride)
+    T.write_atomic(out, json.dumps(dict(meta=meta, rows=rows), indent=1).encode(), replace=False)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except T.RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
