@@ -91,13 +91,10 @@ class Config:
     logit_softcap: float = 30.0
     bigram_vocab_size: int = 2048    # BigramHash buckets (0 = off)
     bigram_dim: int = 128
-    recur_layers: tuple[int, ...] = (4, 5)   # layers run twice; empty = the plain model
+    recur_layers: tuple[int, ...] = ()       # layers run twice (PR #1278: 4,5); off: it lost at equal time (README)
     ve_dim: int = 128                # value embeddings: a second token table added to the values (PR #1278)
     ve_layers: tuple[int, ...] = (-2, -1)    # layers whose values get it, negative from the end (9,10 of 11); empty = off
     parallel_start: int = 0          # passes from this index on read one input for attention and MLP (PR #1204); 0 = off
-    ln_scale: str = "off"            # A/B open: norm outputs x 1/sqrt(i + 1), i = physical "layer" or "pass"; "off"
-    value_residual: str = "gate"     # A/B open: "gate" (one sigmoid gate, init -1.5: PR #1278) or "mix" (two weights)
-    bigram_form: str = "scale"       # A/B open: "scale" (zero table x learned 0.05, Muon projection) or "adam" (ours)
     # ---- training
     iterations: int = 20000          # an upper bound: the wall-clock cap ends a real run first
     max_wallclock_seconds: float = 600.0
@@ -105,7 +102,6 @@ class Config:
     train_seq_len: int = 2048
     warmup_steps: int = 20           # compile warm-up steps, discarded before the clock starts
     warmdown_frac: float = 0.5       # last fraction of the expected run with a linear LR decay to 0
-    recur_start_frac: float = 0.0    # A/B open: RECUR_LAYERS' second passes start at this fraction of the run
     matrix_lr: float = 0.025
     scalar_lr: float = 0.025
     tied_embed_lr: float = 0.035
@@ -113,7 +109,6 @@ class Config:
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_steps: int = 1500
     muon_wd: float = 0.04
-    muon_row_norm: bool = True       # A/B open: MuonEq-R row normalisation before Newton-Schulz
     grad_clip_norm: float = 0.3      # global gradient norm clip (PR #1278); 0 = off
     adam_wd: float = 0.04
     beta1: float = 0.9
@@ -177,8 +172,7 @@ class Config:
             need(getattr(self, name) > 0, f"{name.upper()} must be > 0")
         need(self.val_tokens == 0 or self.val_tokens >= 2, "VAL_TOKENS must be 0 (all) or >= 2")
         need(self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
-        need(self.warmdown_frac <= 1 and self.late_qat_frac <= 1 and self.recur_start_frac < 1,
-             "WARMDOWN_FRAC and LATE_QAT_FRAC must be <= 1, RECUR_START_FRAC < 1")
+        need(self.warmdown_frac <= 1 and self.late_qat_frac <= 1, "WARMDOWN_FRAC and LATE_QAT_FRAC must be <= 1")
         need(self.ema_decay < 1, "EMA_DECAY must be < 1")
         need(self.slot_steps == 0 or self.slot_lr > 0, "SLOT_LR must be > 0 when SLOT_STEPS > 0")
         need(self.quantizer in ("gptq", "rtn"), f"QUANTIZER={self.quantizer!r} must be gptq or rtn")
@@ -207,15 +201,12 @@ class Config:
         need(not self.ve_layers or self.ve_dim > 0, "VE_DIM must be > 0 when VE_LAYERS is set")
         passes = self.num_layers + len(self.recur_layers)
         need(self.parallel_start < passes, f"PARALLEL_START={self.parallel_start} must be < the {passes} passes (0 = off)")
-        for name, allowed in (("ln_scale", ("layer", "pass", "off")), ("value_residual", ("gate", "mix")),
-                              ("bigram_form", ("scale", "adam"))):
-            need(getattr(self, name) in allowed, f"{name.upper()}={getattr(self, name)!r} must be one of {', '.join(allowed)}")
 
 
 # Fields that describe the network: stored in the artifact so PHASES=eval rebuilds exactly what was trained.
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
                 "rope_base", "qk_gain_init", "logit_softcap", "bigram_vocab_size", "bigram_dim", "recur_layers",
-                "ve_dim", "ve_layers", "parallel_start", "ln_scale", "value_residual", "bigram_form")
+                "ve_dim", "ve_layers", "parallel_start")
 # Common variables of other software that look like ours (NUM_THREADS ~ NUM_HEADS): never an error.
 OTHER_SOFTWARE = {"NUM_THREADS"}
 # Names other submissions (or earlier versions) use, so a copied launch command fails loudly instead of being ignored.
@@ -692,12 +683,9 @@ class Attention(nn.Module):
         self.proj = QLinear(d, d, init="zeros")
         self.q_gain = labelled(torch.full((self.h,), cfg.qk_gain_init), "scalar")
         self.rotary = Rotary(cfg.rope_dims, cfg.rope_base)
-        # value residual (ResFormer): mix this layer's values with layer 0's; layer 0 has no mix (it would be unused)
-        self.vr_form = cfg.value_residual if value_residual else None
-        if self.vr_form == "gate":     # v <- v + sigmoid(g) (v0 - v), g = -1.5: 18% of layer 0's values (PR #1278)
-            self.vr = labelled(torch.full((1,), -1.5), "scalar")
-        elif self.vr_form == "mix":    # v <- a v + b v0, a = b = 0.5
-            self.vr = labelled(torch.tensor([0.5, 0.5]), "scalar")
+        # value residual (ResFormer): v <- v + sigmoid(g) (v0 - v) with layer 0's values v0; g = -1.5 mixes in 18%
+        # (PR #1278; two free weights at 0.5 / 0.5 lost, see README). Layer 0 has none (it would be unused)
+        self.vr = labelled(torch.full((1,), -1.5), "scalar") if value_residual else None
 
     def forward(self, x: torch.Tensor, v0: torch.Tensor | None, ve: torch.Tensor | None,
                 lora: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -707,12 +695,10 @@ class Attention(nn.Module):
         k = self.c_k(x, lora.get("c_k")).view(B, T, self.hkv, self.hd)
         v = self.c_v(x, lora.get("c_v"))
         v = (v if ve is None else v + ve).view(B, T, self.hkv, self.hd)
-        if self.vr_form is None:
+        if self.vr is None:
             v0 = v
-        elif self.vr_form == "gate":
-            v = v + torch.sigmoid(self.vr).to(v.dtype) * (v0 - v)
         else:
-            v = self.vr[0].to(v.dtype) * v + self.vr[1].to(v.dtype) * v0
+            v = v + torch.sigmoid(self.vr).to(v.dtype) * (v0 - v)
         # CUDA autocast runs rms_norm in fp32 from torch 2.12 on: bring q and k back to the values' (compute) dtype,
         # or FlashAttention-3 would be skipped for fp32 inputs
         dt = v.dtype
@@ -743,7 +729,6 @@ class Pass:
     """One pass of the block loop: which physical block runs, and the per-pass techniques (data, not flags)."""
     layer: int            # physical block
     repeat: int = -1      # >= 0: a recurrent layer's second pass, conditioned by iter_embed / iter_gate[repeat]
-    ln: float = 1.0       # LN scale: the block's normalised inputs x 1/sqrt(i + 1) (PR #1278)
     ve: int = -1          # >= 0: add the value embedding, scaled by ve_scales[ve]
     parallel: bool = False   # attention and MLP read the same input and both add to the stream (PR #1204)
 
@@ -761,12 +746,12 @@ class Block(nn.Module):
     def forward(self, x, x0, v0, p: Pass, ve, lora: dict | None = None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        n = rms_norm(x) * p.ln
+        n = rms_norm(x)
         a, v0 = self.attn(n, v0, ve, lora)
         if p.parallel:
             return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * self.mlp(n, lora), v0
         x = x + self.attn_scale.to(x.dtype) * a
-        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * p.ln, lora)
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x), lora)
         return x, v0
 
 
@@ -778,21 +763,16 @@ def doc_continues(idx: torch.Tensor) -> torch.Tensor:
 
 
 class BigramHash(nn.Module):
-    """Embedding of a hash of (previous token, token), projected to the model width; a BOS gets the 'no bigram' bucket.
-    Form "scale" (PR #1278): a zero table times a learned scalar (init 0.05), the projection (only where the table is
-    narrower than the model) trained by Muon. Form "adam": a random table and a zero projection, both in AdamW."""
+    """Embedding of a hash of (previous token, token); a BOS gets the 'no bigram' bucket. As PR #1278: a zero table
+    times a learned scalar (init 0.05), projected to the model width by a Muon matrix where the table is narrower.
+    (Our earlier random table with a zero AdamW projection trained 0.1 nats worse: README, Ablations.)"""
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         self.buckets, dim, width = cfg.bigram_vocab_size, cfg.bigram_dim, cfg.model_dim
-        self.scale = None
-        if cfg.bigram_form == "scale":
-            self.embed = labelled(torch.zeros(self.buckets, dim), "bigram")
-            self.proj = QLinear(dim, width) if dim != width else None
-            self.scale = labelled(torch.full((1,), 0.05), "scalar")
-        else:
-            self.embed = labelled(torch.randn(self.buckets, dim) * 0.02, "bigram")
-            self.proj = QLinear(dim, width, label="bigram", init="zeros")
+        self.embed = labelled(torch.zeros(self.buckets, dim), "bigram")
+        self.proj = QLinear(dim, width) if dim != width else None
+        self.scale = labelled(torch.full((1,), 0.05), "scalar")
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         prev = F.pad(idx[:, :-1], (1, 0))
@@ -800,7 +780,7 @@ class BigramHash(nn.Module):
         h = torch.where(doc_continues(idx), h, self.buckets - 1)
         out = F.embedding(h, self.embed)
         out = self.proj(out) if self.proj is not None else out
-        return out * self.scale.to(out.dtype) if self.scale is not None else out
+        return out * self.scale.to(out.dtype)
 
 
 class ValueEmbed(nn.Module):
@@ -840,11 +820,10 @@ def layer_schedule(cfg: Config) -> list[Pass]:
             order.append((layer, cfg.recur_layers.index(layer)))
     passes, n_ve, ve_layers = [], 0, {i % cfg.num_layers for i in cfg.ve_layers}
     for i, (layer, rep) in enumerate(order):
-        ln = {"layer": 1 / math.sqrt(layer + 1), "pass": 1 / math.sqrt(i + 1), "off": 1.0}[cfg.ln_scale]
         ve = -1
         if layer in ve_layers:
             ve, n_ve = n_ve, n_ve + 1
-        passes.append(Pass(layer, rep, ln, ve, 0 < cfg.parallel_start <= i))
+        passes.append(Pass(layer, rep, ve, 0 < cfg.parallel_start <= i))
     return passes
 
 
@@ -863,13 +842,12 @@ class GPT(nn.Module):
         self.schedule = layer_schedule(cfg)
         n_ve = sum(p.ve >= 0 for p in self.schedule)
         self.value_embed = ValueEmbed(cfg, n_ve) if n_ve else None
-        n_enc = len(self.schedule) // 2               # U-Net: the first half of the passes feed the second half
-        n_skip = min(n_enc, len(self.schedule) - n_enc)
+        self.n_enc = len(self.schedule) // 2          # U-Net: the first half of the passes feed the second half
+        n_skip = min(self.n_enc, len(self.schedule) - self.n_enc)
         self.skip_weights = labelled(torch.ones(n_skip, d), "scalar")
         n_rep = len(cfg.recur_layers)
         self.iter_embed = labelled(torch.randn(n_rep, d) * 0.02, "recur") if n_rep else None   # PR #1278
         self.iter_gate = labelled(torch.full((n_rep, d), -2.0), "recur") if n_rep else None
-        self.recur_on = True     # off: the second passes are skipped (RECUR_START_FRAC); a flag torch.compile guards
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """The only place neighbouring tokens mix before attention; both mixers stop at a BOS. Under autocast the
@@ -887,19 +865,15 @@ class GPT(nn.Module):
         x = self.embed(idx)
         ve = self.value_embed(idx) if self.value_embed is not None else None
         x0, v0, skips = x, None, []
-        active = [(i, p) for i, p in enumerate(self.schedule) if self.recur_on or p.repeat < 0]
-        n_enc = len(active) // 2          # U-Net over the passes that run
-        for k, (i, p) in enumerate(active):
+        for i, p in enumerate(self.schedule):
             if p.repeat >= 0:   # second pass of a recurrent layer: per-pass conditioning
                 x = x + torch.sigmoid(self.iter_gate[p.repeat]).to(x.dtype) * self.iter_embed[p.repeat].to(x.dtype)
-            if 0 <= k - n_enc < min(n_enc, len(active) - n_enc):
-                x = x + self.skip_weights[k - n_enc].to(x.dtype) * skips.pop()
+            if 0 <= i - self.n_enc < len(self.skip_weights):
+                x = x + self.skip_weights[i - self.n_enc].to(x.dtype) * skips.pop()
             ve_p = ve * self.value_embed.scales[p.ve].to(ve.dtype) if p.ve >= 0 else None
             x, v0 = self.blocks[p.layer](x, x0, v0, p, ve_p, lora.for_pass(i) if lora is not None else None)
-            if k < n_enc:
+            if i < self.n_enc:
                 skips.append(x)
-        if not self.recur_on and self.iter_embed is not None:   # DDP expects a gradient for every parameter
-            x = x + 0.0 * (self.iter_embed.sum() + self.iter_gate.sum()).to(x.dtype)
         return x
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -977,10 +951,9 @@ class Muon(torch.optim.Optimizer):
     decoupled weight decay. Matrices are grouped by shape and dealt round-robin to the ranks; each rank
     orthogonalises its share of a group in one batched call, and one all-reduce shares the results."""
 
-    def __init__(self, params, lr: float, momentum: float, weight_decay: float, run: Run, row_norm: bool = True,
-                 compile_ns: bool = False) -> None:
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float, run: Run, compile_ns: bool = False) -> None:
         super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.run, self.row_norm = run, row_norm
+        self.run = run
         params = self.param_groups[0]["params"]
         self.offsets = np.cumsum([0] + [p.numel() for p in params]).tolist()
         by_shape: dict[tuple, list[int]] = {}
@@ -1011,8 +984,7 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_mul_(bufs, mom)
             torch._foreach_add_(bufs, grads)
             g = torch.stack(grads).add_(torch.stack(bufs), alpha=mom)     # Nesterov
-            if self.row_norm:
-                g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+            g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-7)   # MuonEq-R (off trained 0.023 nats worse)
             u = self.ns(g) * max(1.0, g.size(-2) / g.size(-1)) ** 0.5
             for j, i in enumerate(share):
                 self.flat[self.offsets[i]:self.offsets[i + 1]] = u[j].reshape(-1)
@@ -1041,7 +1013,7 @@ def build_optimizers(model: GPT, cfg: Config, run: Run) -> list[torch.optim.Opti
         opts.append(torch.optim.AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **fused))
     for group in muon_groups:
         muon = Muon(group.pop("params"), lr=group["lr"], momentum=cfg.muon_momentum, weight_decay=group["weight_decay"],
-                    run=run, row_norm=cfg.muon_row_norm, compile_ns=cfg.compile and run.device.type == "cuda")
+                    run=run, compile_ns=cfg.compile and run.device.type == "cuda")
         muon.param_groups[0].update(base_lr=group["base_lr"], label=group["label"])
         opts.append(muon)
     return opts
@@ -1844,9 +1816,8 @@ def training_forward(model: GPT, cfg: Config, run: Run, fullgraph: bool = True):
 
 
 def compile_warmup(model: GPT, fwd, opts, cfg: Config, run: Run, grad_accum: int, local_tokens: int):
-    """Run WARMUP_STEPS real steps so that compilation happens before the clock (the first half without the second
-    passes when RECUR_START_FRAC > 0, the last one with QAT on: every graph the run needs exists), then restore
-    model and optimizers. Returns the training forward: where FlashAttention-3 does
+    """Run WARMUP_STEPS real steps so that compilation happens before the clock, the last one with QAT on (so both
+    QAT graphs exist), then restore model and optimizers. Returns the training forward: where FlashAttention-3 does
     not trace in one graph, it is compiled again with graph breaks, and the log says so."""
     if cfg.warmup_steps == 0:
         return fwd
@@ -1856,7 +1827,6 @@ def compile_warmup(model: GPT, fwd, opts, cfg: Config, run: Run, grad_accum: int
     with timed("compile_warmup", run):
         for k in range(cfg.warmup_steps):
             model.set_qat(cfg.late_qat_frac > 0 and k == cfg.warmup_steps - 1 and k > 0, cfg.int6_clip_k)
-            model.recur_on = not (cfg.recur_start_frac > 0 and k < cfg.warmup_steps // 2)
             batches = loader.next_step(grad_accum)
             try:
                 train_step(fwd, opts, batches, run, cfg.grad_clip_norm, list(model.parameters()))
@@ -1870,7 +1840,6 @@ def compile_warmup(model: GPT, fwd, opts, cfg: Config, run: Run, grad_accum: int
                 fwd = training_forward(model, cfg, run, fullgraph=False)
                 train_step(fwd, opts, batches, run, cfg.grad_clip_norm, list(model.parameters()))
     model.set_qat(False)
-    model.recur_on = True
     model.load_state_dict(model_state)
     for o, s in zip(opts, opt_states):
         o.load_state_dict(s)
@@ -1955,9 +1924,6 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
     batches = loader.next_step(grad_accum)
     while step < cfg.iterations:
         progress = clock.progress(step, cfg.iterations, agreed_s)
-        if model.recur_on != (progress >= cfg.recur_start_frac):
-            model.recur_on = not model.recur_on
-            log(f"recurrence:{'on' if model.recur_on else 'off'} step:{step} train_time:{1000 * clock.elapsed():.0f}ms")
         if not qat_on and cfg.late_qat_frac > 0 and progress >= 1 - cfg.late_qat_frac:
             model.set_qat(True, cfg.int6_clip_k)
             qat_on = True
@@ -1999,7 +1965,6 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
     if run.device.type == "cuda":
         log(f"peak_memory_allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB")
     state = ema.state_dict(model)
-    model.recur_on = True
     with torch.no_grad():   # from here on the model holds what is exported
         for name, p in model.named_parameters():
             p.copy_(state[name])

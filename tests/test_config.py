@@ -11,7 +11,7 @@ import train_gpt as T
 def test_defaults_are_the_submitted_model():
     cfg, explicit = T.config_from_env({})
     assert explicit == set()
-    assert (cfg.num_layers, cfg.model_dim, cfg.vocab_size, cfg.recur_layers) == (11, 512, 1024, (4, 5))
+    assert (cfg.num_layers, cfg.model_dim, cfg.vocab_size, cfg.recur_layers) == (11, 512, 1024, ())
     assert (cfg.train_batch_tokens, cfg.train_seq_len, cfg.max_wallclock_seconds) == (786_432, 2048, 600.0)
     assert (cfg.eval_seq_len, cfg.eval_stride) == (2048, 64)
 

@@ -169,7 +169,7 @@ def test_eval_reusing_the_run_id_keeps_the_training_log(full_run):
 
 
 def test_eval_settings_are_checked_against_the_artifact_first(full_run):
-    """NUM_LAYERS=2 against a 3-layer artifact, RECUR_LAYERS left at its default (4,5): the error is the clash."""
+    """NUM_LAYERS=2 against a 3-layer artifact, RECUR_LAYERS left at its default: the error is the clash."""
     work, env, _ = full_run
     env2 = {k: v for k, v in env.items() if k != "RECUR_LAYERS"}
     env2.update(PHASES="eval", RUN_ID="clash2", ARTIFACT_PATH=str(work / "logs" / "e2e.pgz"), NUM_LAYERS="2")

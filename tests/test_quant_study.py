@@ -12,8 +12,12 @@ def test_quant_study_rows_and_cache(tiny_data, tmp_path):
     cmd = [sys.executable, str(ROOT / "tools" / "quant_study.py"), "--out-dir", str(tmp_path), "--cache", str(tmp_path / "m.pt"),
            "--val-tokens", "400", "--held-out", "300", "--held-out-offset", "500", "--held-batches", "2",
            "quantizer=rtn,int6_clip_k=0", "quantizer=gptq", "quantizer=gptq,embed_bits=7"]
-    r = subprocess.run(cmd + ["--name", "a"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd + ["--name", "a", "--artifact", str(tmp_path / "a.pgz")], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    import train_gpt as T
+    model_cfg, state = T.read_artifact(tmp_path / "a.pgz")         # a real artifact of the configured export
+    assert model_cfg["num_layers"] == 3 and state
     assert "train_done" in r.stdout
     doc = json.loads((tmp_path / "a.json").read_text())
     rows = {row["variant"]: row for row in doc["rows"]}

@@ -267,14 +267,15 @@ def train_rows(label: str, t: dict) -> list[tuple[str, str, str]]:
 
 def table(results: dict) -> str:
     rows = []
-    for key, label in (("recur", "train"), ("no_recur", "train, no recur")):
+    for key, label in (("no_recur", "train"), ("recur", "train, recurrence")):
         if key in results.get("train", {}):
             rows += train_rows(label, results["train"][key])
     if {"recur", "no_recur"} <= set(results.get("train", {})):
         a, b = results["train"]["recur"]["step_ms"], results["train"]["no_recur"]["step_ms"]
         rows.append(("train", "recurrence cost", f"{100 * (a / b - 1):+.1f}% ms/step"))
-    if "step_ms_at_50pct_mfu" in results.get("train", {}).get("recur", {}):
-        rows.append(("train", "ms/step at 50% MFU, 1 device", fmt(results["train"]["recur"]["step_ms_at_50pct_mfu"])))
+    for key in ("no_recur", "recur"):
+        if "step_ms_at_50pct_mfu" in results.get("train", {}).get(key, {}):
+            rows.append(("train", f"ms/step at 50% MFU, 1 device ({key})", fmt(results["train"][key]["step_ms_at_50pct_mfu"])))
     for name, e in results.get("eval", {}).items():
         label, n = f"eval {name}", PROJECTION_GPUS
         rows += [(label, "slice / windows", f"{e['slice_tokens']:,} tokens / {e['windows']:,} windows "
@@ -315,8 +316,9 @@ def parse_args(argv, run: tg.Run) -> argparse.Namespace:
     p.add_argument("--sections", default="train,eval,export", help="comma list of train, eval, export")
     p.add_argument("--steps", type=int, default=10 if cuda else 3, help="timed optimizer steps (median reported)")
     p.add_argument("--warmup", type=int, default=3 if cuda else 1, help="untimed steps first (compilation on CUDA)")
-    p.add_argument("--recur-off", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time the same model with RECUR_LAYERS empty")
+    p.add_argument("--recur-compare", default="4,5",
+                   help="also time the model with these RECUR_LAYERS (or with none, when the configuration has some); "
+                        "empty = skip")
     p.add_argument("--eval-tokens", type=int, default=1_000_000 if cuda else 20_000, help="val tokens evaluated")
     p.add_argument("--peak-flops", type=float, default=800e12 if cuda else None,
                    help="peak FLOP/s for MFU; default 800e12 on CUDA (H100 dense bf16 as measured achievable; the "
@@ -341,11 +343,13 @@ def device_info(run: tg.Run) -> dict:
 
 
 def measure(cfg: tg.Config, run: tg.Run, args) -> dict:
-    """Train (recurrence on), export its EMA weights, evaluate its model; then train again with recurrence off."""
+    """Train the configured model, export its EMA weights, evaluate its model; then train the other recurrence
+    setting (--recur-compare). Results are keyed "recur" (with recurrence) and "no_recur"."""
     results, model, state = {}, None, None
     if "train" in args.sections:
         results["train"] = {}
-        results["train"]["recur"], model, state = bench_train(cfg, run, args.steps, args.warmup, args.peak_flops)
+        key = "recur" if cfg.recur_layers else "no_recur"
+        results["train"][key], model, state = bench_train(cfg, run, args.steps, args.warmup, args.peak_flops)
     if model is None:
         model = tg.build_model(cfg, run)
     if "export" in args.sections:
@@ -357,9 +361,10 @@ def measure(cfg: tg.Config, run: tg.Run, args) -> dict:
         results["eval"] = bench_eval(cfg, run, model, args.eval_tokens, args.peak_flops)
     model = state = None
     release_memory(run)
-    if "train" in args.sections and args.recur_off and cfg.recur_layers:
-        plain = dataclasses.replace(cfg, recur_layers=())
-        results["train"]["no_recur"], *_ = bench_train(plain, run, args.steps, args.warmup, args.peak_flops)
+    if "train" in args.sections and args.recur_compare:
+        other = () if cfg.recur_layers else tuple(int(x) for x in args.recur_compare.split(","))
+        results["train"]["recur" if other else "no_recur"], *_ = bench_train(dataclasses.replace(cfg, recur_layers=other),
+                                                                            run, args.steps, args.warmup, args.peak_flops)
     return results
 
 

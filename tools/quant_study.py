@@ -72,6 +72,19 @@ def matrix_errors(cache: dict, spec: T.QuantSpec) -> dict[str, float]:
     return out
 
 
+def int6_bits(cache: dict, spec: T.QuantSpec) -> float:
+    """Order-0 entropy of the int6 codes, bits per weight over all int6 matrices: what a compressor can get near, and
+    what scales to the full model (its 25.95M int6 weights x bits / 8 bytes)."""
+    total = bits = 0.0
+    for name, w in cache["state"].items():
+        if T.PARAM_TABLE[cache["labels"][name]][3] == "int6" and w.dim() == 2:
+            q, _ = T.quantize_tensor(w, "int6", spec, cache["fit"].get(name))
+            p = torch.bincount(q.flatten().long() + T.INT6_MAX, minlength=2 * T.INT6_MAX + 1).double() / q.numel()
+            bits += q.numel() * float(-(p[p > 0] * p[p > 0].log2()).sum())
+            total += q.numel()
+    return bits / total
+
+
 def score(model: T.GPT, state: dict, cfg: T.Config, slices, val, tables) -> list[float]:
     model.load_state_dict(state)
     return [T.evaluate(model, val[a:a + n], tables, T.Run(), cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows).bpb
@@ -84,6 +97,8 @@ def main(argv=None) -> int:
     ap.add_argument("--name", required=True, help="study name: <out-dir>/<name>.json")
     ap.add_argument("--out-dir", default=str(ROOT / "logs" / "quant_study"))
     ap.add_argument("--cache", default="", help="the trained model and its Hessians (default <out-dir>/<name>.pt; made when missing)")
+    ap.add_argument("--artifact", default="", help="also write the artifact of the configured export (QUANTIZER, INT6_CLIP_K, "
+                                                 "...) here, as train_gpt.py would: the model for tools/slot_study.py")
     ap.add_argument("--held-batches", type=int, default=16)
     ap.add_argument("--val-tokens", type=int, default=65_536)
     ap.add_argument("--held-out", type=int, default=131_072)
@@ -101,6 +116,11 @@ def main(argv=None) -> int:
     tables = T.load_byte_tables(cfg.tokenizer_path, cfg.vocab_size)
     val = T.load_val_tokens(dataclasses.replace(cfg, val_tokens=0))
     slices = [(0, args.val_tokens)] + ([(args.held_out_offset, args.held_out)] if args.held_out else [])
+    if args.artifact:
+        spec = T.QuantSpec.from_config(cfg)
+        blob, _, _ = T.pack_artifact(T.pack_state(cache["state"], cache["labels"], cache["model_cfg"], spec, cache["fit"]))
+        T.write_atomic(Path(args.artifact), blob, replace=False)
+        print(f"artifact: {args.artifact} ({len(blob)} bytes, {spec})", flush=True)
     model = T.GPT(cfg).eval()
     pre = score(model, cache["state"], cfg, slices, val, tables)
     print(f"prequant val_bpb {pre}", flush=True)
@@ -116,9 +136,10 @@ def main(argv=None) -> int:
         rtn = matrix_errors(cache, dataclasses.replace(spec, quantizer="rtn"))
         ratios = [errs[n] / rtn[n] for n in errs if rtn[n] > 0]
         rows.append(dict(variant=text, spec=dataclasses.asdict(spec), bytes=len(blob), compressor=compressor,
+                         int6_bits=int6_bits(cache, spec),
                          median_rel_error=statistics.median(errs.values()), median_vs_rtn=statistics.median(ratios),
                          val_bpb=post, gap=[b - a for a, b in zip(pre, post)], quantize_s=quant_s, errors=errs))
-        print(f"{text:40s} bytes {len(blob):9d}  median rel err {rows[-1]['median_rel_error']:.5f}  vs rtn "
+        print(f"{text:40s} bytes {len(blob):9d}  int6 bits {rows[-1]['int6_bits']:.3f}  median rel err {rows[-1]['median_rel_error']:.5f}  vs rtn "
               f"{rows[-1]['median_vs_rtn']:.3f}  gap " + " ".join(f"{g:+.5f}" for g in rows[-1]["gap"]), flush=True)
     meta = dict(name=args.name, slices=slices, prequant_bpb=pre, model=model_cfg, calib=cache.get("calib"),
                 held_batches=args.held_batches, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
