@@ -119,10 +119,9 @@ class Config:
     train_log_every: int = 100
     compile: bool = True             # torch.compile on CUDA; CPU runs are eager
     # ---- export: quantization (see quantize_tensor)
-    quantizer: str = "gptq"          # A/B open: "gptq" (full Hessian, PR #1019) or "rtn" (round to nearest)
-    int6_clip_k: float = 12.85       # A/B open: row clip = k x row std (SDClip, PR #1394); 0 = best of 12 abs-max fractions
-    embed_bits: int = 8              # A/B open: bits of the embedding tables (8, or 7 as in PR #1586)
-    embed_clip_k: float = 20.0       # the clip rule of the embedding tables (0 = search)
+    quantizer: str = "gptq"          # "gptq" (full Hessian, PR #1019); "rtn" (round to nearest) is the quant study's reference
+    int6_clip_k: float = 6.0         # row clip = k x row std (SDClip, PR #1394), the size knob; 0 = best of 12 abs-max fractions
+    embed_clip_k: float = 0.0        # the clip rule of the int8 embedding tables (0 = the search)
     gptq_calib_batches: int = 16     # training micro-batches (TRAIN_BATCH_TOKENS / 8 tokens each) for the Hessians
     gptq_reserve_seconds: float = 10.0   # of MAX_WALLCLOCK_SECONDS, kept for the calibration (it reads training data)
     gptq_damp: float = 0.01          # added to the Hessian diagonal, as a fraction of its mean
@@ -179,7 +178,6 @@ class Config:
         need(self.ttt_reset in ("never", "document"), f"TTT_RESET={self.ttt_reset!r} must be never or document")
         need(self.ttt_epochs == 0 or (self.ttt_lr > 0 and self.ttt_chunk_tokens > 0),
              "TTT_LR and TTT_CHUNK_TOKENS must be > 0 when TTT_EPOCHS > 0")
-        need(self.embed_bits in (7, 8), f"EMBED_BITS={self.embed_bits} must be 7 or 8")
         need(self.gptq_damp > 0, "GPTQ_DAMP must be > 0")
         need(self.max_wallclock_seconds == 0 or self.train_reserve_s() < self.max_wallclock_seconds,
              f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time of MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
@@ -1089,7 +1087,6 @@ class QuantSpec:
     """How the export rounds each tensor whose label stores it as int6 or int8 (see Config, export section)."""
     quantizer: str = Config.quantizer
     int6_clip_k: float = Config.int6_clip_k
-    embed_bits: int = Config.embed_bits
     embed_clip_k: float = Config.embed_clip_k
     gptq_damp: float = Config.gptq_damp
 
@@ -1103,7 +1100,7 @@ def quantize_tensor(w: torch.Tensor, kind: str, spec: QuantSpec, H: torch.Tensor
     """(int8 codes, fp16 row scales) of one int6 or int8 (embedding) matrix: the clip rule sets the grid, then GPTQ
     when a Hessian is given and the quantizer is gptq, else round to nearest. widen > 1 multiplies the int6 scales:
     log2(widen) fewer bits per weight after entropy coding (the size knob of fit_to_limit)."""
-    qmax = INT6_MAX if kind == "int6" else 2 ** (spec.embed_bits - 1) - 1
+    qmax = INT6_MAX if kind == "int6" else INT8_MAX
     scale = row_scales(w, qmax, spec.int6_clip_k if kind == "int6" else spec.embed_clip_k)
     if kind == "int6" and widen != 1.0:
         scale = (scale * widen).half().float()
@@ -1993,7 +1990,7 @@ def export_phase(cfg: Config, run: Run, state: dict[str, torch.Tensor], labels: 
             write_atomic(path, blob, replace=False)
         log(f"artifact:{path} quantizer:{spec.quantizer if calib else 'rtn'} {calib.summary + ' ' if calib else ''}"
             f"int6_clip_k:{spec.int6_clip_k} "
-            f"embed_bits:{spec.embed_bits} int6_scale_widen:{widen:.4f} " + " ".join(f"{k}_bytes:{v}" for k, v in sizes.items()))
+            f"embed_clip_k:{spec.embed_clip_k} int6_scale_widen:{widen:.4f} " + " ".join(f"{k}_bytes:{v}" for k, v in sizes.items()))
         log(f"code_bytes:{code_bytes} model_bytes:{len(blob)} total_submission_bytes:{code_bytes + len(blob)} compressor:{name}")
         return len(blob)
 

@@ -23,7 +23,7 @@ def ablate(tiny_data, tmp_path, *args):
 def study(tiny_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("ablate")
     r = ablate(tiny_data, work, "--out-dir", str(work), "--name", "s", "--steps", "4", "--val-tokens", "400",
-               "--held-out", "300", "--held-out-offset", "500", "--jobs", "2", "LN_SCALE=off", "VE_LAYERS= GRAD_CLIP_NORM=0")
+               "--held-out", "300", "--held-out-offset", "500", "--jobs", "2", "QK_GAIN_INIT=5", "VE_LAYERS= GRAD_CLIP_NORM=0")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     out = work / "s.json"
     return r, json.loads(out.read_text()), out
@@ -32,7 +32,7 @@ def study(tiny_data, tmp_path_factory):
 def test_one_row_per_variant_with_paired_figures(study):
     r, doc, _ = study
     rows = doc["rows"]
-    assert [row["variant"] for row in rows] == ["baseline", "LN_SCALE=off", "VE_LAYERS= GRAD_CLIP_NORM=0"]
+    assert [row["variant"] for row in rows] == ["baseline", "QK_GAIN_INIT=5", "VE_LAYERS= GRAD_CLIP_NORM=0"]
     for row in rows:
         assert row["steps"] == 4 and len(row["train_losses"]) == 2          # TRAIN_LOG_EVERY=2
         assert row["val_bpb"] > 0 and row["val_bpb_held_out"] > 0 and row["model_bytes"] > 0 and row["ms_per_step"] > 0
@@ -41,7 +41,7 @@ def test_one_row_per_variant_with_paired_figures(study):
     assert rows[2]["params"] < rows[0]["params"] == rows[1]["params"]
     assert rows[1]["val_bpb"] != rows[0]["val_bpb"]
     assert doc["meta"]["steps"] == 4 and doc["meta"]["val_slices"] == [[0, 400], [500, 300]]
-    assert "LN_SCALE=off" in r.stdout and "baseline" in r.stdout
+    assert "QK_GAIN_INIT=5" in r.stdout and "baseline" in r.stdout
 
 
 def test_baseline_is_reproducible(study, tiny_data, tmp_path):
@@ -56,10 +56,10 @@ def test_baseline_is_reproducible(study, tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("variant, fragment", [
-    ("LN_SCALES=off", "did you mean LN_SCALE?"),
+    ("QK_GAIN_INT=5", "did you mean QK_GAIN_INIT?"),
     ("SEED=3", "set by the tool"),
-    ("LN_SCALE", "is not SETTING=value"),
-    ("LN_SCALE=sideways", "LN_SCALE='sideways' must be one of"),
+    ("QK_GAIN_INIT", "is not SETTING=value"),
+    ("TTT_RESET=sideways", "TTT_RESET='sideways' must be never or document"),
 ])
 def test_bad_variants_are_refused_before_any_run(tiny_data, tmp_path, variant, fragment):
     r = ablate(tiny_data, tmp_path, "--out-dir", str(tmp_path), "--name", "bad", variant)
@@ -69,7 +69,7 @@ def test_bad_variants_are_refused_before_any_run(tiny_data, tmp_path, variant, f
 
 def test_existing_study_is_never_overwritten(study, tiny_data, tmp_path):
     _, _, out = study
-    r = ablate(tiny_data, tmp_path, "--out-dir", str(out.parent), "--name", out.stem, "LN_SCALE=off")
+    r = ablate(tiny_data, tmp_path, "--out-dir", str(out.parent), "--name", out.stem, "QK_GAIN_INIT=5")
     assert r.returncode == 1 and "already exists" in r.stderr
 
 

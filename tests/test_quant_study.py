@@ -11,7 +11,7 @@ def test_quant_study_rows_and_cache(tiny_data, tmp_path):
     env = script_env(data, tok, tmp_path / "logs")
     cmd = [sys.executable, str(ROOT / "tools" / "quant_study.py"), "--out-dir", str(tmp_path), "--cache", str(tmp_path / "m.pt"),
            "--val-tokens", "400", "--held-out", "300", "--held-out-offset", "500", "--held-batches", "2",
-           "quantizer=rtn,int6_clip_k=0", "quantizer=gptq", "quantizer=gptq,embed_bits=7"]
+           "quantizer=rtn,int6_clip_k=0", "quantizer=gptq", "quantizer=gptq,int6_clip_k=12.85"]
     r = subprocess.run(cmd + ["--name", "a", "--artifact", str(tmp_path / "a.pgz")], env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -23,7 +23,7 @@ def test_quant_study_rows_and_cache(tiny_data, tmp_path):
     rows = {row["variant"]: row for row in doc["rows"]}
     assert len(rows) == 3 and len(doc["meta"]["prequant_bpb"]) == 2
     assert rows["quantizer=gptq"]["median_vs_rtn"] < 1.0 and rows["quantizer=rtn,int6_clip_k=0"]["median_vs_rtn"] == 1.0
-    assert rows["quantizer=gptq,embed_bits=7"]["bytes"] < rows["quantizer=gptq"]["bytes"]
+    assert rows["quantizer=gptq,int6_clip_k=12.85"]["bytes"] < rows["quantizer=gptq"]["bytes"]
     assert all(len(row["gap"]) == 2 and row["errors"] for row in rows.values())
     again = subprocess.run(cmd + ["--name", "b"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "train_done" not in again.stdout, "the cached model is reused, not retrained"

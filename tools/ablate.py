@@ -1,7 +1,7 @@
 r"""Paired ablations on one fixed proxy configuration: the baseline and each variant train with the same seed, the same
 data order and the same number of steps, then score the same val slices from their own artifacts.
 
-    DATA_PATH=... TOKENIZER_PATH=... python tools/ablate.py "LN_SCALE=off" "VE_LAYERS=" "PARALLEL_START=8" \
+    DATA_PATH=... TOKENIZER_PATH=... python tools/ablate.py "QK_GAIN_INIT=5" "VE_LAYERS=" "PARALLEL_START=7" \
         "MUON_WD=0.09 ADAM_WD=0.09"
 
 A variant is one argument of space-separated SETTING=value pairs (the names of train_gpt.py's Config), applied on top
