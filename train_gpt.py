@@ -16,7 +16,6 @@ import copy
 import dataclasses
 import datetime
 import difflib
-import functools
 import gc
 import glob
 import importlib
@@ -131,7 +130,7 @@ class Config:
     eval_seq_len: int = 2048
     eval_stride: int = 64
     eval_batch_windows: int = 32     # windows per forward (and per SLOT batch), per rank
-    eval_budget_seconds: float = 520.0   # eval deadline (600 s less 10% and a margin): SLOT steps are cut to meet it
+    eval_budget_seconds: float = 520.0   # eval deadline (600 s less 10% and a margin): TTT epochs, then SLOT steps, are cut to meet it
     eval_compare_plain: bool = False # also run the plain sliding eval first (final_sliding_window_exact)
     # ---- TTT (score-first test-time training; see Ttt and README)
     ttt_epochs: int = 0              # SGD steps on each scored chunk but the last; 0 = off
@@ -139,7 +138,6 @@ class Config:
     ttt_lr: float = 0.003            # cosine over the chunks
     ttt_momentum: float = 0.9
     ttt_clip: float = 1.0            # global gradient norm
-    ttt_lora_rank: int = 0           # A/B open: 0 = all weights, N = rank-N adapters on every pass's projections
     ttt_reset: str = "never"         # A/B open: "document" also cuts chunks at BOS and resets the adapted state there
     # ---- SLOT (causal, context-only; see Slot and README)
     slot_steps: int = 8              # 0 = plain sliding-window eval
@@ -213,7 +211,7 @@ NOT_OURS = {"WARMDOWN_ITERS": "use WARMDOWN_FRAC (a fraction of the expected run
             "LATE_QAT_THRESHOLD": "use LATE_QAT_FRAC", "QAT_ENABLED": "use LATE_QAT_FRAC (0 = off)",
             "SLOT_ENABLED": "use SLOT_STEPS (0 = plain sliding window; SLOT is on by default)",
             "TTT_ENABLED": "use TTT_EPOCHS (0 = off; score-first TTT, see README)", "TTT_STEPS": "use TTT_EPOCHS",
-            "TTT_CHUNK_SIZE": "use TTT_CHUNK_TOKENS", "TTT_LORA": "use TTT_LORA_RANK (0 = all weights)",
+            "TTT_CHUNK_SIZE": "use TTT_CHUNK_TOKENS", "TTT_LORA": "this script's TTT trains all weights (rank-8 adapters lost, see README)",
             "SWA_ENABLED": "this script has no SWA; it exports the EMA weights (EMA_DECAY)",
             "NUM_ITERATIONS": "use ITERATIONS", "TRAIN_STEPS": "use ITERATIONS", "WARMUP_ITERS": "use WARMUP_STEPS",
             "MAX_WALLCLOCK": "use MAX_WALLCLOCK_SECONDS", "MLP_RATIO": "use MLP_MULT",
@@ -606,12 +604,11 @@ class QLinear(nn.Module):
         self.weight = labelled(w, label)
         self.qat, self.clip_k = False, Config.int6_clip_k   # the export's clip rule: QAT trains on the exported grid
 
-    def forward(self, x: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if self.qat:
             w = w + (fake_quant_rows(w, INT6_MAX, self.clip_k) - w).detach()
-        y = F.linear(x, w)
-        return y if lora is None else y + F.linear(F.linear(x, lora[0].to(x.dtype)), lora[1].to(x.dtype))
+        return F.linear(x, w)
 
 
 class Rotary(nn.Module):
@@ -685,13 +682,11 @@ class Attention(nn.Module):
         # (PR #1278; two free weights at 0.5 / 0.5 lost, see README). Layer 0 has none (it would be unused)
         self.vr = labelled(torch.full((1,), -1.5), "scalar") if value_residual else None
 
-    def forward(self, x: torch.Tensor, v0: torch.Tensor | None, ve: torch.Tensor | None,
-                lora: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, v0: torch.Tensor | None, ve: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
-        lora = lora or {}
-        q = self.c_q(x, lora.get("c_q")).view(B, T, self.h, self.hd)
-        k = self.c_k(x, lora.get("c_k")).view(B, T, self.hkv, self.hd)
-        v = self.c_v(x, lora.get("c_v"))
+        q = self.c_q(x).view(B, T, self.h, self.hd)
+        k = self.c_k(x).view(B, T, self.hkv, self.hd)
+        v = self.c_v(x)
         v = (v if ve is None else v + ve).view(B, T, self.hkv, self.hd)
         if self.vr is None:
             v0 = v
@@ -707,7 +702,7 @@ class Attention(nn.Module):
         g = y.view(B, T, self.hkv, self.h // self.hkv, self.hd)
         vn = F.normalize(v, dim=-1).unsqueeze(3)
         y = (g - (g * vn).sum(-1, keepdim=True) * vn).reshape(B, T, self.h * self.hd)
-        return self.proj(y, lora.get("proj")), v0
+        return self.proj(y), v0
 
 
 class MLP(nn.Module):
@@ -716,10 +711,9 @@ class MLP(nn.Module):
         self.fc = QLinear(cfg.model_dim, cfg.mlp_mult * cfg.model_dim)
         self.proj = QLinear(cfg.mlp_mult * cfg.model_dim, cfg.model_dim, init="zeros")
 
-    def forward(self, x: torch.Tensor, lora: dict | None = None) -> torch.Tensor:
-        lora = lora or {}
-        h = F.leaky_relu(self.fc(x, lora.get("fc")), negative_slope=0.5).square()   # LeakyReLU(0.5)^2: PR #493
-        return self.proj(h, lora.get("mlp_proj"))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.fc(x), negative_slope=0.5).square()   # LeakyReLU(0.5)^2: PR #493
+        return self.proj(h)
 
 
 @dataclass(frozen=True)
@@ -741,15 +735,15 @@ class Block(nn.Module):
         self.mlp_scale = labelled(torch.ones(d), "scalar")
         self.resid_mix = labelled(torch.stack((torch.ones(d), torch.zeros(d))), "scalar")   # x <- a x + b x0
 
-    def forward(self, x, x0, v0, p: Pass, ve, lora: dict | None = None):
+    def forward(self, x, x0, v0, p: Pass, ve):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         n = rms_norm(x)
-        a, v0 = self.attn(n, v0, ve, lora)
+        a, v0 = self.attn(n, v0, ve)
         if p.parallel:
-            return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * self.mlp(n, lora), v0
+            return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * self.mlp(n), v0
         x = x + self.attn_scale.to(x.dtype) * a
-        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x), lora)
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
         return x, v0
 
 
@@ -857,9 +851,9 @@ class GPT(nn.Module):
         device = idx.device.type
         return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
 
-    def hidden(self, idx: torch.Tensor, lora: "LoRA | None" = None) -> torch.Tensor:
-        """Token ids [B, T] -> final residual stream [B, T, d] (before the final norm); `lora` adds test-time
-        low-rank adapters to the projections of every pass."""
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, T] -> final residual stream [B, T, d] (before the final norm): the one block loop of
+        training, evaluation, SLOT and TTT."""
         x = self.embed(idx)
         ve = self.value_embed(idx) if self.value_embed is not None else None
         x0, v0, skips = x, None, []
@@ -869,7 +863,7 @@ class GPT(nn.Module):
             if 0 <= i - self.n_enc < len(self.skip_weights):
                 x = x + self.skip_weights[i - self.n_enc].to(x.dtype) * skips.pop()
             ve_p = ve * self.value_embed.scales[p.ve].to(ve.dtype) if p.ve >= 0 else None
-            x, v0 = self.blocks[p.layer](x, x0, v0, p, ve_p, lora.for_pass(i) if lora is not None else None)
+            x, v0 = self.blocks[p.layer](x, x0, v0, p, ve_p)
             if i < self.n_enc:
                 skips.append(x)
         return x
@@ -880,41 +874,14 @@ class GPT(nn.Module):
         logits = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits   # float64 stays
         return self.softcap * torch.tanh(logits / self.softcap)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor, lora: "LoRA | None" = None, reduction: str = "mean") -> torch.Tensor:
-        logits = self.head(self.hidden(idx, lora))
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        logits = self.head(self.hidden(idx))
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
 
     def set_qat(self, on: bool, clip_k: float = Config.int6_clip_k) -> None:
         for m in self.modules():
             if isinstance(m, QLinear):
                 m.qat, m.clip_k = on, clip_k
-
-
-class LoRA(nn.Module):
-    """Test-time low-rank adapters (TTT_LORA_RANK): x -> x A^T B^T added to the attention and MLP projections of
-    every pass (a recurrent layer's passes adapt apart). B starts at 0, so a fresh adapter changes nothing."""
-    SITES = (("c_q", "attn.c_q"), ("c_k", "attn.c_k"), ("c_v", "attn.c_v"), ("proj", "attn.proj"),
-             ("fc", "mlp.fc"), ("mlp_proj", "mlp.proj"))
-
-    def __init__(self, model: GPT, rank: int) -> None:
-        super().__init__()
-        self.rank, self.names = rank, []
-        for i, p in enumerate(model.schedule):
-            block = model.blocks[p.layer]
-            for site, path in self.SITES:
-                w = block.get_submodule(path).weight
-                self.register_parameter(f"a{i}_{site}", nn.Parameter(torch.empty(rank, w.size(1), device=w.device)))
-                self.register_parameter(f"b{i}_{site}", nn.Parameter(torch.empty(w.size(0), rank, device=w.device)))
-        self.reset()
-
-    @torch.no_grad()
-    def reset(self) -> None:
-        g = torch.Generator(device="cpu").manual_seed(0)    # the same adapters on every rank and at every reset
-        for name, p in self.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.size(1)) if name[0] == "a" else torch.zeros(p.shape))
-
-    def for_pass(self, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {site: (getattr(self, f"a{i}_{site}"), getattr(self, f"b{i}_{site}")) for site, _ in self.SITES}
 
 
 def param_labels(model: nn.Module) -> dict[str, str]:
@@ -1330,14 +1297,13 @@ class Slot:
 class Ttt:
     """Score-first test-time training (see README): the stream is cut into chunks of `chunk_tokens` (and, with reset
     "document", at every BOS); each chunk is scored first, then, unless it is the last, trained on for `epochs` SGD
-    steps (momentum, cosine learning rate over the chunks, gradient clipping), all weights or rank-`lora_rank`
-    adapters, with the gradients of all ranks averaged."""
+    steps of all weights (momentum, cosine learning rate over the chunks, gradient clipping), with the gradients of
+    all ranks averaged."""
     epochs: int = Config.ttt_epochs
     chunk_tokens: int = Config.ttt_chunk_tokens
     lr: float = Config.ttt_lr
     momentum: float = Config.ttt_momentum
     clip: float = Config.ttt_clip
-    lora_rank: int = Config.ttt_lora_rank
     reset: str = Config.ttt_reset
 
     @classmethod
@@ -1602,7 +1568,7 @@ def ttt_batches(tokens: torch.Tensor, a: int, b: int, seq_len: int, share: tuple
     return out
 
 
-def ttt_compiled(model: GPT, lora: LoRA | None, ttt: Ttt, seq_len: int, rank: int, world: int, run: Run):
+def ttt_compiled(model: GPT, ttt: Ttt, seq_len: int, rank: int, world: int, run: Run):
     """The TTT step's forward, compiled (CUDA) and warmed up on random tokens, never on validation tokens: one
     forward and backward at each batch shape of this rank's share of a full chunk; the gradients are dropped and
     no weight moves. The warm-up runs inside the eval phase, so the budget pays for it."""
@@ -1614,14 +1580,14 @@ def ttt_compiled(model: GPT, lora: LoRA | None, ttt: Ttt, seq_len: int, rank: in
         for n in sorted({min(32, size - k) for k in range(0, size, 32)}):
             x = torch.randint(0, model.tok_emb.weight.size(0), (n, seq_len), generator=g).to(run.device)
             with run.autocast():
-                loss = fn(x, x, lora, reduction="sum")
+                loss = fn(x, x, reduction="sum")
             loss.backward()
-    for p in list(model.parameters()) + (list(lora.parameters()) if lora is not None else []):
+    for p in model.parameters():
         p.grad = None
     return fn
 
 
-def ttt_train(model: GPT, lora: LoRA | None, opt, tokens: torch.Tensor, chunk: tuple, ttt: Ttt, epochs: int, lr: float,
+def ttt_train(model: GPT, opt, tokens: torch.Tensor, chunk: tuple, ttt: Ttt, epochs: int, lr: float,
               seq_len: int, ranks: list[int], world: int, run: Run) -> None:
     """`epochs` SGD steps on one scored chunk. Each (simulated) rank adds the gradient of its sequences' summed loss
     over the chunk's target count; one all-reduce makes it the chunk's mean gradient on every rank, whatever the
@@ -1637,7 +1603,7 @@ def ttt_train(model: GPT, lora: LoRA | None, opt, tokens: torch.Tensor, chunk: t
             for batches in shares:
                 for x, y in batches:
                     with run.autocast():
-                        loss = model(x, y, lora, reduction="sum") / (b - a)
+                        loss = model(x, y, reduction="sum") / (b - a)
                     loss.backward()
         if run.distributed:
             flat = run.all_reduce(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]))
@@ -1666,19 +1632,16 @@ def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq
     states = {r: RankEval(EvalBudget(deadline, slot.steps if slot else 0, ttt.epochs if ttt else 0,
                                      sum(hi - lo for lo, hi in (share(c, r) for c in chunks)), len(chunks) - 1))
               for r in ranks}
-    lora = LoRA(model, ttt.lora_rank) if ttt and ttt.lora_rank else None
-    base = {n: p.detach().clone() for n, p in model.named_parameters()} if ttt and not lora else None
-    params = list(lora.parameters()) if lora else list(model.parameters())
-    opt = torch.optim.SGD(params, lr=ttt.lr, momentum=ttt.momentum) if ttt else None
-    score_fn = functools.partial(hidden_fn or model.hidden, lora=lora) if lora else hidden_fn
-    train_fn = ttt_compiled(model, lora, ttt, seq_len, ranks[0], world, run) if compile_ttt else model
+    base = {n: p.detach().clone() for n, p in model.named_parameters()} if ttt else None
+    opt = torch.optim.SGD(model.parameters(), lr=ttt.lr, momentum=ttt.momentum) if ttt else None
+    train_fn = ttt_compiled(model, ttt, seq_len, ranks[0], world, run) if compile_ttt else model
     epochs_run = []
     for c, chunk in enumerate(chunks):
         if ttt and ttt.reset == "document" and c and tokens[chunk[2]] == BOS_ID:
-            reset_ttt(model, lora, base, opt)
+            reset_ttt(model, base, opt)
         for r in ranks:
             lo, hi = share(chunk, r)
-            eval_shard(model, tokens, windows[lo:hi], tables, run.device, batch_windows, score_fn, slot, capture=capture,
+            eval_shard(model, tokens, windows[lo:hi], tables, run.device, batch_windows, hidden_fn, slot, capture=capture,
                        autocast=run.autocast, want_nll=want_nll, state=states[r])
         if ttt is None or c == len(chunks) - 1:
             continue
@@ -1688,24 +1651,21 @@ def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq
         t1 = time.perf_counter()
         lr = ttt.lr * 0.5 * (1 + math.cos(math.pi * c / max(1, len(chunks) - 1)))
         if epochs:
-            ttt_train(train_fn, lora, opt, tokens, chunk, ttt, epochs, lr, seq_len, ranks, world, run)
+            ttt_train(train_fn, opt, tokens, chunk, ttt, epochs, lr, seq_len, ranks, world, run)
         run.sync()
         for r in ranks:
             states[r].budget.observe_chunk(time.perf_counter() - t1, epochs)
         epochs_run.append(epochs)
     if base is not None:       # the artifact's weights come back: nothing trained here outlives the evaluation
-        reset_ttt(model, None, base, None)
+        reset_ttt(model, base, None)
     return gather_result(states, ranks, run, slot, epochs_run, want_nll, t0)
 
 
 @torch.no_grad()
-def reset_ttt(model: GPT, lora: LoRA | None, base: dict | None, opt) -> None:
-    """Back to the artifact's weights (fresh adapters), with no optimizer momentum."""
-    if lora is not None:
-        lora.reset()
-    elif base is not None:
-        for n, p in model.named_parameters():
-            p.copy_(base[n])
+def reset_ttt(model: GPT, base: dict, opt) -> None:
+    """Back to the artifact's weights, with no optimizer momentum."""
+    for n, p in model.named_parameters():
+        p.copy_(base[n])
     if opt is not None:
         opt.state.clear()
 
@@ -2052,7 +2012,7 @@ def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path, t0: float)
             f"warm_start:{slot.warm_start}")
     if ttt:
         log(f"ttt_settings epochs:{ttt.epochs} chunk_tokens:{ttt.chunk_tokens} lr:{ttt.lr} momentum:{ttt.momentum} "
-            f"clip:{ttt.clip} lora_rank:{ttt.lora_rank} reset:{ttt.reset}")
+            f"clip:{ttt.clip} reset:{ttt.reset}")
     r = evaluate(model, *geometry, want_nll=bool(cfg.nll_dump_path), slot=slot, deadline=deadline, ttt=ttt,
                  compile_ttt=cfg.compile and run.device.type == "cuda" and ttt is not None and ttt.reset == "never")
     log_score({(0, 0): "sliding_window", (1, 0): "slot", (0, 1): "ttt", (1, 1): "slot_ttt"}[(bool(slot), bool(ttt))], r, slot, ttt)

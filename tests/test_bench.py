@@ -58,7 +58,7 @@ def positive_numbers(tree, path=""):
     """Every number in the tree, with its path; None (MFU with no peak) and booleans are skipped."""
     if isinstance(tree, dict):
         for k, v in tree.items():
-            if k != "slot":   # SLOT settings (focal 0, warm start 0) are settings, not measurements
+            if k not in ("slot", "ttt"):   # SLOT and TTT settings (focal 0, warm start 0) are settings, not measurements
                 yield from positive_numbers(v, f"{path}.{k}")
     elif isinstance(tree, list):
         for i, v in enumerate(tree):
@@ -70,7 +70,7 @@ def positive_numbers(tree, path=""):
 def test_bench_runs_every_section_on_cpu(tiny_data, tmp_path):
     data, tok = tiny_data
     out = tmp_path / "bench.json"
-    env = script_env(data, tok, tmp_path / "logs")
+    env = script_env(data, tok, tmp_path / "logs", TTT_EPOCHS="1", TTT_CHUNK_TOKENS="600")
     cmd = [sys.executable, str(BENCH), "--steps", "3", "--warmup", "1", "--eval-tokens", "2000", "--out", str(out)]
     p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
@@ -104,6 +104,14 @@ def test_bench_runs_every_section_on_cpu(tiny_data, tmp_path):
     slot = r["eval"]["slot"]   # SLOT is on by default: its row is the submission's real eval cost
     assert slot["slot"]["steps"] == tg.Config().slot_steps and slot["scored_tokens"] == 1999
     assert slot["seconds"] > 0 and slot["val_bpb"] != e["val_bpb"]
+
+    both = r["eval"]["slot_ttt"]   # TTT on (with SLOT): its seconds over SLOT's, per trained chunk, for the full val
+    assert both["ttt"]["epochs"] == 1 and both["ttt_chunks_trained"] == 3 and both["val_bpb"] != slot["val_bpb"]
+    assert both["ttt_s_per_chunk"] == pytest.approx(max(0.0, both["seconds"] - slot["seconds"]) / 3)
+    assert both["full_val_ttt_chunks"] == -(-62_021_846 // 600) - 1
+    assert both["projected_full_val_s_8gpu"] == pytest.approx(
+        (slot["seconds"] / slot["windows"] * slot["full_val_windows"] + both["ttt_s_per_chunk"] * both["full_val_ttt_chunks"]) / 8)
+    assert "TTT seconds per chunk" in p.stdout
 
     x = r["export"]
     assert x["artifact_bytes"] == x["compressed_bytes"][x["compressor"]] == min(x["compressed_bytes"].values())

@@ -6,11 +6,10 @@ import sys
 import textwrap
 
 import numpy as np
-import pytest
 import torch
 
 import train_gpt as T
-from helpers import ROOT, TINY_ENV, encode_documents, make_documents, parse_log, run_script, script_env, tiny_model, write_shard
+from helpers import ROOT, TINY_ENV, parse_log, run_script, script_env, tiny_model, write_shard
 
 
 def test_hessians_are_the_inputs_gram_matrices():
@@ -80,7 +79,7 @@ def test_validation_tokens_never_reach_training_or_calibration(tiny_data, tmp_pa
                                     VAL_LOSS_EVERY="0", GPTQ_CALIB_BATCHES="4"))
     seen = []
     original = T.GPT.hidden
-    monkeypatch.setattr(T.GPT, "hidden", lambda self, idx, lora=None: seen.append(bool((idx == 300).any())) or original(self, idx, lora))
+    monkeypatch.setattr(T.GPT, "hidden", lambda self, idx: seen.append(bool((idx == 300).any())) or original(self, idx))
     state, labels, calib, _ = T.train_phase(cfg, T.Run(), None)
     assert calib is not None and len(calib.hessians) > 10 and len(seen) >= 3 * 8 + 2 and not any(seen)
 

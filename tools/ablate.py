@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import json
 import os
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 import train_gpt as T  # noqa: E402
+from study_io import run_tool, save_study  # noqa: E402
 from package_record import PackageError, read_log  # noqa: E402
 
 # The proxy configuration of the README's ablation table (issue 9): the defaults at width 128 (11 layers, 4 heads /
@@ -219,14 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                 seconds=args.seconds, seed=args.seed, val_slices=slices, jobs=args.jobs, threads=args.threads,
                 data_path=args.data_path, torch=torch.__version__, code=code_version(), date=time.strftime("%Y-%m-%d"), host_cpus=os.cpu_count(),
                 command=" ".join([Path(sys.argv[0]).name] + [f'"{a}"' if " " in a else a for a in (argv or sys.argv[1:])]))
-    T.write_atomic(out_json, json.dumps(dict(meta=meta, rows=rows), indent=1).encode(), replace=False)
-    print(f"wrote {out_json}")
-    return 0
+    return save_study(out_json, meta, rows)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except T.RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_tool(main)

@@ -45,6 +45,8 @@ ASSUMPTIONS = {
     "eval_8gpu": f"full val ({VAL_TOKENS_FULL:,} tokens) time = measured seconds per window x windows of the full "
                  f"stream / {PROJECTION_GPUS} GPUs: every window has the same width, windows split evenly, no "
                  f"communication cost; compilation and model loading excluded",
+    "ttt_8gpu": "with TTT: its seconds over the same mode without it, per trained chunk, x the full val's chunks / "
+                f"{PROJECTION_GPUS} GPUs (each chunk's sequences split evenly; the per-epoch gradient all-reduce not counted)",
     "flop_model": "6 x (matmul weights x passes + tied head V*d + bigram and value-embedding projections) + 6 x d x seq_len x passes "
                   "per trained token; eval counts the forward third (2x) over every window token, the head only "
                   "at scored positions",
@@ -157,10 +159,13 @@ def bench_train(cfg: tg.Config, run: tg.Run, steps: int, warmup: int, peak: floa
 
 
 def eval_modes(cfg: tg.Config) -> dict[str, dict]:
-    """Name -> extra keyword arguments of evaluate(): the plain sliding window, and SLOT as configured (no deadline:
-    the bench measures the full SLOT_STEPS)."""
-    slot = tg.Slot.from_config(cfg)
-    return {"sliding": {}, **({"slot": {"slot": slot}} if slot else {})}
+    """Name -> extra keyword arguments of evaluate(): the plain sliding window, SLOT as configured, and TTT (with SLOT
+    when it is on) as configured; no deadline: the bench measures the full SLOT_STEPS and TTT_EPOCHS."""
+    slot, ttt = tg.Slot.from_config(cfg), tg.Ttt.from_config(cfg)
+    modes = {"sliding": {}, **({"slot": {"slot": slot}} if slot else {})}
+    if ttt:
+        modes["slot_ttt" if slot else "ttt"] = {"slot": slot, "ttt": ttt}
+    return modes
 
 
 def bench_eval(cfg: tg.Config, run: tg.Run, model: tg.GPT, n_tokens: int, peak: float | None) -> dict:
@@ -186,17 +191,33 @@ def bench_eval(cfg: tg.Config, run: tg.Run, model: tg.GPT, n_tokens: int, peak: 
         # the FLOP model knows the plain forward only; a mode with extra work (SLOT's steps) reports no TFLOP/s
         flop = eval_flops(model, windows) if not kwargs else None
         per_window = r.seconds / len(windows)
+        ttt = {}
+        if kwargs.get("ttt"):
+            ttt = ttt_projection(kwargs["ttt"], r, out["slot" if kwargs.get("slot") else "sliding"], len(val))
+            per_window = out["slot" if kwargs.get("slot") else "sliding"]["seconds"] / len(windows)
         out[name] = {"slice_tokens": len(val), "scored_tokens": r.tokens, "windows": len(windows),
                      "seq_len": cfg.eval_seq_len, "stride": cfg.eval_stride, "batch_windows": cfg.eval_batch_windows,
                      "warmup_tokens": len(warm), "warmup_s": first.seconds, "seconds": r.seconds,
                      "tokens_per_s": r.tokens / r.seconds, "windows_per_s": len(windows) / r.seconds,
                      "val_loss": r.loss, "val_bpb": r.bpb, "slot": dataclasses.asdict(kwargs["slot"]) if kwargs else None,
                      "full_val_tokens": VAL_TOKENS_FULL, "full_val_windows": full_windows,
-                     "projected_full_val_s_1gpu": per_window * full_windows,
-                     "projected_full_val_s_8gpu": per_window * full_windows / PROJECTION_GPUS,
-                     "flop": flop, **rates(flop, r.seconds, peak), **peak_memory(run)}
+                     "projected_full_val_s_1gpu": per_window * full_windows + ttt.get("full_val_ttt_s_1gpu", 0.0),
+                     "projected_full_val_s_8gpu": (per_window * full_windows + ttt.get("full_val_ttt_s_1gpu", 0.0)) / PROJECTION_GPUS,
+                     **ttt, "flop": flop, **rates(flop, r.seconds, peak), **peak_memory(run)}
     model.train()
     return out
+
+
+def ttt_projection(ttt: tg.Ttt, r: tg.EvalResult, without: dict, n_tokens: int) -> dict:
+    """TTT's share of an evaluation: its seconds over the same mode without TTT, per trained chunk, and for the
+    full val's chunks (each chunk's training split across the GPUs like its windows)."""
+    need_chunks = -(-VAL_TOKENS_FULL // ttt.chunk_tokens) - 1
+    if r.ttt_chunks_trained == 0:
+        raise tg.RunError(f"the eval slice ({n_tokens} tokens) holds one TTT chunk ({ttt.chunk_tokens} tokens), so "
+                          f"nothing trains: raise --eval-tokens above 2 x TTT_CHUNK_TOKENS")
+    per_chunk = max(0.0, r.seconds - without["seconds"]) / r.ttt_chunks_trained
+    return {"ttt": dataclasses.asdict(ttt), "ttt_chunks_trained": r.ttt_chunks_trained, "ttt_s_per_chunk": per_chunk,
+            "full_val_ttt_chunks": need_chunks, "full_val_ttt_s_1gpu": per_chunk * need_chunks}
 
 
 def bench_calibration(cfg: tg.Config, run: tg.Run, model: tg.GPT, state: dict[str, torch.Tensor]) -> tuple[dict | None, float | None]:
@@ -286,6 +307,9 @@ def table(results: dict) -> str:
                  (label, "MFU", "n/a" if e["mfu"] is None else f"{100 * e['mfu']:.1f}%"),
                  (label, f"full val on {n} GPUs (projected)",
                   f"{e['projected_full_val_s_8gpu']:,.1f} s  ({e['full_val_windows']:,} windows / {n})")]
+        if "ttt_s_per_chunk" in e:
+            rows.append((label, "TTT seconds per chunk, 1 device", f"{e['ttt_s_per_chunk']:.3f}  ({e['ttt_chunks_trained']} "
+                                                                    f"chunks trained; the full val has {e['full_val_ttt_chunks']:,})"))
     if "export" in results:
         x = results["export"]
         over = "" if x["fits"] else "  OVER THE LIMIT"

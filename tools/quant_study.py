@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -28,7 +27,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 import train_gpt as T  # noqa: E402
+from study_io import run_tool, save_study  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[T.QuantSpec, float]:
@@ -148,14 +149,8 @@ def main(argv=None) -> int:
     meta = dict(name=args.name, slices=slices, prequant_bpb=pre, model=model_cfg, calib=cache.get("calib"),
                 held_batches=args.held_batches, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                 threads=torch.get_num_threads(), eval_seq_len=cfg.eval_seq_len, eval_stride=cfg.eval_stride)
-    T.write_atomic(out, json.dumps(dict(meta=meta, rows=rows), indent=1).encode(), replace=False)
-    print(f"wrote {out}")
-    return 0
+    return save_study(out, meta, rows)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except T.RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_tool(main)

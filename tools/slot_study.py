@@ -6,7 +6,7 @@ TTT (alone or with SLOT), and (for the record only) the two illegal SLOT variant
         leaky_shared:steps=8 leaky_scored:steps=8
 
 A variant is `[kind:]key=value,...` over the fields of train_gpt.Slot (steps, lr, lr_min, focal, bias, warm_start)
-and, prefixed ttt_, of train_gpt.Ttt (ttt_epochs, ttt_chunk_tokens, ttt_lr, ttt_momentum, ttt_clip, ttt_lora_rank,
+and, prefixed ttt_, of train_gpt.Ttt (ttt_epochs, ttt_chunk_tokens, ttt_lr, ttt_momentum, ttt_clip,
 ttt_reset); kind is `slot` (default: SLOT, with TTT when a ttt_ key is given), `ttt` (TTT on the plain window),
 `leaky_shared` (one delta shared by each batch) or `leaky_scored` (delta optimized on the scored positions).
 `plain` is the plain sliding window. Example: plain ttt:ttt_epochs=3 steps=8,ttt_epochs=3,ttt_lr=0.005. The model comes from the artifact on disk,
@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
-import json
 import os
 import sys
 import time
@@ -28,8 +27,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "tests"))
 import train_gpt as T  # noqa: E402
+from study_io import run_tool, save_study  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, str, T.Slot | None, T.Ttt | None]:
@@ -122,14 +123,8 @@ def main() -> int:
     meta = dict(artifact=str(artifact), offset=args.offset, tokens=len(tokens), eval_seq_len=cfg.eval_seq_len, eval_stride=cfg.eval_stride,
                 eval_batch_windows=cfg.eval_batch_windows, device=str(run.device), torch=torch.__version__,
                 threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"), model=model_cfg)
-    T.write_atomic(out, json.dumps(dict(meta=meta, rows=rows), indent=1).encode(), replace=False)
-    print(f"wrote {out}")
-    return 0
+    return save_study(out, meta, rows)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except T.RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_tool(main)
