@@ -133,12 +133,13 @@ class Config:
     eval_budget_seconds: float = 520.0   # eval deadline (600 s less 10% and a margin): TTT epochs, then SLOT steps, are cut to meet it
     eval_compare_plain: bool = False # also run the plain sliding eval first (final_sliding_window_exact)
     # ---- TTT (score-first test-time training; see Ttt and README)
-    ttt_epochs: int = 0              # SGD steps on each scored chunk but the last; 0 = off
-    ttt_chunk_tokens: int = 32768
-    ttt_lr: float = 0.003            # cosine over the chunks
+    ttt_epochs: int = 3              # SGD steps on each scored chunk but the last; 0 = off
+    ttt_chunk_tokens: int = 16384    # the smallest chunk that fills every 8-GPU scoring batch at 2048 / 64 (README)
+    ttt_lr: float = 0.01             # cosine over the chunks
     ttt_momentum: float = 0.9
     ttt_clip: float = 1.0            # global gradient norm
-    ttt_reset: str = "never"         # A/B open: "document" also cuts chunks at BOS and resets the adapted state there
+    ttt_reset: str = "never"         # A/B open: "document" also cuts chunks at BOS and resets the weights there (best on
+                                     # CPU, unaffordable in stream order at full scale: README, TTT study)
     # ---- SLOT (causal, context-only; see Slot and README)
     slot_steps: int = 8              # 0 = plain sliding-window eval
     slot_lr: float = 0.05

@@ -445,5 +445,5 @@ def test_train_gpt_trains_on_built_shards(tokenizer, tmp_path):
     env = script_env(tmp_path / "shards", tokenizer, tmp_path / "logs", RUN_ID="own", ITERATIONS="2")
     run = run_script(env, tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
-    final = parse_log(tmp_path / "logs/own.txt")["final_slot_exact"]   # the log body, not the source block above it
+    final = parse_log(tmp_path / "logs/own.txt")["final_slot_ttt_exact"]   # the log body, not the source block above it
     assert int(final["scored_tokens"]) > 0 and float(final["val_bpb"]) > 0

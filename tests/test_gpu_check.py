@@ -20,6 +20,7 @@ def test_gpu_check_runs_every_step_and_writes_the_summary(tiny_data, tmp_path):
     assert summary["probe"]["fa3_problem"] == "not a Hopper GPU" and summary["probe"]["device"] == "cpu"
     assert set(summary["bench"]["train"]) == {"recur", "no_recur"} and summary["bench"]["export"]["calib_s"] > 0
     t = summary["train"]
-    assert int(t["train_done"]["steps"]) > 0 and t["gptq_calib"]["calib_batches"] and t["final_slot"]["val_bpb"]
+    assert int(t["train_done"]["steps"]) > 0 and t["gptq_calib"]["calib_batches"] and t["final"]["val_bpb"]
+    assert t["final"]["line"] == "final_slot_ttt_exact" and int(t["final"]["ttt_chunks_trained"]) > 0   # the default eval
     assert t["prequant"]["val_bpb"] and int(t["export"]["total_submission_bytes"]) > 0
     assert t["graph_breaks"] == 0 and t["recompiles"] == 0      # nothing compiles on a CPU

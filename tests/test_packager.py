@@ -87,8 +87,8 @@ def test_folder_holds_the_submission_files(pipeline):
 
 
 def score(parsed: dict) -> dict:
-    """The rule of the log contract: the SLOT line when the run has one, else the sliding-window line."""
-    return parsed.get("final_slot_exact") or parsed["final_sliding_window_exact"]
+    """The rule of the log contract: the first of the SLOT + TTT, TTT, SLOT and sliding-window lines the run has."""
+    return next(parsed[name] for name in pr.SCORE_LINES if name in parsed)
 
 
 def test_submission_numbers_match_the_logs(pipeline):
@@ -234,7 +234,7 @@ def test_refuses_logs_that_disagree_on_configuration(capsys, tmp_path, copies):
 
 def test_refuses_logs_scored_by_different_evaluations(capsys, tmp_path, copies):
     name = re.search(r"^(final_\w+) ", copies[1].read_text().split(SEP)[1], re.M)[1]
-    other = {"final_slot_exact": "final_sliding_window_exact", "final_sliding_window_exact": "final_slot_exact"}[name]
+    other = next(n for n in pr.SCORE_LINES if n != name)
     edit(copies[1], rf"^{name} ", f"{other} ")
     refuse(capsys, tmp_path, copies, rf"logs disagree on the score: {name} in .*seed1337\.txt but {other} in .*seed42\.txt",
            "--allow-non-record")

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from package_record import SCORE_LINES  # noqa: E402  (the score of a log: its last final_*_exact line)
 PROBE = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
         "attention": key_values(text, "model_params").get("attention"), "attention_log": [l for l in text.splitlines() if l.startswith("attention:")],
         "train_done": key_values(text, "train_done"), "gptq_calib": key_values(text, "gptq_calib"),
         "export": key_values(text, "code_bytes"), "prequant": key_values(text, "prequant_exact"),
-        "final_slot": key_values(text, "final_slot_exact"), "eval_done": key_values(text, "eval_done"),
+        "final": next(({"line": n, **key_values(text, n)} for n in SCORE_LINES if key_values(text, n)), {}), "eval_done": key_values(text, "eval_done"),
         "peak_memory": key_values(text, "peak_memory_allocated"), "compile_warmup": key_values(text, "compile_warmup_time")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
