@@ -138,8 +138,6 @@ class Config:
     ttt_lr: float = 0.01             # cosine over the chunks
     ttt_momentum: float = 0.9
     ttt_clip: float = 1.0            # global gradient norm
-    ttt_reset: str = "never"         # A/B open: "document" also cuts chunks at BOS and resets the weights there (best on
-                                     # CPU, unaffordable in stream order at full scale: README, TTT study)
     # ---- SLOT (causal, context-only; see Slot and README)
     slot_steps: int = 8              # 0 = plain sliding-window eval
     slot_lr: float = 0.05
@@ -174,7 +172,6 @@ class Config:
         need(self.ema_decay < 1, "EMA_DECAY must be < 1")
         need(self.slot_steps == 0 or self.slot_lr > 0, "SLOT_LR must be > 0 when SLOT_STEPS > 0")
         need(self.quantizer in ("gptq", "rtn"), f"QUANTIZER={self.quantizer!r} must be gptq or rtn")
-        need(self.ttt_reset in ("never", "document"), f"TTT_RESET={self.ttt_reset!r} must be never or document")
         need(self.ttt_epochs == 0 or (self.ttt_lr > 0 and self.ttt_chunk_tokens > 0),
              "TTT_LR and TTT_CHUNK_TOKENS must be > 0 when TTT_EPOCHS > 0")
         need(self.gptq_damp > 0, "GPTQ_DAMP must be > 0")
@@ -213,6 +210,11 @@ NOT_OURS = {"WARMDOWN_ITERS": "use WARMDOWN_FRAC (a fraction of the expected run
             "SLOT_ENABLED": "use SLOT_STEPS (0 = plain sliding window; SLOT is on by default)",
             "TTT_ENABLED": "use TTT_EPOCHS (0 = off; score-first TTT, see README)", "TTT_STEPS": "use TTT_EPOCHS",
             "TTT_CHUNK_SIZE": "use TTT_CHUNK_TOKENS", "TTT_LORA": "this script's TTT trains all weights (rank-8 adapters lost, see README)",
+            "TTT_LORA_RANK": "this script's TTT trains all weights (rank-8 adapters lost and were removed; see README)",
+            "TTT_RESET": "TTT carries its weights across documents (the per-document reset leaked and was removed; see README)",
+            "LN_SCALE": "the LN scale lost in every measurement and was removed (see README, Ablations)",
+            "EMBED_BITS": "the embedding tables are int8 (int7 lost and was removed; see README, GPTQ)",
+            "RECUR_START_FRAC": "recurrence (RECUR_LAYERS) runs from step 0; the delayed switch lost and was removed (README)",
             "SWA_ENABLED": "this script has no SWA; it exports the EMA weights (EMA_DECAY)",
             "NUM_ITERATIONS": "use ITERATIONS", "TRAIN_STEPS": "use ITERATIONS", "WARMUP_ITERS": "use WARMUP_STEPS",
             "MAX_WALLCLOCK": "use MAX_WALLCLOCK_SECONDS", "MLP_RATIO": "use MLP_MULT",
@@ -1296,8 +1298,8 @@ class Slot:
 
 @dataclass(frozen=True)
 class Ttt:
-    """Score-first test-time training (see README): the stream is cut into chunks of `chunk_tokens` (and, with reset
-    "document", at every BOS); each chunk is scored first, then, unless it is the last, trained on for `epochs` SGD
+    """Score-first test-time training (see README): the stream is cut into chunks of `chunk_tokens`; each chunk is
+    scored first, then, unless it is the last, trained on for `epochs` SGD
     steps of all weights (momentum, cosine learning rate over the chunks, gradient clipping), with the gradients of
     all ranks averaged."""
     epochs: int = Config.ttt_epochs
@@ -1305,7 +1307,6 @@ class Ttt:
     lr: float = Config.ttt_lr
     momentum: float = Config.ttt_momentum
     clip: float = Config.ttt_clip
-    reset: str = Config.ttt_reset
 
     @classmethod
     def from_config(cls, cfg: "Config") -> "Ttt | None":
@@ -1322,7 +1323,7 @@ class EvalResult:
     nll: np.ndarray | None = None   # per target, stream order (when asked)
     slot_steps_mean: float = 0.0    # SLOT steps per window actually run (the budget guard may lower them)
     slot_steps_min: int = 0
-    ttt_epochs_mean: float = 0.0    # TTT steps per trained chunk actually run
+    ttt_epochs_mean: float = 0.0    # TTT steps actually run, per chunk that could train (all but the last)
     ttt_chunks_trained: int = 0
     budget_cuts: int = 0            # times the budget guard lowered SLOT steps or TTT epochs (on any rank)
 
@@ -1534,17 +1535,14 @@ def eval_shard(model: GPT, tokens: torch.Tensor, windows: np.ndarray, tables: By
     return out
 
 
-def eval_chunks(tokens: torch.Tensor, windows: np.ndarray, ttt: Ttt | None) -> list[tuple[int, int, int, int]]:
-    """(first window, end window, first target, end target) of each chunk, in stream order. A window belongs to the
-    chunk of its first scored target, so it is scored before any training on a token it scores; training on a
-    chunk uses only its own targets, all of which are scored by then (by its windows or earlier ones)."""
-    n = len(tokens)
+def eval_chunks(n: int, windows: np.ndarray, ttt: Ttt | None) -> list[tuple[int, int, int, int]]:
+    """(first window, end window, first target, end target) of each chunk of a stream of n tokens, in stream order.
+    A window belongs to the chunk of its first scored target, so it is scored before any training on a token it
+    scores; training on a chunk uses only its own targets, all of which are scored by then (by its windows or
+    earlier ones). The chunks depend on n alone, never on the tokens (a per-document cut at BOS did: README)."""
     if ttt is None:
         return [(0, len(windows), 1, n)]
-    starts = set(range(0, n, ttt.chunk_tokens))
-    if ttt.reset == "document":
-        starts |= set((tokens == BOS_ID).nonzero().flatten().tolist())
-    starts = np.array(sorted(starts))
+    starts = np.arange(0, n, ttt.chunk_tokens)
     owner = np.searchsorted(starts, windows[:, 2], side="right") - 1     # the chunk of each window's first target
     bounds = np.searchsorted(owner, np.arange(len(starts) + 1))
     return [(int(bounds[c]), int(bounds[c + 1]), max(1, int(starts[c])), int(starts[c + 1]) if c + 1 < len(starts) else n)
@@ -1624,7 +1622,7 @@ def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq
     is scored. sim_ranks > 0 runs that many ranks' shares in this one process (the causality harness)."""
     t0 = time.perf_counter()
     windows = build_windows(len(tokens), seq_len, stride)
-    chunks = eval_chunks(tokens, windows, ttt)
+    chunks = eval_chunks(len(tokens), windows, ttt)
     world, ranks = (sim_ranks, list(range(sim_ranks))) if sim_ranks else (run.world_size, [run.rank])
 
     def share(chunk, r):   # rank r's contiguous part of the chunk's windows
@@ -1638,8 +1636,6 @@ def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq
     train_fn = ttt_compiled(model, ttt, seq_len, ranks[0], world, run) if compile_ttt else model
     epochs_run = []
     for c, chunk in enumerate(chunks):
-        if ttt and ttt.reset == "document" and c and tokens[chunk[2]] == BOS_ID:
-            reset_ttt(model, base, opt)
         for r in ranks:
             lo, hi = share(chunk, r)
             eval_shard(model, tokens, windows[lo:hi], tables, run.device, batch_windows, hidden_fn, slot, capture=capture,
@@ -1658,17 +1654,14 @@ def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq
             states[r].budget.observe_chunk(time.perf_counter() - t1, epochs)
         epochs_run.append(epochs)
     if base is not None:       # the artifact's weights come back: nothing trained here outlives the evaluation
-        reset_ttt(model, base, None)
+        restore_weights(model, base)
     return gather_result(states, ranks, run, slot, epochs_run, want_nll, t0)
 
 
 @torch.no_grad()
-def reset_ttt(model: GPT, base: dict, opt) -> None:
-    """Back to the artifact's weights, with no optimizer momentum."""
+def restore_weights(model: GPT, base: dict[str, torch.Tensor]) -> None:
     for n, p in model.named_parameters():
         p.copy_(base[n])
-    if opt is not None:
-        opt.state.clear()
 
 
 def gather_result(states: dict, ranks: list[int], run: Run, slot, epochs_run: list[int], want_nll: bool, t0: float) -> EvalResult:
@@ -2013,9 +2006,9 @@ def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path, t0: float)
             f"warm_start:{slot.warm_start}")
     if ttt:
         log(f"ttt_settings epochs:{ttt.epochs} chunk_tokens:{ttt.chunk_tokens} lr:{ttt.lr} momentum:{ttt.momentum} "
-            f"clip:{ttt.clip} reset:{ttt.reset}")
+            f"clip:{ttt.clip}")
     r = evaluate(model, *geometry, want_nll=bool(cfg.nll_dump_path), slot=slot, deadline=deadline, ttt=ttt,
-                 compile_ttt=cfg.compile and run.device.type == "cuda" and ttt is not None and ttt.reset == "never")
+                 compile_ttt=cfg.compile and run.device.type == "cuda" and ttt is not None)
     log_score({(0, 0): "sliding_window", (1, 0): "slot", (0, 1): "ttt", (1, 1): "slot_ttt"}[(bool(slot), bool(ttt))], r, slot, ttt)
     if r.budget_cuts:
         log(f"eval_budget: WARNING the budget guard cut SLOT steps or TTT epochs {r.budget_cuts} time(s): this score "

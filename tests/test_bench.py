@@ -117,3 +117,14 @@ def test_bench_runs_every_section_on_cpu(tiny_data, tmp_path):
     assert x["artifact_bytes"] == x["compressed_bytes"][x["compressor"]] == min(x["compressed_bytes"].values())
     assert x["code_bytes"] == len((ROOT / "train_gpt.py").read_bytes())
     assert x["total_submission_bytes"] == x["code_bytes"] + x["artifact_bytes"] and x["fits"]
+
+
+def test_bench_measures_ttt_without_slot(tiny_data, tmp_path):
+    data, tok = tiny_data
+    out = tmp_path / "bench.json"
+    env = script_env(data, tok, tmp_path / "logs", SLOT_STEPS="0", TTT_EPOCHS="1", TTT_CHUNK_TOKENS="600")
+    cmd = [sys.executable, str(BENCH), "--sections", "eval", "--eval-tokens", "2000", "--out", str(out)]
+    p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    e = json.loads(out.read_text())["eval"]
+    assert set(e) == {"sliding", "ttt"} and e["ttt"]["slot"] is None and e["ttt"]["ttt_chunks_trained"] == 3

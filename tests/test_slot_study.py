@@ -18,7 +18,7 @@ def test_study_runs_plain_slot_and_leaky_variants(tiny_data, tmp_path):
     out = tmp_path / "study.json"
     cmd = [sys.executable, str(ROOT / "tools" / "slot_study.py"), "--tokens", "1500", "--out", str(out),
            "plain", "steps=2", "steps=2,bias=0,focal=4", "leaky_shared:steps=2", "leaky_scored:steps=2",
-           "ttt:ttt_epochs=2,ttt_chunk_tokens=256,ttt_lr=0.01", "steps=2,ttt_epochs=1,ttt_chunk_tokens=256,ttt_reset=document"]
+           "ttt:ttt_epochs=2,ttt_chunk_tokens=256,ttt_lr=0.01", "steps=2,ttt_epochs=1,ttt_chunk_tokens=256,ttt_momentum=0"]
     p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
@@ -28,7 +28,7 @@ def test_study_runs_plain_slot_and_leaky_variants(tiny_data, tmp_path):
     assert rows["steps=2,bias=0,focal=4"]["slot"] == dataclasses.asdict(T.Slot(steps=2, focal=4, bias=False))
     ttt = rows["ttt:ttt_epochs=2,ttt_chunk_tokens=256,ttt_lr=0.01"]
     assert ttt["slot"] is None and ttt["ttt"] == dataclasses.asdict(T.Ttt(epochs=2, chunk_tokens=256, lr=0.01))
-    assert rows["steps=2,ttt_epochs=1,ttt_chunk_tokens=256,ttt_reset=document"]["ttt"]["reset"] == "document"
+    assert rows["steps=2,ttt_epochs=1,ttt_chunk_tokens=256,ttt_momentum=0"]["ttt"]["momentum"] == 0
     assert len({row["val_bpb"] for row in rows.values()}) == 7   # every variant computed something different
     bad = subprocess.run([sys.executable, str(ROOT / "tools" / "slot_study.py"), "stepz=2"], env=env, cwd=tmp_path,
                          capture_output=True, text=True)

@@ -9,9 +9,9 @@ Steps, each a subprocess with its own time limit; a step that fails or times out
   1. probe:  torch, CUDA, the device, and FlashAttention-3's verdict (train_gpt.flash_attention_problem);
   2. bench:  tools/bench.py on the default model, recurrence on and off (train ms/step and MFU, eval throughput
              with SLOT, calibration and export time and bytes);
-  3. train:  train_gpt.py with the default configuration for --train-seconds (90 s) under
-             TORCH_LOGS=graph_breaks,recompiles, its GPTQ export, and the evaluation of --val-tokens with SLOT; the
-             graph breaks and recompiles in its output are counted;
+  3. train:  train_gpt.py with the default configuration for --train-seconds (60 s) under
+             TORCH_LOGS=graph_breaks,recompiles, its GPTQ export, and the evaluation of --val-tokens with SLOT and
+             TTT; the graph breaks and recompiles in its output are counted;
   4. summary.json: the figures of 1-3, the device, torch and the date.
 On a CPU with tiny settings (--set, short limits) it runs the same steps: that is how its test checks it.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
-from package_record import SCORE_LINES  # noqa: E402  (the score of a log: its last final_*_exact line)
+from package_record import SCORE_LINES  # noqa: E402  (the score of a log: the first of them it has)
 PROBE = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--out", required=True, help="folder for summary.json and every step's output")
     ap.add_argument("--set", default="", help='settings for every step, "A=1 B=2" (the CPU test makes the model tiny)')
-    ap.add_argument("--train-seconds", type=float, default=90.0)
+    ap.add_argument("--train-seconds", type=float, default=60.0)
     ap.add_argument("--val-tokens", type=int, default=524_288)
     ap.add_argument("--bench-args", default="--steps 10 --warmup 3 --eval-tokens 131072")
     ap.add_argument("--limits", default="45,210,330", help="seconds for probe, bench, train (default 45,210,330: 9.75 min)")
