@@ -214,7 +214,7 @@ NOT_OURS = {"WARMDOWN_ITERS": "use WARMDOWN_FRAC (a fraction of the expected run
             "TTT_RESET": "TTT carries its weights across documents (the per-document reset leaked and was removed; see README)",
             "LN_SCALE": "the LN scale lost in every measurement and was removed (see README, Ablations)",
             "EMBED_BITS": "the embedding tables are int8 (int7 lost and was removed; see README, GPTQ)",
-            "RECUR_START_FRAC": "recurrence (RECUR_LAYERS) runs from step 0; the delayed switch lost and was removed (README)",
+            "RECUR_START_FRAC": "recurrence (RECUR_LAYERS) runs from step 0; the delayed switch lost and was removed; see README",
             "SWA_ENABLED": "this script has no SWA; it exports the EMA weights (EMA_DECAY)",
             "NUM_ITERATIONS": "use ITERATIONS", "TRAIN_STEPS": "use ITERATIONS", "WARMUP_ITERS": "use WARMUP_STEPS",
             "MAX_WALLCLOCK": "use MAX_WALLCLOCK_SECONDS", "MLP_RATIO": "use MLP_MULT",
