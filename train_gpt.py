@@ -138,6 +138,8 @@ class Config:
     ttt_lr: float = 0.01             # cosine over the chunks
     ttt_momentum: float = 0.9
     ttt_clip: float = 1.0            # global gradient norm
+    ttt_reset: str = "never"         # A/B open: "document" also starts a chunk after every BOS, from the artifact's
+                                     # weights (README, TTT study: unaffordable in stream order at full scale)
     # ---- SLOT (causal, context-only; see Slot and README)
     slot_steps: int = 8              # 0 = plain sliding-window eval
     slot_lr: float = 0.05
@@ -172,6 +174,7 @@ class Config:
         need(self.ema_decay < 1, "EMA_DECAY must be < 1")
         need(self.slot_steps == 0 or self.slot_lr > 0, "SLOT_LR must be > 0 when SLOT_STEPS > 0")
         need(self.quantizer in ("gptq", "rtn"), f"QUANTIZER={self.quantizer!r} must be gptq or rtn")
+        need(self.ttt_reset in ("never", "document"), f"TTT_RESET={self.ttt_reset!r} must be never or document")
         need(self.ttt_epochs == 0 or (self.ttt_lr > 0 and self.ttt_chunk_tokens > 0),
              "TTT_LR and TTT_CHUNK_TOKENS must be > 0 when TTT_EPOCHS > 0")
         need(self.gptq_damp > 0, "GPTQ_DAMP must be > 0")
@@ -211,7 +214,6 @@ NOT_OURS = {"WARMDOWN_ITERS": "use WARMDOWN_FRAC (a fraction of the expected run
             "TTT_ENABLED": "use TTT_EPOCHS (0 = off; score-first TTT, see README)", "TTT_STEPS": "use TTT_EPOCHS",
             "TTT_CHUNK_SIZE": "use TTT_CHUNK_TOKENS", "TTT_LORA": "this script's TTT trains all weights (rank-8 adapters lost, see README)",
             "TTT_LORA_RANK": "this script's TTT trains all weights (rank-8 adapters lost and were removed; see README)",
-            "TTT_RESET": "TTT carries its weights across documents (the per-document reset leaked and was removed; see README)",
             "LN_SCALE": "the LN scale lost in every measurement and was removed (see README, Ablations)",
             "EMBED_BITS": "the embedding tables are int8 (int7 lost and was removed; see README, GPTQ)",
             "RECUR_START_FRAC": "recurrence (RECUR_LAYERS) runs from step 0; the delayed switch lost and was removed; see README",
@@ -1298,8 +1300,9 @@ class Slot:
 
 @dataclass(frozen=True)
 class Ttt:
-    """Score-first test-time training (see README): the stream is cut into chunks of `chunk_tokens`; each chunk is
-    scored first, then, unless it is the last, trained on for `epochs` SGD
+    """Score-first test-time training (see README): the stream is cut into chunks of `chunk_tokens` (with reset
+    "document", also after every BOS, where the weights go back to the artifact's); each chunk is scored first, then,
+    unless it is the last, trained on for `epochs` SGD
     steps of all weights (momentum, cosine learning rate over the chunks, gradient clipping), with the gradients of
     all ranks averaged."""
     epochs: int = Config.ttt_epochs
@@ -1307,6 +1310,7 @@ class Ttt:
     lr: float = Config.ttt_lr
     momentum: float = Config.ttt_momentum
     clip: float = Config.ttt_clip
+    reset: str = Config.ttt_reset
 
     @classmethod
     def from_config(cls, cfg: "Config") -> "Ttt | None":
@@ -1413,14 +1417,14 @@ BUDGET_CUT_ORDER = ("ttt", "slot")
 
 class EvalBudget:
     """One deadline for everything in the eval phase. It measures the forward cost per window, the cost of one SLOT
-    step per window and of one TTT epoch per chunk, projects what this rank has left, and when that would not fit
+    step per window and of one TTT epoch per trained token, projects what this rank has left, and when that would not fit
     lowers TTT epochs and SLOT steps (BUDGET_CUT_ORDER), one at a time, logging each cut. The first batch and the
     first trained chunk pay for compilation and are not measured."""
 
-    def __init__(self, deadline: float | None, steps: int, epochs: int, windows: int, chunks: int) -> None:
+    def __init__(self, deadline: float | None, steps: int, epochs: int, windows: int, tokens: int) -> None:
         self.deadline, self.steps, self.epochs = deadline, steps, epochs
-        self.windows_left, self.chunks_left = windows, chunks   # this rank's windows to score, chunks to train on
-        self.fwd = self.step = self.epoch = None               # s per window, s per window and step, s per epoch
+        self.windows_left, self.tokens_left = windows, tokens   # this rank's windows to score, targets to train on
+        self.fwd = self.step = self.epoch = None               # s per window, per window and step, per epoch and token
         self.batches = self.trained = self.cuts = 0
 
     @staticmethod
@@ -1435,15 +1439,15 @@ class EvalBudget:
             if steps:
                 self.step = self._ema(self.step, slot_s / (n * steps))
 
-    def observe_chunk(self, seconds: float, epochs: int) -> None:
-        self.chunks_left -= 1
+    def observe_chunk(self, seconds: float, epochs: int, tokens: int) -> None:
+        self.tokens_left -= tokens
         self.trained += bool(epochs)
         if epochs and self.trained > 1:
-            self.epoch = self._ema(self.epoch, seconds / epochs)
+            self.epoch = self._ema(self.epoch, seconds / (epochs * tokens))
 
     def need(self, steps: int, epochs: int) -> float:
-        return (self.windows_left * ((self.fwd or 0.0) + steps * (self.step or 0.0))
-                + self.chunks_left * epochs * (self.epoch or 0.0))
+        return (max(0, self.windows_left) * ((self.fwd or 0.0) + steps * (self.step or 0.0))
+                + max(0, self.tokens_left) * epochs * (self.epoch or 0.0))
 
     def plan(self, where: str) -> tuple[int, int]:
         """(SLOT steps, TTT epochs) that fit in what is left; the knob whose cost is not measured yet is not cut."""
@@ -1463,9 +1467,9 @@ class EvalBudget:
         if (self.steps, self.epochs) != before:
             self.cuts += 1
             log(f"eval_budget: WARNING cut SLOT steps {before[0]} -> {self.steps}, TTT epochs {before[1]} -> "
-                f"{self.epochs} at {where} ({left:.1f}s left, {self.windows_left} windows and {self.chunks_left} chunks "
+                f"{self.epochs} at {where} ({left:.1f}s left, {self.windows_left} windows and {self.tokens_left} TTT targets "
                 f"to go; per window {1000 * (self.fwd or 0):.2f}ms + {1000 * (self.step or 0):.3f}ms per step, "
-                f"{self.epoch or 0:.2f}s per epoch)")
+                f"{1e6 * (self.epoch or 0):.2f}us per epoch and target)")
         return self.steps, self.epochs
 
 
@@ -1535,14 +1539,20 @@ def eval_shard(model: GPT, tokens: torch.Tensor, windows: np.ndarray, tables: By
     return out
 
 
-def eval_chunks(n: int, windows: np.ndarray, ttt: Ttt | None) -> list[tuple[int, int, int, int]]:
-    """(first window, end window, first target, end target) of each chunk of a stream of n tokens, in stream order.
-    A window belongs to the chunk of its first scored target, so it is scored before any training on a token it
-    scores; training on a chunk uses only its own targets, all of which are scored by then (by its windows or
-    earlier ones). The chunks depend on n alone, never on the tokens (a per-document cut at BOS did: README)."""
+def eval_chunks(tokens: torch.Tensor, windows: np.ndarray, ttt: Ttt | None) -> list[tuple[int, int, int, int]]:
+    """(first window, end window, first target, end target) of each chunk, in stream order. A window belongs to the
+    chunk of its first scored target, so it is scored before any training on a token it scores; training on a
+    chunk uses only its own targets, all of which are scored by then (by its windows or earlier ones). With reset
+    "document" a chunk also starts at the target *after* each BOS: the cut then depends on the BOS token, which is
+    context for every target of the new chunk; cutting *at* the BOS would make the BOS target's own weights depend
+    on it (the first version did; README, TTT study)."""
+    n = len(tokens)
     if ttt is None:
         return [(0, len(windows), 1, n)]
     starts = np.arange(0, n, ttt.chunk_tokens)
+    if ttt.reset == "document":
+        after_bos = (tokens[:-1] == BOS_ID).nonzero().flatten().numpy() + 1
+        starts = np.union1d(starts, after_bos)
     owner = np.searchsorted(starts, windows[:, 2], side="right") - 1     # the chunk of each window's first target
     bounds = np.searchsorted(owner, np.arange(len(starts) + 1))
     return [(int(bounds[c]), int(bounds[c + 1]), max(1, int(starts[c])), int(starts[c + 1]) if c + 1 < len(starts) else n)
@@ -1622,20 +1632,27 @@ def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq
     is scored. sim_ranks > 0 runs that many ranks' shares in this one process (the causality harness)."""
     t0 = time.perf_counter()
     windows = build_windows(len(tokens), seq_len, stride)
-    chunks = eval_chunks(len(tokens), windows, ttt)
+    chunks = eval_chunks(tokens, windows, ttt)
+    # The budget's counts come from the fixed grid of chunk_tokens, which depends on the stream's length alone: with
+    # per-document chunks the real counts would tell every chunk how many documents lie ahead.
+    grid = eval_chunks(tokens, windows, dataclasses.replace(ttt, reset="never")) if ttt else chunks
     world, ranks = (sim_ranks, list(range(sim_ranks))) if sim_ranks else (run.world_size, [run.rank])
 
     def share(chunk, r):   # rank r's contiguous part of the chunk's windows
         return chunk[0] + (chunk[1] - chunk[0]) * r // world, chunk[0] + (chunk[1] - chunk[0]) * (r + 1) // world
 
     states = {r: RankEval(EvalBudget(deadline, slot.steps if slot else 0, ttt.epochs if ttt else 0,
-                                     sum(hi - lo for lo, hi in (share(c, r) for c in chunks)), len(chunks) - 1))
+                                     sum(hi - lo for lo, hi in (share(c, r) for c in grid)), grid[-1][2] - 1))
               for r in ranks}
+    progress_end = grid[-1][2]      # where the last grid chunk starts: the end of the cosine, by position
     base = {n: p.detach().clone() for n, p in model.named_parameters()} if ttt else None
     opt = torch.optim.SGD(model.parameters(), lr=ttt.lr, momentum=ttt.momentum) if ttt else None
     train_fn = ttt_compiled(model, ttt, seq_len, ranks[0], world, run) if compile_ttt else model
     epochs_run = []
     for c, chunk in enumerate(chunks):
+        if ttt and ttt.reset == "document" and c and tokens[chunk[2] - 1] == BOS_ID:
+            restore_weights(model, base)      # a new document: back to the artifact's weights, no momentum
+            opt.state.clear()
         for r in ranks:
             lo, hi = share(chunk, r)
             eval_shard(model, tokens, windows[lo:hi], tables, run.device, batch_windows, hidden_fn, slot, capture=capture,
@@ -1646,12 +1663,13 @@ def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq
         epochs = int(run.all_reduce(torch.tensor([planned], device=run.device), dist.ReduceOp.MIN).item())
         run.sync()
         t1 = time.perf_counter()
-        lr = ttt.lr * 0.5 * (1 + math.cos(math.pi * c / max(1, len(chunks) - 1)))
+        progress = min(1.0, (chunk[2] if c else 0) / progress_end)     # c / (chunks - 1) on the grid
+        lr = ttt.lr * 0.5 * (1 + math.cos(math.pi * progress))
         if epochs:
             ttt_train(train_fn, opt, tokens, chunk, ttt, epochs, lr, seq_len, ranks, world, run)
         run.sync()
         for r in ranks:
-            states[r].budget.observe_chunk(time.perf_counter() - t1, epochs)
+            states[r].budget.observe_chunk(time.perf_counter() - t1, epochs, chunk[3] - chunk[2])
         epochs_run.append(epochs)
     if base is not None:       # the artifact's weights come back: nothing trained here outlives the evaluation
         restore_weights(model, base)
@@ -2006,9 +2024,9 @@ def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path, t0: float)
             f"warm_start:{slot.warm_start}")
     if ttt:
         log(f"ttt_settings epochs:{ttt.epochs} chunk_tokens:{ttt.chunk_tokens} lr:{ttt.lr} momentum:{ttt.momentum} "
-            f"clip:{ttt.clip}")
+            f"clip:{ttt.clip} reset:{ttt.reset}")
     r = evaluate(model, *geometry, want_nll=bool(cfg.nll_dump_path), slot=slot, deadline=deadline, ttt=ttt,
-                 compile_ttt=cfg.compile and run.device.type == "cuda" and ttt is not None)
+                 compile_ttt=cfg.compile and run.device.type == "cuda" and ttt is not None and ttt.reset == "never")
     log_score({(0, 0): "sliding_window", (1, 0): "slot", (0, 1): "ttt", (1, 1): "slot_ttt"}[(bool(slot), bool(ttt))], r, slot, ttt)
     if r.budget_cuts:
         log(f"eval_budget: WARNING the budget guard cut SLOT steps or TTT epochs {r.budget_cuts} time(s): this score "

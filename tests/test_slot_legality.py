@@ -5,10 +5,12 @@ scored target.
 1. flip test: change token p, re-run everything; every scored t <= p must be bit-identical;
 2. invariance: windows-per-batch 1 vs B, and 1 vs several simulated ranks, agree (warm start off);
 3. coverage (each target once) and normalisation (each row a distribution over the whole vocabulary);
-4. the harness bites: two deliberately leaky SLOT variants and a TTT that trains before it scores, kept in this
-   file, must be caught.
+4. the harness bites: two deliberately leaky SLOT variants, a TTT that trains before it scores and a TTT that cuts
+   its chunks at the BOS itself, kept in this file, must be caught.
 """
 import math
+
+import numpy as np
 
 import pytest
 import torch
@@ -52,7 +54,7 @@ def flip_positions(ranks=1, ttt=None):
     pos = {1, N - 1, int(w[7, 0]), int(w[9, 2]) + 1}                # ends, a window start, inside a slice
     for b in (1, 4):
         pos |= {int(w[b * BATCH, 2]), int(w[b * BATCH - 1, 1])}   # first target of a batch, last of the one before
-    chunks = T.eval_chunks(N, w, ttt)
+    chunks = T.eval_chunks(torch.zeros(N, dtype=torch.long), w, ttt)
     for w0, w1, a, b in chunks:
         if ttt is not None:
             pos |= {a, b - 1, (a + b) // 2}
@@ -63,11 +65,12 @@ def flip_positions(ranks=1, ttt=None):
 
 
 def flips(tokens, positions, vocab):
-    """(p, new token): another ordinary token at every position; also a BOS appearing (a document starts) and two
-    BOSes vanishing (a boundary goes), since anything keyed on BOS (smear, bigram, chunking) must stay causal too."""
+    """(p, new token): another ordinary token at every position; also a BOS appearing at some of them (a document
+    starts) and every BOS of the stream vanishing (a boundary goes), since anything keyed on BOS (smear, bigram,
+    chunking) must stay causal too, and a BOS that is a window's first scored target is where a cut at BOS leaks."""
     out = [(p, 3 + (int(tokens[p]) - 3 + 17) % (vocab - 3)) for p in positions]
-    out += [(p, T.BOS_ID) for p in positions[1::4] if tokens[p] != T.BOS_ID]
-    return out + [(p, 3) for p in (tokens == T.BOS_ID).nonzero().flatten().tolist()[1:3]]
+    out += [(p, T.BOS_ID) for p in positions[1::3] if tokens[p] != T.BOS_ID]
+    return out + [(p, 3) for p in (tokens == T.BOS_ID).nonzero().flatten().tolist() if p > 0]
 
 
 def flip_violations(model, tokens, tables, slot, ranks=1, batch=BATCH, ttt=None):
@@ -186,7 +189,7 @@ def test_budget_guard_cuts_steps_to_meet_the_deadline(setup):
     assert out.slot_steps_min < 50 and out.slot_step_sum < 50 * len(windows)
     assert out.tokens == N - 1   # cutting SLOT never drops a target
 
-    budget = T.EvalBudget(deadline=time.perf_counter() + 10.0, steps=8, epochs=0, windows=110, chunks=0)
+    budget = T.EvalBudget(deadline=time.perf_counter() + 10.0, steps=8, epochs=0, windows=110, tokens=0)
     budget.observe_batch(10, fwd_s=5.0, slot_s=5.0, steps=8)           # batch 1 (compilation) is not measured
     assert budget.plan("b") == (8, 0)
     budget.observe_batch(10, fwd_s=0.5, slot_s=0.8, steps=8)           # 0.05 s per window, 0.01 per window-step
@@ -197,11 +200,11 @@ def test_budget_guard_cuts_steps_to_meet_the_deadline(setup):
 
 def test_budget_guard_cuts_ttt_epochs_before_slot_steps():
     import time
-    budget = T.EvalBudget(deadline=time.perf_counter() + 10.0, steps=4, epochs=3, windows=100, chunks=10)
+    budget = T.EvalBudget(deadline=time.perf_counter() + 10.0, steps=4, epochs=3, windows=100, tokens=1000)
     for _ in range(2):
         budget.observe_batch(10, fwd_s=0.1, slot_s=0.4, steps=4)       # 0.01 s per window, 0.01 per window-step
-        budget.observe_chunk(0.9, epochs=3)                            # 0.3 s per epoch
-    # 80 windows x 0.05 = 4 s of SLOT-on scoring + 8 chunks x 3 x 0.3 = 7.2 s of TTT: over 10 s
+        budget.observe_chunk(0.9, epochs=3, tokens=100)                # 0.003 s per epoch and target
+    # 80 windows x 0.05 = 4 s of SLOT-on scoring + 800 targets x 3 x 0.003 = 7.2 s of TTT: over 10 s
     assert T.BUDGET_CUT_ORDER[0] == "ttt"
     steps, epochs = budget.plan("chunk")
     assert steps == 4 and epochs == 2 and budget.need(steps, epochs) <= 10.0
@@ -255,6 +258,7 @@ def test_harness_catches_leaky_variants(setup, monkeypatch, target, leaky):
 TTTS = {
     "all_weights": T.Ttt(epochs=2, chunk_tokens=48, lr=0.05, momentum=0.9, clip=1.0),
     "one_epoch": T.Ttt(epochs=1, chunk_tokens=37, lr=0.1, momentum=0.0, clip=1.0),   # chunks off the stride grid
+    "document": T.Ttt(epochs=2, chunk_tokens=48, lr=0.05, momentum=0.9, clip=1.0, reset="document"),
 }
 
 
@@ -278,7 +282,7 @@ def test_ttt_changes_the_scores_of_later_chunks_only(setup):
     before = [p.detach().clone() for p in model.parameters()]
     plain = scored_rows(model, tokens, tables, None)
     adapted = scored_rows(model, tokens, tables, None, ttt=TTTS["all_weights"])
-    first_chunk_end = T.eval_chunks(N, T.build_windows(N, SEQ, STRIDE), TTTS["all_weights"])[0][1]
+    first_chunk_end = T.eval_chunks(tokens, T.build_windows(N, SEQ, STRIDE), TTTS["all_weights"])[0][1]
     w = T.build_windows(N, SEQ, STRIDE)
     last_of_chunk0 = int(w[first_chunk_end - 1, 1])
     assert all(torch.equal(adapted[t], plain[t]) for t in range(1, last_of_chunk0 + 1))
@@ -307,10 +311,10 @@ def test_coverage_and_normalisation_with_ttt(setup, ttt):
 REAL_EVAL_CHUNKS = T.eval_chunks
 
 
-def leaky_train_before_scoring(n, windows, ttt):
+def leaky_train_before_scoring(tokens, windows, ttt):
     """Train on a chunk, then score it (illegal): each chunk's training targets become the next chunk's, so the
     weights that score chunk c+1 have seen its tokens."""
-    chunks = REAL_EVAL_CHUNKS(n, windows, ttt)
+    chunks = REAL_EVAL_CHUNKS(tokens, windows, ttt)
     return [(w0, w1, a, b) for (w0, w1, _, _), (_, _, a, b) in zip(chunks, chunks[1:] + chunks[-1:])]
 
 
@@ -320,3 +324,20 @@ def test_harness_catches_training_before_scoring(setup, monkeypatch):
     bad = flip_violations(model, tokens, tables, None, ttt=TTTS["all_weights"])
     assert bad, "the harness did not catch TTT that trains on a chunk before scoring it"
     assert any(p == t for p, t in bad), "a target's own row depends on itself"
+
+
+def leaky_cut_at_bos(tokens, windows, ttt):
+    """The first per-document TTT (illegal): a chunk starting *at* each BOS, so whether the BOS target is scored
+    before or after training on the targets just before it depends on the BOS itself."""
+    starts = np.union1d(np.arange(0, len(tokens), ttt.chunk_tokens), (tokens == T.BOS_ID).nonzero().flatten().numpy())
+    owner = np.searchsorted(starts, windows[:, 2], side="right") - 1
+    bounds = np.searchsorted(owner, np.arange(len(starts) + 1))
+    return [(int(bounds[c]), int(bounds[c + 1]), max(1, int(starts[c])), int(starts[c + 1]) if c + 1 < len(starts)
+             else len(tokens)) for c in range(len(starts))]
+
+
+def test_harness_catches_chunks_cut_at_the_bos(setup, monkeypatch):
+    model, tokens, tables = setup
+    monkeypatch.setattr(T, "eval_chunks", leaky_cut_at_bos)
+    bad = flip_violations(model, tokens, tables, None, ttt=TTTS["all_weights"])
+    assert any(p == t and tokens[p] == T.BOS_ID for p, t in bad), "a BOS target's row depends on the BOS itself"

@@ -6,7 +6,8 @@ TTT (alone or with SLOT), and (for the record only) the two illegal SLOT variant
         leaky_shared:steps=8 leaky_scored:steps=8
 
 A variant is `[kind:]key=value,...` over the fields of train_gpt.Slot (steps, lr, lr_min, focal, bias, warm_start)
-and, prefixed ttt_, of train_gpt.Ttt (ttt_epochs, ttt_chunk_tokens, ttt_lr, ttt_momentum, ttt_clip); kind is `slot` (default: SLOT, with TTT when a ttt_ key is given), `ttt` (TTT on the plain window),
+and, prefixed ttt_, of train_gpt.Ttt (ttt_epochs, ttt_chunk_tokens, ttt_lr, ttt_momentum, ttt_clip,
+ttt_reset); kind is `slot` (default: SLOT, with TTT when a ttt_ key is given), `ttt` (TTT on the plain window),
 `leaky_shared` (one delta shared by each batch) or `leaky_scored` (delta optimized on the scored positions).
 `plain` is the plain sliding window. Example: plain ttt:ttt_epochs=3 steps=8,ttt_epochs=3,ttt_lr=0.005. The model comes from the artifact on disk,
 as in the real evaluation; the eval geometry from EVAL_SEQ_LEN / EVAL_STRIDE / EVAL_BATCH_WINDOWS.
