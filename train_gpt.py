@@ -1842,8 +1842,7 @@ class Calibration:
     summary: str
 
 
-def calibrate(model: GPT, state: dict[str, torch.Tensor], loader: TrainLoader, cfg: Config, run: Run,
-              clock: WallClock) -> Calibration:
+def calibrate(model: GPT, loader: TrainLoader, cfg: Config, run: Run, clock: WallClock) -> Calibration:
     """GPTQ's Hessians, from the next training batches and with the EMA weights (what is exported; `model` holds
     them), inside the training budget: the cap kept GPTQ_RESERVE_SECONDS for this. Batches stop early rather than
     run past the cap."""
@@ -1853,8 +1852,9 @@ def calibrate(model: GPT, state: dict[str, torch.Tensor], loader: TrainLoader, c
 
     def batches():
         for k in range(wanted):
-            # every rank makes the same decision from the agreed start time, so no rank is left waiting
-            if k and t0 + (k + 1) * max(times) > limit:
+            # the ranks agree on the decision (the slowest rank's pace decides), so no rank is left waiting
+            late = float(bool(k) and t0 + (k + 1) * max(times) > limit)
+            if run.all_reduce(torch.tensor([late], device=run.device), dist.ReduceOp.MAX).item():
                 log(f"gptq_calib: WARNING stopped after {k} of {wanted} batches per rank to stay inside the cap")
                 return
             t = time.perf_counter()
@@ -1939,7 +1939,7 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
             p.copy_(state[name])
     model.eval()
     clock.limit_s = cfg.max_wallclock_seconds
-    calib = calibrate(model, state, loader, cfg, run, clock) if cfg.quantizer == "gptq" else None
+    calib = calibrate(model, loader, cfg, run, clock) if cfg.quantizer == "gptq" else None
     return state, labels, calib, model
 
 
