@@ -118,7 +118,6 @@ class Config:
     train_log_every: int = 100
     compile: bool = True             # torch.compile on CUDA; CPU runs are eager
     # ---- export: quantization (see quantize_tensor)
-    quantizer: str = "gptq"          # "gptq" (full Hessian, PR #1019); "rtn" (round to nearest) is the quant study's reference
     int6_clip_k: float = 6.0         # row clip = k x row std (SDClip, PR #1394), the size knob; 0 = best of 12 abs-max fractions
     embed_clip_k: float = 0.0        # the clip rule of the int8 embedding tables (0 = the search)
     gptq_calib_batches: int = 16     # training micro-batches (TRAIN_BATCH_TOKENS / 8 tokens each) for the Hessians
@@ -148,10 +147,6 @@ class Config:
     slot_bias: bool = True           # also a per-window logit bias [V] (it carries almost all of the gain)
     slot_warm_start: float = 0.5     # alpha: start from alpha x the previous batch's mean delta and bias; 0 = off
 
-    def train_reserve_s(self) -> float:
-        """Seconds of the wall-clock cap kept after training for what still reads training data (GPTQ calibration)."""
-        return self.gptq_reserve_seconds if self.quantizer == "gptq" else 0.0
-
     def phase_set(self) -> set[str]:
         return {p.strip() for p in self.phases.split(",") if p.strip()}
 
@@ -173,12 +168,11 @@ class Config:
         need(self.warmdown_frac <= 1 and self.late_qat_frac <= 1, "WARMDOWN_FRAC and LATE_QAT_FRAC must be <= 1")
         need(self.ema_decay < 1, "EMA_DECAY must be < 1")
         need(self.slot_steps == 0 or self.slot_lr > 0, "SLOT_LR must be > 0 when SLOT_STEPS > 0")
-        need(self.quantizer in ("gptq", "rtn"), f"QUANTIZER={self.quantizer!r} must be gptq or rtn")
         need(self.ttt_reset in ("never", "document"), f"TTT_RESET={self.ttt_reset!r} must be never or document")
         need(self.ttt_epochs == 0 or (self.ttt_lr > 0 and self.ttt_chunk_tokens > 0),
              "TTT_LR and TTT_CHUNK_TOKENS must be > 0 when TTT_EPOCHS > 0")
         need(self.gptq_damp > 0, "GPTQ_DAMP must be > 0")
-        need(self.max_wallclock_seconds == 0 or self.train_reserve_s() < self.max_wallclock_seconds,
+        need(self.max_wallclock_seconds == 0 or self.gptq_reserve_seconds < self.max_wallclock_seconds,
              f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time of MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
         if "train" in self.phase_set():
             self.validate_model()
@@ -215,6 +209,7 @@ NOT_OURS = {"WARMDOWN_ITERS": "use WARMDOWN_FRAC (a fraction of the expected run
             "TTT_CHUNK_SIZE": "use TTT_CHUNK_TOKENS", "TTT_LORA": "this script's TTT trains all weights (rank-8 adapters lost, see README)",
             "TTT_LORA_RANK": "this script's TTT trains all weights (rank-8 adapters lost and were removed; see README)",
             "LN_SCALE": "the LN scale lost in every measurement and was removed (see README, Ablations)",
+            "QUANTIZER": "the export is always GPTQ (round to nearest lost; tools/quant_study.py keeps it as the reference)",
             "EMBED_BITS": "the embedding tables are int8 (int7 lost and was removed; see README, GPTQ)",
             "RECUR_START_FRAC": "recurrence (RECUR_LAYERS) runs from step 0; the delayed switch lost and was removed; see README",
             "SWA_ENABLED": "this script has no SWA; it exports the EMA weights (EMA_DECAY)",
@@ -717,8 +712,7 @@ class MLP(nn.Module):
         self.proj = QLinear(cfg.mlp_mult * cfg.model_dim, cfg.model_dim, init="zeros")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.leaky_relu(self.fc(x), negative_slope=0.5).square()   # LeakyReLU(0.5)^2: PR #493
-        return self.proj(h)
+        return self.proj(F.leaky_relu(self.fc(x), negative_slope=0.5).square())   # LeakyReLU(0.5)^2: PR #493
 
 
 @dataclass(frozen=True)
@@ -865,8 +859,9 @@ class GPT(nn.Module):
         for i, p in enumerate(self.schedule):
             if p.repeat >= 0:   # second pass of a recurrent layer: per-pass conditioning
                 x = x + torch.sigmoid(self.iter_gate[p.repeat]).to(x.dtype) * self.iter_embed[p.repeat].to(x.dtype)
-            if 0 <= i - self.n_enc < len(self.skip_weights):
-                x = x + self.skip_weights[i - self.n_enc].to(x.dtype) * skips.pop()
+            j = i - self.n_enc
+            if 0 <= j < len(self.skip_weights):
+                x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
             ve_p = ve * self.value_embed.scales[p.ve].to(ve.dtype) if p.ve >= 0 else None
             x, v0 = self.blocks[p.layer](x, x0, v0, p, ve_p)
             if i < self.n_enc:
@@ -1057,7 +1052,6 @@ def gptq(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmax: int, damp:
 @dataclass(frozen=True)
 class QuantSpec:
     """How the export rounds each tensor whose label stores it as int6 or int8 (see Config, export section)."""
-    quantizer: str = Config.quantizer
     int6_clip_k: float = Config.int6_clip_k
     embed_clip_k: float = Config.embed_clip_k
     gptq_damp: float = Config.gptq_damp
@@ -1070,13 +1064,13 @@ class QuantSpec:
 def quantize_tensor(w: torch.Tensor, kind: str, spec: QuantSpec, H: torch.Tensor | None = None,
                     widen: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 codes, fp16 row scales) of one int6 or int8 (embedding) matrix: the clip rule sets the grid, then GPTQ
-    when a Hessian is given and the quantizer is gptq, else round to nearest. widen > 1 multiplies the int6 scales:
-    log2(widen) fewer bits per weight after entropy coding (the size knob of fit_to_limit)."""
+    (PR #1019) when a Hessian is given, else round to nearest (the quant study's reference). widen > 1 multiplies
+    the int6 scales: log2(widen) fewer bits per weight after entropy coding (the size knob of fit_to_limit)."""
     qmax = INT6_MAX if kind == "int6" else INT8_MAX
     scale = row_scales(w, qmax, spec.int6_clip_k if kind == "int6" else spec.embed_clip_k)
     if kind == "int6" and widen != 1.0:
         scale = (scale * widen).half().float()
-    if H is not None and spec.quantizer == "gptq":
+    if H is not None:
         q = gptq(w, H.to(w.device), scale, qmax, spec.gptq_damp)
     else:
         q = torch.clamp(torch.round(w.float() / scale[:, None]), -qmax, qmax).to(torch.int8)
@@ -1302,9 +1296,8 @@ class Slot:
 class Ttt:
     """Score-first test-time training (see README): the stream is cut into chunks of `chunk_tokens` (with reset
     "document", also after every BOS, where the weights go back to the artifact's); each chunk is scored first, then,
-    unless it is the last, trained on for `epochs` SGD
-    steps of all weights (momentum, cosine learning rate over the chunks, gradient clipping), with the gradients of
-    all ranks averaged."""
+    unless it is the last, trained on for `epochs` SGD steps of all weights (momentum, cosine learning rate over the
+    chunks, gradient clipping), with the gradients of all ranks averaged."""
     epochs: int = Config.ttt_epochs
     chunk_tokens: int = Config.ttt_chunk_tokens
     lr: float = Config.ttt_lr
@@ -1525,7 +1518,8 @@ def eval_shard(model: GPT, tokens: torch.Tensor, windows: np.ndarray, tables: By
         out.nll_sum += float(nll.sum())
         out.tokens += nll.numel()
         out.bytes += int(tables.count(x[mask], target).sum())
-        target_pos = (torch.as_tensor(w[:, 0], device=device)[:, None] + 1 + pos)[mask]
+        if want_nll or capture is not None:    # target indices: only for the NLL dump and the causality harness
+            target_pos = (torch.as_tensor(w[:, 0], device=device)[:, None] + 1 + pos)[mask]
         if want_nll:
             out.nll.append(nll.cpu())
             out.pos.append(target_pos.cpu())
@@ -1871,9 +1865,9 @@ def calibrate(model: GPT, loader: TrainLoader, cfg: Config, run: Run, clock: Wal
 
 
 def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[str, torch.Tensor], dict[str, str],
-                                                                        Calibration | None, GPT]:
+                                                                        Calibration, GPT]:
     """Train under the wall-clock cap (less the calibration reserve), then calibrate GPTQ inside it. Returns the EMA
-    weights (CPU, fp32), their labels, GPTQ's calibration (None without GPTQ) and the model holding the EMA weights."""
+    weights (CPU, fp32), their labels, GPTQ's calibration and the model holding the EMA weights."""
     grad_accum, local_tokens = batch_split(cfg, run)
     model = build_model(cfg, run)
     labels = param_labels(model)
@@ -1887,7 +1881,7 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
     host_flags = torch.zeros(2, pin_memory=run.device.type == "cuda")   # (cap hit, elapsed s): sent without a sync
     run.barrier()
     run.sync()
-    train_s = cfg.max_wallclock_seconds - cfg.train_reserve_s() if cfg.max_wallclock_seconds else 0.0
+    train_s = cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds if cfg.max_wallclock_seconds else 0.0
     clock, step, step_avg_s, qat_on, agreed_s = WallClock(train_s), 0, 0.0, False, 0.0
     recent = collections.deque(maxlen=20)   # the last step times: the cap check plans with the slowest
     batches = loader.next_step(grad_accum)
@@ -1939,7 +1933,7 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
             p.copy_(state[name])
     model.eval()
     clock.limit_s = cfg.max_wallclock_seconds
-    calib = calibrate(model, loader, cfg, run, clock) if cfg.quantizer == "gptq" else None
+    calib = calibrate(model, loader, cfg, run, clock)
     return state, labels, calib, model
 
 
@@ -1960,7 +1954,7 @@ def export_phase(cfg: Config, run: Run, state: dict[str, torch.Tensor], labels: 
             blob, name, sizes, widen = fit_to_limit(state, labels, model_cfg, ARTIFACT_LIMIT_BYTES - code_bytes, spec,
                                                     calib.hessians if calib else None)
             write_atomic(path, blob, replace=False)
-        log(f"artifact:{path} quantizer:{spec.quantizer if calib else 'rtn'} {calib.summary + ' ' if calib else ''}"
+        log(f"artifact:{path} quantizer:{'gptq' if calib else 'rtn'} {calib.summary + ' ' if calib else ''}"
             f"int6_clip_k:{spec.int6_clip_k} "
             f"embed_clip_k:{spec.embed_clip_k} int6_scale_widen:{widen:.4f} " + " ".join(f"{k}_bytes:{v}" for k, v in sizes.items()))
         log(f"code_bytes:{code_bytes} model_bytes:{len(blob)} total_submission_bytes:{code_bytes + len(blob)} compressor:{name}")

@@ -59,7 +59,7 @@ def test_baseline_is_reproducible(study, tiny_data, tmp_path):
     ("QK_GAIN_INT=5", "did you mean QK_GAIN_INIT?"),
     ("SEED=3", "set by the tool"),
     ("QK_GAIN_INIT", "is not SETTING=value"),
-    ("QUANTIZER=sideways", "QUANTIZER='sideways' must be gptq or rtn"),
+    ("TTT_RESET=sideways", "TTT_RESET='sideways' must be never or document"),
 ])
 def test_bad_variants_are_refused_before_any_run(tiny_data, tmp_path, variant, fragment):
     r = ablate(tiny_data, tmp_path, "--out-dir", str(tmp_path), "--name", "bad", variant)

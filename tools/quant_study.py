@@ -5,8 +5,9 @@ activations, packed bytes, and the bpb of the model read back, against the same 
         python tools/quant_study.py --name proxy "quantizer=rtn,int6_clip_k=0" "quantizer=gptq,int6_clip_k=0" \
         "quantizer=rtn" "quantizer=gptq" "quantizer=gptq,int6_clip_k=12.85"
 
-A variant is key=value,... over the fields of train_gpt.QuantSpec (quantizer, int6_clip_k, embed_clip_k, gptq_damp),
-plus widen=W (the int6 scales x W, as fit_to_limit widens them). The model is trained once with
+A variant is key=value,... over the fields of train_gpt.QuantSpec (int6_clip_k, embed_clip_k, gptq_damp), plus
+quantizer=gptq|rtn (GPTQ with the calibration Hessians, the default, or round to nearest: the export's reference)
+and widen=W (the int6 scales x W, as fit_to_limit widens them). The model is trained once with
 train_gpt.train_phase (the settings come from the environment, as for train_gpt.py; its GPTQ calibration gives the
 Hessians), then cached with held-out Hessians from the next --held-batches training micro-batches in
 logs/quant_study/<name>.pt (--cache; reused when present). For each matrix with a Hessian the error is ||X (W - Q)^T||^2 / ||X W^T||^2 over the held-out inputs X (tr(D H D^T) / tr(W H W^T));
@@ -32,26 +33,31 @@ import train_gpt as T  # noqa: E402
 from study_io import run_tool, save_study  # noqa: E402
 
 
-def parse_variant(text: str) -> tuple[T.QuantSpec, float]:
-    """(QuantSpec, widen): `widen=W` multiplies the int6 scales as fit_to_limit does (the size knob)."""
+def parse_variant(text: str) -> tuple[T.QuantSpec, float, str]:
+    """(QuantSpec, widen, quantizer): `widen=W` multiplies the int6 scales as fit_to_limit does (the size knob);
+    quantizer is gptq (with the Hessians) or rtn (without)."""
     hints = {f.name: f.type for f in dataclasses.fields(T.QuantSpec)}
-    values, widen = {}, 1.0
+    values, widen, quantizer = {}, 1.0, "gptq"
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         if key == "widen":
             widen = float(value)
-            continue
-        if key not in hints:
-            raise T.RunError(f"{key!r} in {text!r} is not a QuantSpec field or widen ({', '.join(hints)})")
-        values[key] = {"int": int, "float": float, "str": str}[str(hints[key])](value)
-    return T.QuantSpec(**values), widen
+        elif key == "quantizer":
+            if value not in ("gptq", "rtn"):
+                raise T.RunError(f"quantizer={value!r} in {text!r} must be gptq or rtn")
+            quantizer = value
+        elif key not in hints:
+            raise T.RunError(f"{key!r} in {text!r} is not a QuantSpec field, quantizer or widen ({', '.join(hints)})")
+        else:
+            values[key] = {"int": int, "float": float, "str": str}[str(hints[key])](value)
+    return T.QuantSpec(**values), widen, quantizer
 
 
 def train_or_load(cfg: T.Config, run: T.Run, path: Path, held_batches: int) -> dict:
     if path.exists():
         return torch.load(path, weights_only=True)
     t0 = time.perf_counter()
-    state, labels, calib, model = T.train_phase(dataclasses.replace(cfg, quantizer="gptq"), run, None)
+    state, labels, calib, model = T.train_phase(cfg, run, None)
     grad_accum, local_tokens = T.batch_split(cfg, run)
     loader = T.TrainLoader(cfg, run, local_tokens)
     for _ in range(cfg.iterations * grad_accum + cfg.gptq_calib_batches):   # past what training and calibration read
@@ -64,26 +70,26 @@ def train_or_load(cfg: T.Config, run: T.Run, path: Path, held_batches: int) -> d
     return cache
 
 
-def matrix_errors(cache: dict, spec: T.QuantSpec, widen: float = 1.0) -> dict[str, float]:
+def matrix_errors(cache: dict, spec: T.QuantSpec, widen: float = 1.0, gptq: bool = True) -> dict[str, float]:
     """Relative output error of each matrix that has a Hessian, on the held-out inputs."""
     out = {}
     for name, H in cache["held"].items():
         kind = T.PARAM_TABLE[cache["labels"][name]][3]
         w = cache["state"][name].double()
-        q, scale = T.quantize_tensor(cache["state"][name], kind, spec, cache["fit"][name], widen)
+        q, scale = T.quantize_tensor(cache["state"][name], kind, spec, cache["fit"][name] if gptq else None, widen)
         d = w - q.double() * scale.double()[:, None]
         Hd = H.double()
         out[name] = float(torch.trace(d @ Hd @ d.T) / torch.trace(w @ Hd @ w.T))
     return out
 
 
-def int6_bits(cache: dict, spec: T.QuantSpec, widen: float = 1.0) -> float:
+def int6_bits(cache: dict, spec: T.QuantSpec, widen: float = 1.0, gptq: bool = True) -> float:
     """Order-0 entropy of the int6 codes, bits per weight over all int6 matrices: what a compressor can get near, and
     what scales to the full model (its 25.95M int6 weights x bits / 8 bytes)."""
     total = bits = 0.0
     for name, w in cache["state"].items():
         if T.PARAM_TABLE[cache["labels"][name]][3] == "int6" and w.dim() == 2:
-            q, _ = T.quantize_tensor(w, "int6", spec, cache["fit"].get(name), widen)
+            q, _ = T.quantize_tensor(w, "int6", spec, cache["fit"].get(name) if gptq else None, widen)
             p = torch.bincount(q.flatten().long() + T.INT6_MAX, minlength=2 * T.INT6_MAX + 1).double() / q.numel()
             bits += q.numel() * float(-(p[p > 0] * p[p > 0].log2()).sum())
             total += q.numel()
@@ -102,8 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--name", required=True, help="study name: <out-dir>/<name>.json")
     ap.add_argument("--out-dir", default=str(ROOT / "logs" / "quant_study"))
     ap.add_argument("--cache", default="", help="the trained model and its Hessians (default <out-dir>/<name>.pt; made when missing)")
-    ap.add_argument("--artifact", default="", help="also write the artifact of the configured export (QUANTIZER, INT6_CLIP_K, "
-                                                 "...) here, as train_gpt.py would: the model for tools/slot_study.py")
+    ap.add_argument("--artifact", default="", help="also write the artifact of the configured export (GPTQ, INT6_CLIP_K, "
+                                                 "EMBED_CLIP_K) here, as train_gpt.py would: the model for tools/slot_study.py")
     ap.add_argument("--held-batches", type=int, default=16)
     ap.add_argument("--val-tokens", type=int, default=65_536)
     ap.add_argument("--held-out", type=int, default=131_072)
@@ -131,17 +137,18 @@ def main(argv=None) -> int:
     print(f"prequant val_bpb {pre}", flush=True)
     model_cfg = cache["model_cfg"]
     rows = []
-    for text, (spec, widen) in specs:
+    for text, (spec, widen, quantizer) in specs:
+        gptq = quantizer == "gptq"
         t0 = time.perf_counter()
-        payload = T.pack_state(cache["state"], cache["labels"], model_cfg, spec, cache["fit"], widen)
+        payload = T.pack_state(cache["state"], cache["labels"], model_cfg, spec, cache["fit"] if gptq else None, widen)
         quant_s = time.perf_counter() - t0
         blob, compressor, sizes = T.pack_artifact(payload)
         post = score(model, T.unpack_state(payload)[1], cfg, slices, val, tables)
-        errs = matrix_errors(cache, spec, widen)
-        rtn = matrix_errors(cache, dataclasses.replace(spec, quantizer="rtn"), widen)
+        errs = matrix_errors(cache, spec, widen, gptq)
+        rtn = matrix_errors(cache, spec, widen, gptq=False)
         ratios = [errs[n] / rtn[n] for n in errs if rtn[n] > 0]
-        rows.append(dict(variant=text, spec=dataclasses.asdict(spec), widen=widen, bytes=len(blob), compressor=compressor,
-                         int6_bits=int6_bits(cache, spec, widen),
+        rows.append(dict(variant=text, quantizer=quantizer, spec=dataclasses.asdict(spec), widen=widen, bytes=len(blob),
+                         compressor=compressor, int6_bits=int6_bits(cache, spec, widen, gptq),
                          median_rel_error=statistics.median(errs.values()), median_vs_rtn=statistics.median(ratios),
                          val_bpb=post, gap=[b - a for a, b in zip(pre, post)], quantize_s=quant_s, errors=errs))
         print(f"{text:40s} bytes {len(blob):9d}  int6 bits {rows[-1]['int6_bits']:.3f}  median rel err {rows[-1]['median_rel_error']:.5f}  vs rtn "
