@@ -27,7 +27,9 @@ import math
 import os
 import platform
 import sys
+import threading
 import time
+import traceback
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +71,8 @@ def settings_view(cls, cfg, prefix: str):
 class Config:
     """Every setting of a run. The defaults ARE the submitted configuration; env var = field name in upper case."""
     # ---- run and data
-    data_path: str = "./data/datasets/fineweb10B_sp1024"
-    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    data_path: str = ""              # default: ./data/datasets/fineweb10B_sp<VOCAB_SIZE> (where data/download.py puts it)
+    tokenizer_path: str = ""         # default: ./data/tokenizers/fineweb_<VOCAB_SIZE>_bpe.model
     run_id: str = ""                 # default: a timestamp, the same on every rank
     seed: int = 1337
     phases: str = "train,export,eval"
@@ -86,21 +88,22 @@ class Config:
     mlp_mult: int = 3
     rope_dims: int = 16              # partial RoPE: rotate 16 of the 64 head dims
     rope_base: float = 10000.0
-    qk_gain_init: float = 4.0        # per-head gain on the normalized q (4 as PR #1278; 5 of PR #1217 lost, see README)
+    qk_gain_init: float = 5.0        # per-head gain on the normalized q (#1217, #1413 and the frontier)
     logit_softcap: float = 30.0
     bigram_vocab_size: int = 2048    # BigramHash buckets (0 = off)
     bigram_dim: int = 128
-    recur_layers: tuple[int, ...] = ()       # layers run twice (PR #1278: 4,5); off: it lost at equal time (README)
+    recur_layers: tuple[int, ...] = (4, 5)   # layers run twice, conditioned by iter_embed / iter_gate (PR #1278)
     ve_dim: int = 128                # value embeddings: a second token table added to the values (PR #1278)
     ve_layers: tuple[int, ...] = (-2, -1)    # layers whose values get it, negative from the end (9,10 of 11); empty = off
-    parallel_start: int = 0          # passes from this index on read one input for attention and MLP (PR #1204); 0 = off
+    parallel_start: int = 7          # layers from this one on read one input for attention and MLP (#1204, #1493); 0 = off
+    ln_scale: bool = True            # each block's normalised inputs x 1/sqrt(physical layer + 1) (#1278, #1394)
     # ---- training
     iterations: int = 20000          # an upper bound: the wall-clock cap ends a real run first
     max_wallclock_seconds: float = 600.0
     train_batch_tokens: int = 786_432
     train_seq_len: int = 2048
     warmup_steps: int = 20           # compile warm-up steps, discarded before the clock starts
-    warmdown_frac: float = 0.5       # last fraction of the expected run with a linear LR decay to 0
+    warmdown_frac: float = 0.72      # last fraction of the expected run with a linear LR decay to 0 (#1493)
     matrix_lr: float = 0.025
     scalar_lr: float = 0.025
     tied_embed_lr: float = 0.035
@@ -114,9 +117,11 @@ class Config:
     beta2: float = 0.95
     ema_decay: float = 0.997
     late_qat_frac: float = 0.1       # last fraction of the expected run trained through fake int6 weights
+    recur_start_frac: float = 0.35   # RECUR_LAYERS' second passes start at this fraction of the run (#1493-#2135)
     val_loss_every: int = 0          # 0 = no validation during training (the final one always runs)
     train_log_every: int = 100
-    compile: bool = True             # torch.compile on CUDA; CPU runs are eager
+    compile: str = "auto"            # torch.compile the forwards: 1 | 0 | auto (compiled on CUDA, eager on CPU)
+    autocast: str = "auto"           # every phase's autocast: bf16 | off | auto (bf16 on CUDA, off on CPU)
     # ---- export: quantization (see quantize_tensor)
     int6_clip_k: float = 6.0         # row clip = k x row std (SDClip, PR #1394), the size knob; 0 = best of 12 abs-max fractions
     embed_clip_k: float = 0.0        # the clip rule of the int8 embedding tables (0 = the search)
@@ -133,8 +138,8 @@ class Config:
     eval_compare_plain: bool = False # also run the plain sliding eval first (final_sliding_window_exact)
     # ---- TTT (score-first test-time training; see Ttt and README)
     ttt_epochs: int = 3              # SGD steps on each scored chunk but the last; 0 = off
-    ttt_chunk_tokens: int = 16384    # the smallest chunk that fills every 8-GPU scoring batch at 2048 / 64 (README)
-    ttt_lr: float = 0.01             # cosine over the chunks
+    ttt_chunk_tokens: int = 32768    # as #549 and #1413 (16,384 is the smallest that fills every 8-GPU scoring batch)
+    ttt_lr: float = 0.005            # cosine over the chunks (#1413; #549 used 0.002)
     ttt_momentum: float = 0.9
     ttt_clip: float = 1.0            # global gradient norm
     ttt_reset: str = "never"         # A/B open: "document" also starts a chunk after every BOS, from the artifact's
@@ -146,6 +151,10 @@ class Config:
     slot_focal: int = 0              # context targets in the loss: the last N before the scored slice; 0 = all
     slot_bias: bool = True           # also a per-window logit bias [V] (it carries almost all of the gain)
     slot_warm_start: float = 0.5     # alpha: start from alpha x the previous batch's mean delta and bias; 0 = off
+
+    def __post_init__(self) -> None:
+        self.data_path = self.data_path or f"./data/datasets/fineweb10B_sp{self.vocab_size}"
+        self.tokenizer_path = self.tokenizer_path or f"./data/tokenizers/fineweb_{self.vocab_size}_bpe.model"
 
     def phase_set(self) -> set[str]:
         return {p.strip() for p in self.phases.split(",") if p.strip()}
@@ -165,7 +174,10 @@ class Config:
             need(getattr(self, name) > 0, f"{name.upper()} must be > 0")
         need(self.val_tokens == 0 or self.val_tokens >= 2, "VAL_TOKENS must be 0 (all) or >= 2")
         need(self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
-        need(self.warmdown_frac <= 1 and self.late_qat_frac <= 1, "WARMDOWN_FRAC and LATE_QAT_FRAC must be <= 1")
+        need(self.warmdown_frac <= 1 and self.late_qat_frac <= 1 and self.recur_start_frac <= 1,
+             "WARMDOWN_FRAC, LATE_QAT_FRAC and RECUR_START_FRAC must be <= 1")
+        need(self.compile in DEVICE_CHOICES["compile"], f"COMPILE={self.compile!r} must be one of 1, 0, auto")
+        need(self.autocast in DEVICE_CHOICES["autocast"], f"AUTOCAST={self.autocast!r} must be one of bf16, off, auto")
         need(self.ema_decay < 1, "EMA_DECAY must be < 1")
         need(self.slot_steps == 0 or self.slot_lr > 0, "SLOT_LR must be > 0 when SLOT_STEPS > 0")
         need(self.ttt_reset in ("never", "document"), f"TTT_RESET={self.ttt_reset!r} must be never or document")
@@ -190,14 +202,18 @@ class Config:
             need(all(lo <= i < self.num_layers for i in layers), f"{name.upper()}={layers} must name layers in {lo}..{self.num_layers - 1}")
             need(len({i % self.num_layers for i in layers}) == len(layers), f"{name.upper()}={layers} repeats a layer")
         need(not self.ve_layers or self.ve_dim > 0, "VE_DIM must be > 0 when VE_LAYERS is set")
-        passes = self.num_layers + len(self.recur_layers)
-        need(self.parallel_start < passes, f"PARALLEL_START={self.parallel_start} must be < the {passes} passes (0 = off)")
+        need(self.parallel_start < self.num_layers,
+             f"PARALLEL_START={self.parallel_start} must be < NUM_LAYERS={self.num_layers} (0 = off)")
 
 
 # Fields that describe the network: stored in the artifact so PHASES=eval rebuilds exactly what was trained.
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
                 "rope_base", "qk_gain_init", "logit_softcap", "bigram_vocab_size", "bigram_dim", "recur_layers",
-                "ve_dim", "ve_layers", "parallel_start")
+                "ve_dim", "ve_layers", "parallel_start", "ln_scale")
+# COMPILE and AUTOCAST: what each value means on (CUDA, CPU). "auto" is the device's default; a CPU run given
+# COMPILE=1 AUTOCAST=bf16 executes the GPU's graphs (compiled, bf16), minus the kernels.
+DEVICE_CHOICES = {"compile": {"auto": (True, False), "1": (True, True), "0": (False, False)},
+                  "autocast": {"auto": (torch.bfloat16, None), "bf16": (torch.bfloat16,) * 2, "off": (None, None)}}
 # Common variables of other software that look like ours (NUM_THREADS ~ NUM_HEADS): never an error.
 OTHER_SOFTWARE = {"NUM_THREADS"}
 # Names other submissions (or earlier versions) use, so a copied launch command fails loudly instead of being ignored.
@@ -208,10 +224,8 @@ NOT_OURS = {"WARMDOWN_ITERS": "use WARMDOWN_FRAC (a fraction of the expected run
             "TTT_ENABLED": "use TTT_EPOCHS (0 = off; score-first TTT, see README)", "TTT_STEPS": "use TTT_EPOCHS",
             "TTT_CHUNK_SIZE": "use TTT_CHUNK_TOKENS", "TTT_LORA": "this script's TTT trains all weights (rank-8 adapters lost, see README)",
             "TTT_LORA_RANK": "this script's TTT trains all weights (rank-8 adapters lost and were removed; see README)",
-            "LN_SCALE": "the LN scale lost in every measurement and was removed (see README, Ablations)",
             "QUANTIZER": "the export is always GPTQ (round to nearest lost; tools/quant_study.py keeps it as the reference)",
             "EMBED_BITS": "the embedding tables are int8 (int7 lost and was removed; see README, GPTQ)",
-            "RECUR_START_FRAC": "recurrence (RECUR_LAYERS) runs from step 0; the delayed switch lost and was removed; see README",
             "SWA_ENABLED": "this script has no SWA; it exports the EMA weights (EMA_DECAY)",
             "NUM_ITERATIONS": "use ITERATIONS", "TRAIN_STEPS": "use ITERATIONS", "WARMUP_ITERS": "use WARMUP_STEPS",
             "MAX_WALLCLOCK": "use MAX_WALLCLOCK_SECONDS", "MLP_RATIO": "use MLP_MULT",
@@ -266,6 +280,8 @@ class Run:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    compiled: bool = False                 # COMPILE, resolved for this device
+    amp: torch.dtype | None = None         # AUTOCAST, resolved for this device: the compute dtype, None = off
 
     @property
     def is_main(self) -> bool:
@@ -307,13 +323,20 @@ class Run:
             torch.cuda.synchronize(self.device)
 
     def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+
+    def compile(self, fn, fullgraph: bool = False):
+        """fn compiled for fixed shapes (COMPILE), else fn itself."""
+        return torch.compile(fn, dynamic=False, fullgraph=fullgraph) if self.compiled else fn
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank when it is True on any rank: a decision that changes which collectives a rank issues."""
+        return bool(self.all_reduce(torch.tensor([float(flag)], device=self.device), dist.ReduceOp.MAX).item())
 
 
-def start_run(env: typing.Mapping[str, str]) -> Run:
-    """Read torchrun's variables, pick the device and open the process group (nccl on GPUs, gloo on CPU)."""
+def start_run(env: typing.Mapping[str, str], cfg: Config | None = None) -> Run:
+    """Read torchrun's variables, pick the device, resolve COMPILE and AUTOCAST for it and open the process group
+    (nccl on GPUs, gloo on CPU)."""
     world = int(env.get("WORLD_SIZE", "1"))
     if REFERENCE_GPUS % world != 0:
         raise RunError(f"WORLD_SIZE={world} must divide {REFERENCE_GPUS} (the batch is split into {REFERENCE_GPUS} micro-batches)")
@@ -323,6 +346,10 @@ def start_run(env: typing.Mapping[str, str]) -> Run:
         torch.cuda.set_device(run.device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    cfg = cfg or Config()
+    on_cpu = int(run.device.type != "cuda")
+    run.compiled = DEVICE_CHOICES["compile"][cfg.compile][on_cpu]
+    run.amp = DEVICE_CHOICES["autocast"][cfg.autocast][on_cpu]
     if run.distributed and not dist.is_initialized():
         # 30 min: ranks 1..7 wait in a barrier while rank 0 quantizes and compresses (minutes with size fitting)
         dist.init_process_group("nccl" if run.device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30),
@@ -369,6 +396,57 @@ class Log:
 
 
 log = Log()
+
+
+class FailureWatch:
+    """Any exception on any rank ends every rank within a second, with the reason in rank 0's log. The failing rank
+    writes one line into the process group's key-value store; a thread on every rank polls for it, and the other
+    ranks, which may be waiting in a collective for the failed one, exit at once (rank 0 logs the line first)
+    instead of at the process group's timeout."""
+    KEY, LOGGED = "pgolf/failure", "pgolf/failure_logged"
+
+    def __init__(self, run: Run) -> None:
+        self.run, self.store = run, dist.distributed_c10d._get_default_store()
+        self.failing, self.done = False, threading.Event()
+        self.thread = threading.Thread(target=self._poll, name="failure-watch", daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while not self.done.wait(0.2):
+            try:
+                if not self.store.check([self.KEY]) or self.failing:
+                    continue
+                reason = self.store.get(self.KEY).decode()
+            except Exception:   # the store is gone: the process group is shutting down
+                return
+            log(f"error: {reason}")
+            if self.run.is_main:
+                self.store.set(self.LOGGED, "1")
+            else:
+                print(f"error (rank {self.run.rank}): ending because {reason}", file=sys.stderr, flush=True)
+            self.exit()
+
+    def fail(self, reason: str) -> None:
+        """Publish this rank's failure (the first one published wins) and wait a little for rank 0 to log it."""
+        self.failing = True
+        try:
+            self.store.compare_set(self.KEY, "", reason)
+            if self.run.is_main:   # rank 0 has logged its own error
+                self.store.set(self.LOGGED, "1")
+            else:
+                self.store.wait([self.LOGGED], datetime.timedelta(seconds=5))
+        except Exception:   # rank 0 gone or slow: its log may lack the line, but this rank still ends now
+            pass
+
+    def exit(self) -> None:
+        log.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)       # no interpreter teardown: the process group may be stuck in a collective
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
 
 
 @contextlib.contextmanager
@@ -527,7 +605,8 @@ class TrainLoader:
 @dataclass
 class ByteTables:
     """UTF-8 bytes of each target: base[t] + (space[t] and not boundary[prev]) (RULES.md, as the baseline counts)."""
-    base: torch.Tensor       # int64 [V]: bytes of the piece without its leading "▁"; byte-fallback pieces count 1
+    base: torch.Tensor       # int64 [V]: bytes of the piece without its leading "▁" (any other "▁" is one space);
+                             # byte-fallback pieces count 1
     space: torch.Tensor      # bool [V]: the piece starts with "▁"
     boundary: torch.Tensor   # bool [V]: control / unknown / unused (BOS): counts 0 and swallows the next space
 
@@ -545,6 +624,7 @@ def load_byte_tables(path: str, vocab_size: int) -> ByteTables:
     sp = spm.SentencePieceProcessor(model_file=path)
     if sp.vocab_size() != vocab_size:
         raise RunError(f"TOKENIZER_PATH={path!r} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
+    check_countable(sp, path)
     base = torch.zeros(vocab_size, dtype=torch.int64)
     space = torch.zeros(vocab_size, dtype=torch.bool)
     boundary = torch.zeros(vocab_size, dtype=torch.bool)
@@ -556,8 +636,27 @@ def load_byte_tables(path: str, vocab_size: int) -> ByteTables:
         else:
             piece = sp.id_to_piece(i)
             space[i] = piece.startswith("\u2581")
-            base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
+            # a "▁" anywhere else (whitespace-only pieces "▁▁", suffix pieces "the▁") is one space byte, not three
+            base[i] = len(piece.removeprefix("\u2581").replace("\u2581", " ").encode("utf-8"))
     return ByteTables(base, space, boundary)
+
+
+def check_countable(sp, path: str) -> None:
+    """Refuse the tokenizers whose text the per-token rule cannot count exactly (the records' sp1024 and sp8192 pass:
+    a standalone "▁" piece, no dummy prefix, leading whitespace removed)."""
+    i = sp.piece_to_id("\u2581")
+    if sp.id_to_piece(i) != "\u2581" or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) or sp.is_byte(i):
+        raise RunError(f"TOKENIZER_PATH={path!r} has no standalone '\u2581' piece: a space it cannot merge falls back to "
+                       "the byte pieces <0xE2><0x96><0x81>, counted 3 bytes for 1 (openai/parameter-golf issue #897)")
+    if not hasattr(sp, "normalize"):    # sentencepiece < 0.2.0 cannot say how it normalizes; the records' models pass
+        return
+    plain, spaced = sp.normalize("a"), sp.normalize(" a")
+    if plain.endswith("\u2581"):
+        raise RunError(f"TOKENIZER_PATH={path!r} adds a dummy whitespace suffix (treat_whitespace_as_suffix): "
+                       "every document would count one byte it does not have")
+    if spaced != plain and not plain.startswith("\u2581"):
+        raise RunError(f"TOKENIZER_PATH={path!r} keeps a document's leading whitespace without a dummy prefix "
+                       "(remove_extra_whitespaces and add_dummy_prefix off): the rule drops that space after BOS")
 
 
 # ==================================================================================================
@@ -720,8 +819,9 @@ class Pass:
     """One pass of the block loop: which physical block runs, and the per-pass techniques (data, not flags)."""
     layer: int            # physical block
     repeat: int = -1      # >= 0: a recurrent layer's second pass, conditioned by iter_embed / iter_gate[repeat]
+    ln: float = 1.0       # LN scale: the block's normalised inputs x this
     ve: int = -1          # >= 0: add the value embedding, scaled by ve_scales[ve]
-    parallel: bool = False   # attention and MLP read the same input and both add to the stream (PR #1204)
+    parallel: bool = False   # attention and MLP read the same input and both add to the stream (#1204, #1493)
 
 
 class Block(nn.Module):
@@ -737,12 +837,12 @@ class Block(nn.Module):
     def forward(self, x, x0, v0, p: Pass, ve):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        n = rms_norm(x)
+        n = rms_norm(x) * p.ln
         a, v0 = self.attn(n, v0, ve)
         if p.parallel:
             return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * self.mlp(n), v0
         x = x + self.attn_scale.to(x.dtype) * a
-        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * p.ln)
         return x, v0
 
 
@@ -810,11 +910,12 @@ def layer_schedule(cfg: Config) -> list[Pass]:
         if layer in cfg.recur_layers:
             order.append((layer, cfg.recur_layers.index(layer)))
     passes, n_ve, ve_layers = [], 0, {i % cfg.num_layers for i in cfg.ve_layers}
-    for i, (layer, rep) in enumerate(order):
+    for layer, rep in order:
         ve = -1
         if layer in ve_layers:
             ve, n_ve = n_ve, n_ve + 1
-        passes.append(Pass(layer, rep, ve, 0 < cfg.parallel_start <= i))
+        ln = 1 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0    # by physical layer: both passes share it
+        passes.append(Pass(layer, rep, ln, ve, 0 < cfg.parallel_start <= layer))
     return passes
 
 
@@ -833,12 +934,15 @@ class GPT(nn.Module):
         self.schedule = layer_schedule(cfg)
         n_ve = sum(p.ve >= 0 for p in self.schedule)
         self.value_embed = ValueEmbed(cfg, n_ve) if n_ve else None
-        self.n_enc = len(self.schedule) // 2          # U-Net: the first half of the passes feed the second half
-        n_skip = min(self.n_enc, len(self.schedule) - self.n_enc)
+        n_enc = len(self.schedule) // 2               # U-Net: the first half of the passes feed the second half
+        n_skip = min(n_enc, len(self.schedule) - n_enc)
         self.skip_weights = labelled(torch.ones(n_skip, d), "scalar")
         n_rep = len(cfg.recur_layers)
         self.iter_embed = labelled(torch.randn(n_rep, d) * 0.02, "recur") if n_rep else None   # PR #1278
         self.iter_gate = labelled(torch.full((n_rep, d), -2.0), "recur") if n_rep else None
+        # RECUR_START_FRAC: before the switch the second passes are skipped (11 passes, the plain model's U-Net). A
+        # Python flag, like QAT: torch.compile guards on it, and the warm-up compiles both graphs
+        self.recur_on = True
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """The only place neighbouring tokens mix before attention; both mixers stop at a BOS. Under autocast the
@@ -856,16 +960,19 @@ class GPT(nn.Module):
         x = self.embed(idx)
         ve = self.value_embed(idx) if self.value_embed is not None else None
         x0, v0, skips = x, None, []
-        for i, p in enumerate(self.schedule):
+        passes = self.schedule if self.recur_on else [p for p in self.schedule if p.repeat < 0]
+        n_enc = len(passes) // 2          # U-Net over the passes that run
+        for i, p in enumerate(passes):
             if p.repeat >= 0:   # second pass of a recurrent layer: per-pass conditioning
                 x = x + torch.sigmoid(self.iter_gate[p.repeat]).to(x.dtype) * self.iter_embed[p.repeat].to(x.dtype)
-            j = i - self.n_enc
-            if 0 <= j < len(self.skip_weights):
-                x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
+            if 0 <= i - n_enc < min(n_enc, len(passes) - n_enc):
+                x = x + self.skip_weights[i - n_enc].to(x.dtype) * skips.pop()
             ve_p = ve * self.value_embed.scales[p.ve].to(ve.dtype) if p.ve >= 0 else None
             x, v0 = self.blocks[p.layer](x, x0, v0, p, ve_p)
-            if i < self.n_enc:
+            if i < n_enc:
                 skips.append(x)
+        if not self.recur_on and self.iter_embed is not None:   # DDP expects a gradient for every parameter: zeros
+            x = x + 0.0 * (self.iter_embed.sum() + self.iter_gate.sum()).to(x.dtype)
         return x
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -896,11 +1003,11 @@ def param_labels(model: nn.Module) -> dict[str, str]:
 # Optimizers: Muon for block matrices, AdamW for the rest
 # ==================================================================================================
 
-def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+def newton_schulz(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Approximate the orthogonal factor U V^T of each matrix in g [N, m, n] with a quintic Newton-Schulz iteration
-    (Muon, K. Jordan 2024); same-shape matrices go through one batched matmul chain."""
+    (Muon, K. Jordan 2024) in `dtype`; same-shape matrices go through one batched matmul chain."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    x = g.to(dtype)
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     tall = x.size(-2) > x.size(-1)
     if tall:
@@ -916,7 +1023,7 @@ class Muon(torch.optim.Optimizer):
     decoupled weight decay. Matrices are grouped by shape and dealt round-robin to the ranks; each rank
     orthogonalises its share of a group in one batched call, and one all-reduce shares the results."""
 
-    def __init__(self, params, lr: float, momentum: float, weight_decay: float, run: Run, compile_ns: bool = False) -> None:
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float, run: Run) -> None:
         super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.run = run
         params = self.param_groups[0]["params"]
@@ -928,9 +1035,10 @@ class Muon(torch.optim.Optimizer):
         mine = {i for k, i in enumerate(order) if k % run.world_size == run.rank}
         self.shares = [[i for i in idx if i in mine] for idx in by_shape.values()]
         self.shares = [share for share in self.shares if share]
-        if compile_ns:   # one graph per (share size, shape): more than dynamo's default limit of 8 on some ranks
+        if run.compiled:   # one graph per (share size, shape): more than dynamo's default limit of 8 on some ranks
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 + len(self.shares))
-        self.ns = torch.compile(newton_schulz, dynamic=False) if compile_ns else newton_schulz
+        self.ns = run.compile(newton_schulz)
+        self.dtype = run.amp or torch.float32   # the orthogonalisation and its exchange run in the compute dtype
         self.flat = None
 
     @torch.no_grad()
@@ -938,7 +1046,7 @@ class Muon(torch.optim.Optimizer):
         group = self.param_groups[0]
         params, mom = group["params"], group["momentum"]
         if self.flat is None:
-            self.flat = torch.zeros(self.offsets[-1], device=params[0].device, dtype=torch.bfloat16 if params[0].is_cuda else torch.float32)
+            self.flat = torch.zeros(self.offsets[-1], device=params[0].device, dtype=self.dtype)
         self.flat.zero_()
         for share in self.shares:
             grads = [params[i].grad for i in share]
@@ -950,7 +1058,7 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_add_(bufs, grads)
             g = torch.stack(grads).add_(torch.stack(bufs), alpha=mom)     # Nesterov
             g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-7)   # MuonEq-R (off trained 0.023 nats worse)
-            u = self.ns(g) * max(1.0, g.size(-2) / g.size(-1)) ** 0.5
+            u = self.ns(g, dtype=self.dtype) * max(1.0, g.size(-2) / g.size(-1)) ** 0.5
             for j, i in enumerate(share):
                 self.flat[self.offsets[i]:self.offsets[i + 1]] = u[j].reshape(-1)
         self.run.all_reduce(self.flat)
@@ -978,7 +1086,7 @@ def build_optimizers(model: GPT, cfg: Config, run: Run) -> list[torch.optim.Opti
         opts.append(torch.optim.AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **fused))
     for group in muon_groups:
         muon = Muon(group.pop("params"), lr=group["lr"], momentum=cfg.muon_momentum, weight_decay=group["weight_decay"],
-                    run=run, compile_ns=cfg.compile and run.device.type == "cuda")
+                    run=run)
         muon.param_groups[0].update(base_lr=group["base_lr"], label=group["label"])
         opts.append(muon)
     return opts
@@ -1081,7 +1189,8 @@ def quantize_tensor(w: torch.Tensor, kind: str, spec: QuantSpec, H: torch.Tensor
 def collect_hessians(model: GPT, batches, run: Run) -> tuple[dict[str, torch.Tensor], int]:
     """H = X^T X of the inputs of every QLinear (both passes of a recurrent layer add to one H) and, for the tied
     embedding quantized as the output head, of the final-norm output; summed over `batches` on every rank and
-    all-reduced. Layers that read the same input (q, k, v) share one H. Returns ({weight name: H}, tokens seen)."""
+    all-reduced, in float32 whatever the autocast. Layers that read the same input (q, k, v) share one H. Returns
+    ({weight name: H}, tokens seen)."""
     sums: dict[str, torch.Tensor] = {}
     alias: dict[str, str] = {}
     last = [None, None]          # (the last input seen, its Hessian's name): q, k and v are called on one tensor
@@ -1094,7 +1203,8 @@ def collect_hessians(model: GPT, batches, run: Run) -> tuple[dict[str, torch.Ten
                 if alias[name] == last[1]:
                     return
             x = x.detach().reshape(-1, x.size(-1)).float()
-            sums[name] = sums.get(name, 0) + x.T @ x
+            with torch.autocast(x.device.type, enabled=False):   # the hooks run under autocast: keep X^T X in fp32
+                sums[name] = sums.get(name, 0) + x.T @ x
             last[0], last[1] = inputs[0], name
         return add
 
@@ -1572,18 +1682,18 @@ def ttt_batches(tokens: torch.Tensor, a: int, b: int, seq_len: int, share: tuple
 
 
 def ttt_compiled(model: GPT, ttt: Ttt, seq_len: int, rank: int, world: int, run: Run):
-    """The TTT step's forward, compiled (CUDA) and warmed up on random tokens, never on validation tokens: one
+    """The TTT step's forward, compiled (COMPILE) and warmed up on random tokens, never on validation tokens: one
     forward and backward at each batch shape of this rank's share of a full chunk; the gradients are dropped and
     no weight moves. The warm-up runs inside the eval phase, so the budget pays for it."""
-    fn = torch.compile(model, dynamic=False)
+    fn = run.compile(model)
     n_seq = -(-ttt.chunk_tokens // seq_len)
     size = (rank + 1) * n_seq // world - rank * n_seq // world
     g = torch.Generator().manual_seed(0)
     with torch.enable_grad():
         for n in sorted({min(32, size - k) for k in range(0, size, 32)}):
-            x = torch.randint(0, model.tok_emb.weight.size(0), (n, seq_len), generator=g).to(run.device)
-            with run.autocast():
-                loss = fn(x, x, reduction="sum")
+            x, y = torch.randint(0, model.tok_emb.weight.size(0), (2, n, seq_len), generator=g).to(run.device)
+            with run.autocast():   # inputs and targets apart, as in training (dynamo guards on their aliasing)
+                loss = fn(x, y, reduction="sum")
             loss.backward()
     for p in model.parameters():
         p.grad = None
@@ -1766,10 +1876,23 @@ def check_ranks_agree(model: nn.Module, run: Run) -> None:
     log("rank_sync: identical weights" if gap == 0 else f"rank_sync: WARNING ranks differ (checksum spread {gap:.3e})")
 
 
-def training_forward(model: GPT, cfg: Config, run: Run, fullgraph: bool = True):
-    """The forward the training steps call: compiled on CUDA (fullgraph: a graph break is an error, not a silent
-    slowdown), wrapped in DDP on several ranks."""
-    fwd = torch.compile(model, dynamic=False, fullgraph=fullgraph) if cfg.compile and run.device.type == "cuda" else model
+def training_forward(model: GPT, run: Run, probe: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """The forward the training steps call: compiled when COMPILE (fullgraph: a graph break is an error, not a silent
+    slowdown), wrapped in DDP on several ranks. Where FlashAttention-3 does not trace in one graph (seen on the first
+    forward, `probe`, before DDP exists), every rank compiles with graph breaks instead, and the log says so."""
+    fwd = run.compile(model, fullgraph=True)
+    if run.compiled and probe is not None and model.blocks[0].attn.backend == "fa3":
+        problem = ""
+        try:
+            with run.autocast():
+                fwd(*probe)        # traces the training graph; the loss is dropped, no weight moves
+        except torch._dynamo.exc.TorchDynamoException as e:
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        # rank agreement: the fallback changes every rank's graphs, so one rank's failure decides for all
+        if run.agree(bool(problem)):
+            log(f"attention: FlashAttention-3 breaks the graph on some rank ({problem or 'not this one'}); "
+                "compiling with graph breaks (fullgraph=False)")
+            fwd = run.compile(model, fullgraph=False)
     if run.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
         # our buffers (RoPE frequencies) are equal on every rank: never re-broadcast them per forward
@@ -1778,31 +1901,39 @@ def training_forward(model: GPT, cfg: Config, run: Run, fullgraph: bool = True):
     return fwd
 
 
-def compile_warmup(model: GPT, fwd, opts, cfg: Config, run: Run, grad_accum: int, local_tokens: int):
-    """Run WARMUP_STEPS real steps so that compilation happens before the clock, the last one with QAT on (so both
-    QAT graphs exist), then restore model and optimizers. Returns the training forward: where FlashAttention-3 does
-    not trace in one graph, it is compiled again with graph breaks, and the log says so."""
+def switches(cfg: Config, progress: float) -> tuple[bool, bool]:
+    """(recurrence on, late QAT on) at this fraction of the expected run. Every rank computes it from the agreed
+    progress, so every rank flips at the same step."""
+    return progress >= cfg.recur_start_frac, cfg.late_qat_frac > 0 and progress >= 1 - cfg.late_qat_frac
+
+
+def set_switches(model: GPT, cfg: Config, state: tuple[bool, bool]) -> None:
+    model.recur_on = state[0]
+    model.set_qat(state[1], cfg.int6_clip_k)
+
+
+def compile_warmup(model: GPT, opts, cfg: Config, run: Run, grad_accum: int, local_tokens: int):
+    """Build the training forward and run WARMUP_STEPS real steps (at least one in each switch state the run will
+    pass through: recurrence off/on, QAT off/on), so that every graph is compiled before the clock starts; then
+    restore model and optimizers. Returns the training forward."""
+    loader = TrainLoader(cfg, run, local_tokens)
+    batches = loader.next_step(grad_accum)
+    fwd = training_forward(model, run, probe=batches[0] if cfg.warmup_steps else None)
     if cfg.warmup_steps == 0:
         return fwd
+    states = list(dict.fromkeys(switches(cfg, p) for p in sorted({0.0, cfg.recur_start_frac, 1 - cfg.late_qat_frac})
+                                if p <= 1))
+    n_steps = max(cfg.warmup_steps, len(states))
     model_state = copy.deepcopy(model.state_dict())
     opt_states = [copy.deepcopy(o.state_dict()) for o in opts]
-    loader = TrainLoader(cfg, run, local_tokens)
     with timed("compile_warmup", run):
-        for k in range(cfg.warmup_steps):
-            model.set_qat(cfg.late_qat_frac > 0 and k == cfg.warmup_steps - 1 and k > 0, cfg.int6_clip_k)
+        for k in range(n_steps):
+            set_switches(model, cfg, states[k * len(states) // n_steps])
+            train_step(fwd, opts, batches, run, cfg.grad_clip_norm, list(model.parameters()))
             batches = loader.next_step(grad_accum)
-            try:
-                train_step(fwd, opts, batches, run, cfg.grad_clip_norm, list(model.parameters()))
-            except torch._dynamo.exc.TorchDynamoException as e:
-                if k > 0 or model.blocks[0].attn.backend != "fa3" or not (cfg.compile and run.device.type == "cuda"):
-                    raise
-                log(f"attention: FlashAttention-3 breaks the graph ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                    "compiling with graph breaks (fullgraph=False)")
-                for o in opts:
-                    o.zero_grad(set_to_none=True)
-                fwd = training_forward(model, cfg, run, fullgraph=False)
-                train_step(fwd, opts, batches, run, cfg.grad_clip_norm, list(model.parameters()))
-    model.set_qat(False)
+    run.barrier()   # every rank's graphs exist: what compiles after this line compiles inside the clock
+    log(f"compile_warmup steps:{n_steps} states:{' '.join(f'recur{int(r)}_qat{int(q)}' for r, q in states)}")
+    set_switches(model, cfg, states[0])
     model.load_state_dict(model_state)
     for o, s in zip(opts, opt_states):
         o.load_state_dict(s)
@@ -1823,10 +1954,12 @@ def batch_split(cfg: Config, run: Run) -> tuple[int, int]:
 def build_model(cfg: Config, run: Run) -> GPT:
     """The seeded model on the run's device, with FlashAttention-3 where it works (a Hopper GPU), else SDPA."""
     problem = flash_attention_problem(cfg, run.device)
-    if problem and run.device.type == "cuda":
-        log(f"attention: SDPA, since FlashAttention-3 is unusable: {problem}")
+    # rank agreement: every rank runs the same attention, so that every rank traces the same graphs
+    sdpa = run.agree(problem is not None)
+    if sdpa and run.device.type == "cuda":
+        log(f"attention: SDPA, since FlashAttention-3 is unusable: {problem or 'on another rank'}")
     torch.manual_seed(cfg.seed)
-    return GPT(cfg, attention="sdpa" if problem else "fa3").to(run.device)
+    return GPT(cfg, attention="sdpa" if sdpa else "fa3").to(run.device)
 
 
 @dataclass
@@ -1875,22 +2008,26 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
         f"passes:{len(model.schedule)} grad_accum:{grad_accum} local_batch_tokens:{local_tokens}")
     opts = build_optimizers(model, cfg, run)
     params = list(model.parameters())
-    fwd = compile_warmup(model, training_forward(model, cfg, run), opts, cfg, run, grad_accum, local_tokens)
+    fwd = compile_warmup(model, opts, cfg, run, grad_accum, local_tokens)
     val_tokens = load_val_tokens(cfg) if cfg.val_loss_every else None
     loader, ema = TrainLoader(cfg, run, local_tokens), EMA(model, cfg.ema_decay)
     host_flags = torch.zeros(2, pin_memory=run.device.type == "cuda")   # (cap hit, elapsed s): sent without a sync
     run.barrier()
     run.sync()
     train_s = cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds if cfg.max_wallclock_seconds else 0.0
-    clock, step, step_avg_s, qat_on, agreed_s = WallClock(train_s), 0, 0.0, False, 0.0
+    clock, step, step_avg_s, agreed_s = WallClock(train_s), 0, 0.0, 0.0
+    state = switches(cfg, 0.0)
+    set_switches(model, cfg, state)
     recent = collections.deque(maxlen=20)   # the last step times: the cap check plans with the slowest
     batches = loader.next_step(grad_accum)
     while step < cfg.iterations:
         progress = clock.progress(step, cfg.iterations, agreed_s)
-        if not qat_on and cfg.late_qat_frac > 0 and progress >= 1 - cfg.late_qat_frac:
-            model.set_qat(True, cfg.int6_clip_k)
-            qat_on = True
-            log(f"late_qat:on step:{step} train_time:{1000 * clock.elapsed():.0f}ms")
+        if switches(cfg, progress) != state:   # the graph of the new state was compiled in the warm-up
+            old, state = state, switches(cfg, progress)
+            set_switches(model, cfg, state)
+            for name, was, now in (("recurrence", old[0], state[0]), ("late_qat", old[1], state[1])):
+                if now != was and (name != "recurrence" or cfg.recur_layers):
+                    log(f"{name}:{'on' if now else 'off'} step:{step} train_time:{1000 * clock.elapsed():.0f}ms")
         set_schedule(opts, cfg, step, progress)
         elapsed_before = clock.elapsed()
         loss = train_step(fwd, opts, batches, run, cfg.grad_clip_norm, params)
@@ -1927,14 +2064,15 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
     check_ranks_agree(model, run)
     if run.device.type == "cuda":
         log(f"peak_memory_allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB")
-    state = ema.state_dict(model)
-    with torch.no_grad():   # from here on the model holds what is exported
+    weights = ema.state_dict(model)
+    with torch.no_grad():   # from here on the model holds what is exported: recurrence on, QAT off
         for name, p in model.named_parameters():
-            p.copy_(state[name])
+            p.copy_(weights[name])
+    set_switches(model, cfg, (True, False))
     model.eval()
     clock.limit_s = cfg.max_wallclock_seconds
     calib = calibrate(model, loader, cfg, run, clock)
-    return state, labels, calib, model
+    return weights, labels, calib, model
 
 
 # ==================================================================================================
@@ -1969,7 +2107,7 @@ def prequant_eval(cfg: Config, run: Run, model: GPT) -> None:
     """EVAL_PREQUANT=1: score the EMA weights before quantization like the final evaluation, SLOT off, so that the
     log shows what quantization costs (final - prequant)."""
     tables = load_byte_tables(cfg.tokenizer_path, cfg.vocab_size)
-    hidden_fn = torch.compile(model.hidden, dynamic=False) if cfg.compile and run.device.type == "cuda" else model.hidden
+    hidden_fn = run.compile(model.hidden)
     r = evaluate(model, load_val_tokens(cfg), tables, run, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows, hidden_fn)
     log(f"prequant_exact val_loss:{r.loss:.8f} val_bpb:{r.bpb:.8f} eval_time:{1000 * r.seconds:.0f}ms scored_tokens:{r.tokens}")
 
@@ -1990,7 +2128,8 @@ def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path, t0: float)
     clash = [f"{k.upper()}={getattr(cfg, k)} (artifact: {v})" for k, v in model_cfg.items() if k in explicit and getattr(cfg, k) != v]
     if clash:
         raise RunError(f"settings disagree with the artifact's model: {', '.join(clash)}")
-    cfg = dataclasses.replace(cfg, **model_cfg)
+    # the data and tokenizer follow the artifact's VOCAB_SIZE unless they were given
+    cfg = dataclasses.replace(cfg, **model_cfg, **{k: "" for k in ("data_path", "tokenizer_path") if k not in explicit})
     cfg.validate_model()
     tables = load_byte_tables(cfg.tokenizer_path, cfg.vocab_size)
     model = build_model(cfg, run)
@@ -2000,7 +2139,9 @@ def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path, t0: float)
         f"attention:{model.blocks[0].attn.backend} "
         + " ".join(f"{k}:{','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in model_cfg.items()))
     tokens = load_val_tokens(cfg)
-    hidden_fn = torch.compile(model.hidden, dynamic=False) if cfg.compile and run.device.type == "cuda" else model.hidden
+    if run.compiled:   # a fresh model: compile its graphs anew, rather than as recompiles of the training model's
+        torch._dynamo.reset()
+    hidden_fn = run.compile(model.hidden)
     log(f"eval_tokens:{len(tokens)} eval_seq_len:{cfg.eval_seq_len} eval_stride:{cfg.eval_stride} "
         f"eval_batch_windows:{cfg.eval_batch_windows} eval_budget:{cfg.eval_budget_seconds:.0f}s")
     slot, ttt = Slot.from_config(cfg), Ttt.from_config(cfg)
@@ -2020,7 +2161,7 @@ def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path, t0: float)
         log(f"ttt_settings epochs:{ttt.epochs} chunk_tokens:{ttt.chunk_tokens} lr:{ttt.lr} momentum:{ttt.momentum} "
             f"clip:{ttt.clip} reset:{ttt.reset}")
     r = evaluate(model, *geometry, want_nll=bool(cfg.nll_dump_path), slot=slot, deadline=deadline, ttt=ttt,
-                 compile_ttt=cfg.compile and run.device.type == "cuda" and ttt is not None and ttt.reset == "never")
+                 compile_ttt=run.compiled and ttt is not None and ttt.reset == "never")
     log_score({(0, 0): "sliding_window", (1, 0): "slot", (0, 1): "ttt", (1, 1): "slot_ttt"}[(bool(slot), bool(ttt))], r, slot, ttt)
     if r.budget_cuts:
         log(f"eval_budget: WARNING the budget guard cut SLOT steps or TTT epochs {r.budget_cuts} time(s): this score "
@@ -2062,10 +2203,11 @@ def main() -> int:
     started = time.perf_counter()
     try:
         cfg, explicit = config_from_env(os.environ)
-        run = start_run(os.environ)
+        run = start_run(os.environ, cfg)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    watch = FailureWatch(run) if run.distributed else None
     try:
         if not cfg.run_id:   # one timestamp for every rank
             box = [time.strftime("%Y%m%d_%H%M%S") + f"_seed{cfg.seed}"]
@@ -2095,12 +2237,22 @@ def main() -> int:
         if "eval" in phases:
             eval_phase(cfg, run, explicit, path, started if phases == {"eval"} else time.perf_counter())
         return 0
-    except RunError as e:
-        log(f"error: {e}")
+    except Exception as e:   # any failure, on any rank, in any phase: one error line, and every rank ends
+        reason = str(e) if isinstance(e, RunError) else f"{type(e).__name__}: {e}"
+        if not isinstance(e, RunError):
+            traceback.print_exc()
+        if watch is not None:
+            watch.failing = True
+        log(f"error: {reason}")
         if not run.is_main:
-            print(f"error (rank {run.rank}): {e}", file=sys.stderr)
+            print(f"error (rank {run.rank}): {reason}", file=sys.stderr, flush=True)
+        if watch is not None:
+            watch.fail(f"rank {run.rank} failed: {reason}")
+            watch.exit()
         return 1
     finally:
+        if watch is not None:
+            watch.stop()
         log.close()
         if dist.is_initialized():
             # DDP and compiled modules sit in reference cycles that hold the process group; freed only at interpreter

@@ -1,151 +1,54 @@
 """Download the official cached FineWeb export (tokenizer + challenge shards) from the Hugging Face Hub.
 
     python data/download.py --variant sp1024 --train-shards 80
+    python data/download.py --variant sp8192 --train-shards 128
 
-writes the layout train_gpt.py reads by default:
+writes the layout train_gpt.py reads by default for VOCAB_SIZE=V (variant spV):
 
-    data/manifest.json
-    data/tokenizers/fineweb_1024_bpe.model (+ .vocab)
-    data/datasets/fineweb10B_sp1024/fineweb_val_000000.bin ...     (validation: always all of it)
-    data/datasets/fineweb10B_sp1024/fineweb_train_000000.bin ...   (the first --train-shards train shards)
+    data/tokenizers/fineweb_V_bpe.model (+ .vocab)
+    data/datasets/fineweb10B_spV/fineweb_val_000000.bin ...     (validation: always all of it)
+    data/datasets/fineweb10B_spV/fineweb_train_000000.bin ...   (the first --train-shards train shards)
 
-The export is described by `datasets/manifest.json` in the dataset repo: `datasets[]` entries (name
-`fineweb10B_<variant>`, `tokenizer_name`, `stats.files_train`, `stats.files_val`) and `tokenizers[]` entries
-(`name`, `model_path` / `vocab_path` / `path`, relative to `datasets/`).
+Each variant has a default dataset repo (REPOS; --repo-id names another). The export lives under `datasets/` in the
+repo and `datasets/manifest.json` describes it: `datasets[]` entries (name `fineweb10B_<variant>`, `tokenizer_name`,
+`stats.files_train`, `stats.files_val`) and `tokenizers[]` entries (`name`, `model_path` / `vocab_path` / `path`,
+relative to `datasets/`).
 
-Each file goes to `<name>.part` and is renamed only when complete and verified (shards: header magic, version
-and token count against the file size), so an interrupted run leaves no file that looks finished. Rerunning the
-same command skips finished files and resumes `.part` files with an HTTP Range request. `HF_ENDPOINT` replaces
-https://huggingface.co, as it does for huggingface_hub (tests point it at a local server). Standard library only.
+huggingface_hub does the transfer (hf_hub_download: retries, the Hub cache, HF_ENDPOINT, HF_TOKEN, HF_HOME,
+HF_HUB_OFFLINE). The manifest is read from the cache of the chosen repo, which the library revalidates on every
+run, so a manifest of another repo or an older commit is never used. What this script adds: every shard is checked
+(header magic, version and token count against the file size) before it is placed, a file appears under its final
+name only once complete and checked (a hard link to the cached file where the file system allows, else a copy), a
+rerun checks finished files and skips them (only the manifest is asked for again; HF_HUB_OFFLINE=1 runs without
+network), and every failure is one line naming the file or value, exit code 1. --train-shards N fetches a prefix.
 """
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import re
-import socket
+import shutil
 import sys
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
-DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
+# Where each variant's export lives: sp1024 is the official one; sp4096 and sp8192 are the export that the SP4096 and
+# SP8192 records of openai/parameter-golf download (records/track_10min_16mb/2026-04-05_SP8192_*/README.md).
+REPOS = {"sp1024": "willdepueoai/parameter-golf",
+         "sp4096": "kevclark/parameter-golf",
+         "sp8192": "kevclark/parameter-golf"}
 REMOTE_ROOT = "datasets"              # the export lives under this folder of the dataset repo
 DEFAULT_TRAIN_SHARDS = 80             # 8B tokens: more than one 600 s run on 8 x H100 can read
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = 4 * HEADER_INTS
-CHUNK_BYTES = 1 << 20
 
 
 class DownloadError(Exception):
     """A problem the user must see: one line, exit code 1."""
 
 
-class Retry(DownloadError):
-    """A transient failure (dropped connection, timeout, 5xx): worth another attempt that resumes the .part file."""
-
-
 # ==================================================================================================
-# HTTP
-# ==================================================================================================
-
-def hub_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-
-
-def file_url(endpoint: str, repo_id: str, revision: str, path: str) -> str:
-    return f"{endpoint}/datasets/{repo_id}/resolve/{urllib.parse.quote(revision, safe='')}/{urllib.parse.quote(path)}"
-
-
-def open_url(url: str, offset: int, timeout: float):
-    """GET url from byte `offset` on. Returns the response, or None when the server says the range is past the end."""
-    headers = {"User-Agent": "parameter-golf-download/1.0"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    try:
-        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 416:
-            return None
-        if e.code == 404:
-            raise DownloadError(f"{url}: not found (HTTP 404); check --repo-id, --variant and the manifest") from None
-        if e.code in (401, 403):
-            raise DownloadError(f"{url}: access denied (HTTP {e.code}); is the repo id right and the repo public?") from None
-        if e.code == 429 or e.code >= 500:
-            raise Retry(f"{url}: server error HTTP {e.code}") from None
-        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        reason = getattr(e, "reason", e)
-        if isinstance(reason, socket.gaierror) and reason.errno == socket.EAI_NONAME:   # no such host: retrying won't help
-            raise DownloadError(f"cannot reach {url}: {reason} (no network? HF_ENDPOINT names a mirror)") from None
-        raise Retry(f"cannot reach {url}: {reason}") from None
-
-
-def content_range_total(header: str | None) -> int | None:
-    """The total size in `Content-Range: bytes a-b/total` (or `bytes */total`), when the server gives one."""
-    m = re.match(r"bytes\s+(?:\d+-\d+|\*)/(\d+)", header or "")
-    return int(m.group(1)) if m else None
-
-
-def fetch_once(url: str, part: Path, timeout: float, progress: "Progress") -> None:
-    """One attempt: append to `part` from where it stops. Raises Retry when the transfer ends short."""
-    offset = part.stat().st_size if part.exists() else 0
-    resp = open_url(url, offset, timeout)
-    if resp is None:   # 416: the .part is as long as the file (then it is whole) or longer (then start over)
-        if not _part_is_whole(url, part, timeout):
-            raise Retry(f"{url}: the server refused to resume at byte {offset}; starting this file over")
-        progress.start_file(offset, offset)
-        return
-    with resp:
-        total = None
-        if resp.status == 206:
-            m = re.match(r"bytes\s+(\d+)-", resp.headers.get("Content-Range", ""))
-            if not m or int(m.group(1)) != offset:
-                part.unlink(missing_ok=True)
-                raise Retry(f"{url}: the server resumed at the wrong byte; starting this file over")
-            total = content_range_total(resp.headers.get("Content-Range"))
-        else:   # 200: a server that ignores Range sends the whole file, so start the .part over
-            offset = 0
-            length = resp.headers.get("Content-Length")
-            total = int(length) if length is not None else None
-        progress.start_file(offset, total)
-        size = offset
-        with open(part, "ab" if offset else "wb") as f:
-            try:
-                while chunk := resp.read(CHUNK_BYTES):
-                    f.write(chunk)
-                    size += len(chunk)
-                    progress.update(size)
-            except (OSError, http.client.HTTPException) as e:
-                raise Retry(f"{url}: connection dropped at byte {size}: {e}") from None
-    if total is not None and size < total:
-        raise Retry(f"{url}: connection dropped at byte {size} of {total}")
-    if total is not None and size > total:
-        part.unlink()
-        raise DownloadError(f"{url}: received {size} bytes but the server announced {total}; deleted {part}")
-
-
-def _part_is_whole(url: str, part: Path, timeout: float) -> bool:
-    """After a 416, ask for the size with a 1-byte range: a .part of exactly that size is complete."""
-    try:
-        req = urllib.request.Request(url, headers={"Range": "bytes=0-0", "User-Agent": "parameter-golf-download/1.0"})
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            total = content_range_total(resp.headers.get("Content-Range")) if resp.status == 206 else \
-                int(resp.headers.get("Content-Length", -1))
-    except (urllib.error.URLError, OSError, http.client.HTTPException):
-        return False
-    if part.stat().st_size == total:
-        return True
-    part.unlink()
-    return False
-
-
-# ==================================================================================================
-# Verification and one file
+# Verification
 # ==================================================================================================
 
 def check_shard(path: Path) -> str | None:
@@ -163,87 +66,95 @@ def check_shard(path: Path) -> str | None:
     return None
 
 
-def download(url: str, dest: Path, is_shard: bool, retries: int, timeout: float, progress: "Progress") -> str:
-    """Make `dest` a complete, verified copy of url. Returns what happened: 'skipped', 'downloaded', 'resumed'."""
+# ==================================================================================================
+# The Hub (huggingface_hub), with its exceptions turned into one line each
+# ==================================================================================================
+
+def first_line(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def explain(e: Exception, repo_id: str, path: str, revision: str) -> str:
+    """One line for what hf_hub_download raised, naming the file and the value to check."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                       RepositoryNotFoundError, RevisionNotFoundError)
+    what = f"{repo_id}:{path}"
+    status = lambda err: getattr(getattr(err, "response", None), "status_code", "?")   # noqa: E731
+    if isinstance(e, GatedRepoError):
+        return f"{what}: the dataset repo is gated (HTTP {status(e)}); accept its terms on the Hub and set HF_TOKEN"
+    if isinstance(e, RepositoryNotFoundError):
+        return (f"{what}: dataset repo {repo_id} not found or private (HTTP {status(e)}); check --repo-id, "
+                f"or set HF_TOKEN for a private repo")
+    if isinstance(e, RevisionNotFoundError):
+        return f"{what}: revision {revision!r} not found in {repo_id} (HTTP {status(e)}); check --revision"
+    if isinstance(e, LocalEntryNotFoundError):   # the library's "no answer from the Hub, and not in the cache"
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, HfHubHTTPError):
+            return f"{what}: HTTP {status(cause)} from {constants.ENDPOINT} ({first_line(cause)})"
+        if constants.HF_HUB_OFFLINE:
+            return f"{what}: not in the Hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set"
+        reason = f"{type(cause).__name__}: {first_line(cause)}" if cause else first_line(e)
+        return f"{what}: cannot reach {constants.ENDPOINT} ({reason}); no network? (HF_ENDPOINT names a mirror)"
+    if isinstance(e, EntryNotFoundError):
+        return f"{what}: not found (HTTP 404); check --repo-id, --variant and the repo's manifest"
+    if isinstance(e, HfHubHTTPError):
+        return f"{what}: HTTP {status(e)} ({first_line(e)})"
+    return f"{what}: {first_line(e)}"
+
+
+def hub_file(repo_id: str, path: str, revision: str, force: bool = False) -> Path:
+    """The cached copy of one file of the dataset repo (downloaded now unless the cache has it at this commit)."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise DownloadError("huggingface_hub is not installed: pip install -r requirements.txt") from None
+    try:
+        return Path(hf_hub_download(repo_id, path, repo_type="dataset", revision=revision, force_download=force))
+    except Exception as e:   # HTTP, transport, cache and argument errors alike: one line each
+        raise DownloadError(explain(e, repo_id, path, revision)) from None
+
+
+def place(src: Path, dest: Path) -> bool:
+    """Make dest a hard link to (or a copy of) src; it appears under its name only when complete. True: linked."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")   # hidden: train_gpt.py's fineweb_*.bin globs never see it
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(src, tmp)
+            linked = True
+        except OSError:   # another file system (HF_HOME elsewhere) or no hard links: copy
+            shutil.copyfile(src, tmp)
+            linked = False
+        os.replace(tmp, dest)
+        return linked
+    except OSError as e:
+        raise DownloadError(f"{dest}: cannot write it ({e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fetch(repo_id: str, path: str, revision: str, dest: Path, is_shard: bool) -> str:
+    """Make dest a complete, checked copy of one repo file: 'already complete', 'downloaded' (a hard link to the
+    Hub cache) or 'copied' (downloaded, then copied out of a cache on another file system)."""
     if dest.exists():
         problem = check_shard(dest) if is_shard else None
         if problem is None:
-            progress.skip()
-            return "skipped"
-        progress.note(f"{dest}: {problem}; downloading it again")
+            return "already complete"
+        print(f"{dest}: {problem}; downloading it again", file=sys.stderr)
         dest.unlink()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    resumed = part.exists() and part.stat().st_size > 0
-    for attempt in range(retries + 1):
-        before = part.stat().st_size if part.exists() else 0
-        try:
-            fetch_once(url, part, timeout, progress)
-            break
-        except Retry as e:
-            if attempt == retries:
-                tries = f"{retries + 1} attempt{'s' if retries else ''}"
-                if part.exists() and part.stat().st_size:
-                    raise DownloadError(f"{e} (gave up after {tries}; {part.stat().st_size} bytes kept in {part}); "
-                                        f"rerun the same command to resume") from None
-                raise DownloadError(f"{e} (gave up after {tries}); rerun the same command when it is reachable") from None
-            progress.note(f"{e}; retrying ({attempt + 1}/{retries})")
-            grew = part.exists() and part.stat().st_size > before
-            if not grew:   # no progress at all: give a struggling server a moment; a drop mid-file resumes at once
-                time.sleep(min(2 ** attempt, 30))
-    problem = check_shard(part) if is_shard else None
-    if problem is not None:
-        part.unlink()   # a corrupt file must not be resumed: the next run starts it over
-        raise DownloadError(f"{url}: the downloaded shard is corrupt: {problem}; deleted it, rerun to fetch it again "
-                            f"(if it fails again the file in the repo is bad)")
-    os.replace(part, dest)
-    progress.done()
-    return "resumed" if resumed else "downloaded"
-
-
-def human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-
-
-class Progress:
-    """One status line per file on stderr: redrawn in place on a terminal, printed once per file in a log."""
-
-    def __init__(self, n_files: int, stream=None) -> None:
-        self.n, self.i, self.stream = n_files, 0, stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.name, self.t0, self.last, self.start, self.size, self.total = "", 0.0, 0.0, 0, 0, None
-
-    def begin(self, name: str) -> None:
-        self.i += 1
-        self.name = name
-
-    def start_file(self, offset: int, total: int | None) -> None:
-        self.t0 = self.last = time.monotonic()
-        self.start, self.size, self.total = offset, offset, total
-
-    def update(self, size: int) -> None:
-        self.size = size
-        if self.tty and time.monotonic() - self.last > 0.2:
-            self.last = time.monotonic()
-            print("\r" + self.line() + "\033[K", end="", file=self.stream, flush=True)
-
-    def line(self) -> str:
-        total = f"/{human(self.total)}" if self.total else ""
-        rate = (self.size - self.start) / max(time.monotonic() - self.t0, 1e-6)
-        return f"[{self.i}/{self.n}] {self.name} {human(self.size)}{total} {human(rate)}/s"
-
-    def done(self) -> None:
-        end = " ok (resumed)" if self.start else " ok"
-        print(("\r" + self.line() + end + "\033[K") if self.tty else self.line() + end, file=self.stream, flush=True)
-
-    def skip(self) -> None:
-        print(f"[{self.i}/{self.n}] {self.name} already complete", file=self.stream, flush=True)
-
-    def note(self, msg: str) -> None:
-        print(("\n" if self.tty else "") + msg, file=self.stream, flush=True)
+    # A bad cached copy (a damaged hard link shares its bytes) is replaced by a forced download, once.
+    for force in (False, True):
+        cached = hub_file(repo_id, path, revision, force)
+        blob = cached.resolve()
+        problem = check_shard(blob) if is_shard else None
+        if problem is None:
+            return "downloaded" if place(blob, dest) else "copied"
+    for p in (cached, blob):   # nothing the library would reuse as finished either
+        p.unlink(missing_ok=True)
+    raise DownloadError(f"{repo_id}:{path}: the downloaded shard is corrupt: {problem}; deleted it "
+                        f"(downloaded twice, so the file in the repo is bad)")
 
 
 # ==================================================================================================
@@ -258,19 +169,31 @@ def safe_local(out: Path, rel: str) -> Path:
     return out / p
 
 
-def plan(manifest: dict, manifest_path: Path, variant: str, train_shards: int | None) -> list[str]:
+def load_manifest(repo_id: str, remote_root: str, revision: str) -> tuple[dict, str]:
+    where = "/".join(p for p in (remote_root, "manifest.json") if p)
+    path = hub_file(repo_id, where, revision)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DownloadError(f"{repo_id}:{where} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise DownloadError(f"{repo_id}:{where}: expected a JSON object")
+    return manifest, f"{repo_id}:{where}"
+
+
+def plan(manifest: dict, where: str, variant: str, train_shards: int | None) -> list[str]:
     """Paths (relative to the export root) to fetch: tokenizer files, every val shard, the first N train shards."""
     datasets = {d.get("name"): d for d in manifest.get("datasets", []) if isinstance(d, dict)}
     name = f"fineweb10B_{variant}"
     if name not in datasets:
         known = sorted(n.removeprefix("fineweb10B_") for n in datasets if str(n).startswith("fineweb10B_"))
-        raise DownloadError(f"--variant {variant}: {manifest_path} lists no dataset {name}; available: {', '.join(known) or 'none'}")
+        raise DownloadError(f"--variant {variant}: {where} lists no dataset {name}; available: {', '.join(known) or 'none'}")
     entry = datasets[name]
     stats = entry.get("stats") or {}
     try:
         n_train, n_val = int(stats["files_train"]), int(stats["files_val"])
     except (KeyError, TypeError, ValueError):
-        raise DownloadError(f"{manifest_path}: dataset {name} has no stats.files_train / stats.files_val") from None
+        raise DownloadError(f"{where}: dataset {name} has no stats.files_train / stats.files_val") from None
     if train_shards is None:
         train_shards = min(DEFAULT_TRAIN_SHARDS, n_train)
     if train_shards > n_train:
@@ -278,30 +201,13 @@ def plan(manifest: dict, manifest_path: Path, variant: str, train_shards: int | 
     tok_name = entry.get("tokenizer_name")
     tok = next((t for t in manifest.get("tokenizers", []) if isinstance(t, dict) and t.get("name") == tok_name), None)
     if tok is None:
-        raise DownloadError(f"{manifest_path}: tokenizer {tok_name!r} of dataset {name} is not in its tokenizers list")
+        raise DownloadError(f"{where}: tokenizer {tok_name!r} of dataset {name} is not in its tokenizers list")
     tok_files = [str(tok[k]) for k in ("model_path", "vocab_path", "path") if tok.get(k)]
     if not tok_files:
-        raise DownloadError(f"{manifest_path}: tokenizer {tok_name!r} names no file (model_path / vocab_path / path)")
+        raise DownloadError(f"{where}: tokenizer {tok_name!r} names no file (model_path / vocab_path / path)")
     shards = [f"datasets/{name}/fineweb_val_{i:06d}.bin" for i in range(n_val)]
     shards += [f"datasets/{name}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
     return tok_files + shards
-
-
-def load_manifest(out: Path, url: str, args, progress: Progress) -> tuple[dict, Path]:
-    """The local manifest when a previous run fetched it (the export is frozen), else a fresh download."""
-    path = out / "manifest.json"
-    if not path.exists() or args.refresh_manifest:
-        path.unlink(missing_ok=True)
-        progress.begin("manifest.json")
-        download(url, path, False, args.retries, args.timeout, progress)
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        path.unlink()
-        raise DownloadError(f"{path} is not valid JSON ({e}); deleted it, rerun to fetch it again") from None
-    if not isinstance(manifest, dict):
-        raise DownloadError(f"{path}: expected a JSON object")
-    return manifest, path
 
 
 # ==================================================================================================
@@ -311,60 +217,69 @@ def load_manifest(out: Path, url: str, args, progress: Progress) -> tuple[dict, 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Example: python data/download.py --variant sp1024 --train-shards 80")
+                                epilog="Example: python data/download.py --variant sp8192 --train-shards 128")
     p.add_argument("train_shards_pos", nargs="?", type=int, default=None, metavar="TRAIN_SHARDS",
                    help="same as --train-shards (the official script's positional form)")
     p.add_argument("--variant", default="sp1024",
-                   help="tokenizer family: sp1024 (default) or any other the manifest lists (e.g. sp4096, sp8192)")
+                   help=f"tokenizer family: {', '.join(REPOS)} (default sp1024); with --repo-id, any the manifest lists")
     p.add_argument("--train-shards", type=int, default=None,
                    help=f"number of train shards of 100M tokens to fetch, a prefix of the frozen shuffled export "
                         f"(default: {DEFAULT_TRAIN_SHARDS}, or all if fewer); validation is always fetched in full")
     p.add_argument("--out", type=Path, default=Path("data"),
                    help="output folder (default ./data: the layout train_gpt.py reads by default)")
-    p.add_argument("--repo-id", default=os.environ.get("MATCHED_FINEWEB_REPO_ID", DEFAULT_REPO_ID),
-                   help=f"Hugging Face dataset repo (default {DEFAULT_REPO_ID}, or $MATCHED_FINEWEB_REPO_ID)")
+    p.add_argument("--repo-id", default=None,
+                   help="Hugging Face dataset repo (default: the variant's, " +
+                        ", ".join(f"{v} {r}" for v, r in REPOS.items()) + ")")
     p.add_argument("--remote-root", default=REMOTE_ROOT, help=f"folder of the export inside the repo (default {REMOTE_ROOT})")
-    p.add_argument("--revision", default="main", help="git revision of the dataset repo (default main)")
-    p.add_argument("--refresh-manifest", action="store_true", help="fetch manifest.json again even if data/ has one")
-    p.add_argument("--retries", type=int, default=5, help="extra attempts per file after a dropped connection (default 5)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a connection counts as dropped")
+    p.add_argument("--revision", default="main", help="branch, tag or commit of the dataset repo (default main)")
     return p
+
+
+def check_args(args) -> str:
+    """The repo to read, after the checks argparse cannot make (one-line errors, exit code 1)."""
+    if args.train_shards_pos is not None:
+        if args.train_shards is not None and args.train_shards != args.train_shards_pos:
+            raise DownloadError("give the number of train shards once")
+        args.train_shards = args.train_shards_pos
+    if args.train_shards is not None and args.train_shards < 0:
+        raise DownloadError(f"--train-shards {args.train_shards} must be >= 0")
+    if not re.fullmatch(r"[A-Za-z0-9_]+", args.variant):
+        raise DownloadError(f"--variant {args.variant!r}: expected a name such as sp8192")
+    if args.repo_id is None and args.variant not in REPOS:
+        raise DownloadError(f"--variant {args.variant}: unknown; known: {', '.join(REPOS)} (another needs --repo-id)")
+    return args.repo_id or REPOS[args.variant]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.train_shards_pos is not None:
-        if args.train_shards is not None and args.train_shards != args.train_shards_pos:
-            print("error: give the number of train shards once", file=sys.stderr)
-            return 2
-        args.train_shards = args.train_shards_pos
-    if args.train_shards is not None and args.train_shards < 0:
-        print(f"error: --train-shards {args.train_shards} must be >= 0", file=sys.stderr)
-        return 2
-    endpoint = hub_endpoint()
-    url_of = lambda rel: file_url(endpoint, args.repo_id, args.revision, f"{args.remote_root.strip('/')}/{rel}")  # noqa: E731
-    progress = Progress(n_files=1)
     try:
-        manifest, manifest_path = load_manifest(args.out, url_of("manifest.json"), args, progress)
-        files = plan(manifest, manifest_path, args.variant, args.train_shards)
-        progress = Progress(n_files=len(files))
-        counts = {"skipped": 0, "downloaded": 0, "resumed": 0}
-        for rel in files:
-            dest = safe_local(args.out, rel)
-            progress.begin(rel)
-            counts[download(url_of(rel), dest, rel.endswith(".bin"), args.retries, args.timeout, progress)] += 1
+        repo_id = check_args(args)
+        root = args.remote_root.strip("/")
+        manifest, where = load_manifest(repo_id, root, args.revision)
+        files = plan(manifest, where, args.variant, args.train_shards)
+        dests = [safe_local(args.out, rel) for rel in files]   # every manifest path checked before any download
+        counts = {"downloaded": 0, "copied": 0, "already complete": 0}
+        for i, (rel, dest) in enumerate(zip(files, dests), 1):
+            how = fetch(repo_id, "/".join(p for p in (root, rel) if p), args.revision, dest, rel.endswith(".bin"))
+            counts[how] += 1
+            print(f"[{i}/{len(files)}] {rel} {how.replace('copied', 'downloaded')}", file=sys.stderr, flush=True)
     except DownloadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted: rerun the same command to resume", file=sys.stderr)
+        print("\ninterrupted: rerun the same command; finished files are kept", file=sys.stderr)
         return 130
     name = f"fineweb10B_{args.variant}"
     tokenizers = [f for f in files if not f.endswith(".bin")]
     model = safe_local(args.out, next((f for f in tokenizers if f.endswith(".model")), tokenizers[0]))
-    print(f"{len(files)} files ready in {args.out} ({counts['downloaded']} downloaded, {counts['resumed']} resumed from "
-          f"an earlier run, {counts['skipped']} already complete)")
-    print(f"DATA_PATH={args.out / 'datasets' / name} TOKENIZER_PATH={model}")
+    vocab = f"VOCAB_SIZE={args.variant[2:]} " if re.fullmatch(r"sp\d+", args.variant) else ""
+    print(f"{len(files)} files ready in {args.out} from {repo_id} ({counts['downloaded'] + counts['copied']} "
+          f"downloaded, {counts['already complete']} already complete)")
+    if counts["copied"]:
+        print(f"note: the Hub cache is on another file system than {args.out}, so {counts['copied']} files were "
+              f"copied and take twice the space; HF_HUB_CACHE={args.out / '.hub-cache'} keeps one copy",
+              file=sys.stderr)
+    print(f"{vocab}DATA_PATH={args.out / 'datasets' / name} TOKENIZER_PATH={model}")
     return 0
 
 

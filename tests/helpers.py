@@ -29,6 +29,7 @@ TINY_ENV = {
     "TRAIN_SEQ_LEN": "32", "TRAIN_BATCH_TOKENS": "512", "ITERATIONS": "6", "WARMUP_STEPS": "1",
     "TRAIN_LOG_EVERY": "2", "EVAL_SEQ_LEN": "32", "EVAL_STRIDE": "8", "EVAL_BATCH_WINDOWS": "16",
     "MUON_MOMENTUM_WARMUP_STEPS": "3", "GPTQ_RESERVE_SECONDS": "0.5", "TTT_CHUNK_TOKENS": "256",
+    "PARALLEL_START": "2",
 }
 
 
@@ -113,13 +114,16 @@ def script_env(data: Path, model: Path, log_dir: Path, **overrides: str) -> dict
     return env
 
 
-def run_script(env: dict[str, str], cwd: Path, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run train_gpt.py directly, or under torchrun with nproc CPU processes (gloo)."""
+def run_script(env: dict[str, str], cwd: Path, nproc: int = 1, timeout: int = 300,
+               merge_output: bool = False) -> subprocess.CompletedProcess:
+    """Run train_gpt.py directly, or under torchrun with nproc CPU processes (gloo). merge_output: stderr into stdout,
+    one pipe in the order the lines were written (torch's logs beside the run's own lines)."""
     if nproc == 1:
         cmd = [sys.executable, str(SCRIPT)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(SCRIPT)]
-    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, text=True, timeout=timeout,
+                          stderr=subprocess.STDOUT if merge_output else subprocess.PIPE)
 
 
 def parse_log(path: Path) -> dict[str, dict[str, str]]:

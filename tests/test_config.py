@@ -11,7 +11,8 @@ import train_gpt as T
 def test_defaults_are_the_submitted_model():
     cfg, explicit = T.config_from_env({})
     assert explicit == set()
-    assert (cfg.num_layers, cfg.model_dim, cfg.vocab_size, cfg.recur_layers) == (11, 512, 1024, ())
+    assert (cfg.num_layers, cfg.model_dim, cfg.vocab_size, cfg.recur_layers) == (11, 512, 1024, (4, 5))
+    assert cfg.recur_start_frac == 0.35 and (cfg.compile, cfg.autocast) == ("auto", "auto")
     assert (cfg.train_batch_tokens, cfg.train_seq_len, cfg.max_wallclock_seconds) == (786_432, 2048, 600.0)
     assert (cfg.eval_seq_len, cfg.eval_stride) == (2048, 64)
 
@@ -19,9 +20,27 @@ def test_defaults_are_the_submitted_model():
 def test_overrides_are_typed():
     cfg, explicit = T.config_from_env({"NUM_LAYERS": "9", "MATRIX_LR": "0.03", "COMPILE": "0", "RECUR_LAYERS": "3,4,5",
                                        "RUN_ID": "abc", "PATH": "/bin"})
-    assert cfg.num_layers == 9 and cfg.matrix_lr == 0.03 and cfg.compile is False
+    assert cfg.num_layers == 9 and cfg.matrix_lr == 0.03 and cfg.compile == "0"
     assert cfg.recur_layers == (3, 4, 5) and cfg.run_id == "abc"
     assert explicit == {"num_layers", "matrix_lr", "compile", "recur_layers", "run_id"}
+
+
+@pytest.mark.parametrize("env, compiled, amp", [
+    ({}, False, None),                                        # a CPU's defaults: eager, float32
+    ({"COMPILE": "1", "AUTOCAST": "bf16"}, True, T.torch.bfloat16),   # the GPU's path, on a CPU
+    ({"COMPILE": "0", "AUTOCAST": "off"}, False, None),
+])
+def test_compile_and_autocast_resolve_for_the_device(env, compiled, amp):
+    cfg, _ = T.config_from_env(env)
+    run = T.start_run({}, cfg)
+    assert (run.compiled, run.amp) == (compiled, amp)
+
+
+@pytest.mark.parametrize("env, fragment", [({"COMPILE": "yes"}, "COMPILE='yes' must be one of 1, 0, auto"),
+                                           ({"AUTOCAST": "fp16"}, "AUTOCAST='fp16' must be one of bf16, off, auto")])
+def test_compile_and_autocast_values_are_checked(env, fragment):
+    with pytest.raises(T.RunError, match=re.escape(fragment)):
+        T.config_from_env(env)
 
 
 def test_empty_recur_layers_is_the_plain_model():
@@ -91,4 +110,15 @@ def test_ci_runs_the_readme_test_command():
     root = Path(T.__file__).parent
     readme = (root / "README.md").read_text().splitlines()
     command = readme[readme.index("<!-- test-command -->") + 2]
-    assert command.startswith("pip install") and command in (root / ".ci" / "run").read_text().splitlines()
+    ci_lines = [line.strip() for line in (root / ".ci" / "run").read_text().splitlines()]
+    assert command.startswith("pip install") and command in ci_lines
+
+
+def test_data_and_tokenizer_paths_follow_the_vocabulary():
+    """VOCAB_SIZE=8192 alone finds what `data/download.py --variant sp8192` wrote; explicit paths win."""
+    cfg, _ = T.config_from_env({"VOCAB_SIZE": "8192"})
+    assert cfg.data_path == "./data/datasets/fineweb10B_sp8192"
+    assert cfg.tokenizer_path == "./data/tokenizers/fineweb_8192_bpe.model"
+    assert T.Config().data_path == "./data/datasets/fineweb10B_sp1024"
+    cfg, _ = T.config_from_env({"VOCAB_SIZE": "4096", "DATA_PATH": "/d", "TOKENIZER_PATH": "/t.model"})
+    assert (cfg.data_path, cfg.tokenizer_path) == ("/d", "/t.model")

@@ -1,29 +1,24 @@
-"""data/download.py against a real HTTP server on 127.0.0.1 serving a fake Hub layout; data/build_shards.py round trips."""
+"""data/build_shards.py: text -> challenge shards round trips, its errors, and train_gpt.py on its output.
+The downloader's tests (data/download.py against a fake Hub) are in tests/test_download.py."""
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import train_gpt as T
-from helpers import parse_log, ROOT, BOS, make_dataset, run_script, script_env
+from helpers import parse_log, ROOT, BOS, run_script, script_env
 
-DOWNLOAD = ROOT / "data" / "download.py"
 BUILD = ROOT / "data" / "build_shards.py"
-REPO = "willdepueoai/parameter-golf"
 
 
 def load_tool(path: Path):
-    name = f"_tool_{path.stem}"          # a private name: "download" could shadow a real package
+    name = f"_tool_{path.stem}"          # a private name: "build_shards" could shadow a real package
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod              # dataclasses look their module up by name
@@ -31,283 +26,7 @@ def load_tool(path: Path):
     return mod
 
 
-dl = load_tool(DOWNLOAD)
 bs = load_tool(BUILD)
-
-
-# ==================================================================================================
-# A fake Hugging Face Hub: GET /datasets/<repo>/resolve/main/<path> with Range support, and knobs to misbehave
-# ==================================================================================================
-
-class FakeHub:
-    """files: {path in repo: bytes}. cut: {path: times} drops that many transfers halfway. Records every request."""
-
-    def __init__(self, files: dict[str, bytes], repo: str = REPO) -> None:
-        self.files, self.repo = dict(files), repo
-        self.cut: dict[str, int] = {}
-        self.honor_range = True
-        self.requests: list[tuple[str, str | None]] = []   # (path in repo, Range header)
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):  # keep pytest output clean
-                pass
-
-            def do_GET(self):
-                prefix = f"/datasets/{hub.repo}/resolve/main/"
-                path = self.path[len(prefix):] if self.path.startswith(prefix) else None
-                hub.requests.append((path, self.headers.get("Range")))
-                if path not in hub.files:
-                    self.send_error(404)
-                    return
-                data, start = hub.files[path], 0
-                rng = self.headers.get("Range")
-                if rng and hub.honor_range:
-                    start = int(rng.removeprefix("bytes=").split("-")[0])
-                    if start >= len(data):
-                        self.send_response(416)
-                        self.send_header("Content-Range", f"bytes */{len(data)}")
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                else:
-                    self.send_response(200)
-                body = data[start:]
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if hub.cut.get(path, 0) > 0:   # announce the whole body, send half, hang up
-                    hub.cut[path] -= 1
-                    self.wfile.write(body[:len(body) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-
-    def __enter__(self) -> "FakeHub":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def fetched(self, path: str) -> list[str | None]:
-        """The Range headers of the requests for one file."""
-        return [r for p, r in self.requests if p == path]
-
-
-def hub_files(root: Path, variant: str = "sp1024", n_train: int = 3) -> dict[str, bytes]:
-    """A tiny export in the official layout (made by tests/helpers.py), keyed by path in the dataset repo."""
-    data, model = make_dataset(root, n_train_docs=300 * n_train)
-    name = f"fineweb10B_{variant}"
-    toks = np.fromfile(data / "fineweb_train_000000.bin", dtype="<u2", offset=1024).tolist() + \
-        np.fromfile(data / "fineweb_train_000001.bin", dtype="<u2", offset=1024).tolist()
-    files = {"datasets/tokenizers/fineweb_1024_bpe.model": model.read_bytes(),
-             "datasets/tokenizers/fineweb_1024_bpe.vocab": model.with_suffix(".vocab").read_bytes(),
-             f"datasets/datasets/{name}/fineweb_val_000000.bin": (data / "fineweb_val_000000.bin").read_bytes()}
-    per = len(toks) // n_train
-    for i in range(n_train):
-        shard = np.asarray(toks[i * per:(i + 1) * per], dtype="<u2")
-        header = np.zeros(256, dtype="<i4")
-        header[:3] = (20240520, 1, len(shard))
-        files[f"datasets/datasets/{name}/fineweb_train_{i:06d}.bin"] = header.tobytes() + shard.tobytes()
-    manifest = {"datasets": [{"name": name, "tokenizer_name": "sp_bpe_1024",
-                              "stats": {"files_train": n_train, "files_val": 1}}],
-                "tokenizers": [{"name": "sp_bpe_1024", "model_path": "tokenizers/fineweb_1024_bpe.model",
-                                "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"}]}
-    files["datasets/manifest.json"] = json.dumps(manifest).encode()
-    return files
-
-
-@pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    return hub_files(tmp_path_factory.mktemp("export"))
-
-
-@pytest.fixture
-def hub(export, monkeypatch):
-    with FakeHub(export) as h:
-        monkeypatch.setenv("HF_ENDPOINT", h.url)
-        yield h
-
-
-def local(out: Path, path_in_repo: str) -> Path:
-    return out / path_in_repo.removeprefix("datasets/")
-
-
-def fetch(out: Path, *flags: str) -> int:
-    return dl.main(["--variant", "sp1024", "--out", str(out), "--retries", "1", "--timeout", "5", *flags])
-
-
-# ==================================================================================================
-# Downloader
-# ==================================================================================================
-
-def test_download_fetches_layout_train_gpt_expects(hub, export, tmp_path, capsys):
-    out = tmp_path / "data"
-    assert fetch(out, "--train-shards", "2") == 0
-    wanted = [p for p in export if "train_000002" not in p]
-    for path in wanted:
-        assert local(out, path).read_bytes() == export[path], path
-    assert not local(out, "datasets/datasets/fineweb10B_sp1024/fineweb_train_000002.bin").exists()
-    assert not list(out.rglob("*.part"))
-    # the default paths of train_gpt.py's Config, relative to the folder holding data/
-    assert (tmp_path / T.Config.data_path / "fineweb_val_000000.bin").is_file()
-    assert (tmp_path / T.Config.tokenizer_path).is_file()
-    cap = capsys.readouterr()
-    assert f"DATA_PATH={out}/datasets/fineweb10B_sp1024 TOKENIZER_PATH={out}/tokenizers/fineweb_1024_bpe.model" in cap.out
-    assert f"[{len(wanted) - 1}/{len(wanted) - 1}] datasets/fineweb10B_sp1024/fineweb_train_000001.bin" in cap.err  # progress
-
-
-def test_whole_part_file_is_finished_without_refetching(hub, export, tmp_path):
-    """Killed after the last byte but before the rename: the server answers 416 and the .part is kept."""
-    path = "datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin"
-    part = local(tmp_path / "data", path).with_name("fineweb_val_000000.bin.part")
-    part.parent.mkdir(parents=True)
-    part.write_bytes(export[path])
-    assert fetch(tmp_path / "data", "--train-shards", "0") == 0
-    assert hub.fetched(path) == [f"bytes={len(export[path])}-", "bytes=0-0"]
-    assert local(tmp_path / "data", path).read_bytes() == export[path] and not part.exists()
-
-
-def test_rerun_skips_complete_files_without_network(hub, tmp_path):
-    out = tmp_path / "data"
-    assert fetch(out, "--train-shards", "1") == 0
-    hub.requests.clear()
-    assert fetch(out, "--train-shards", "1") == 0
-    assert hub.requests == []   # manifest and every file were already complete
-    assert fetch(out, "--train-shards", "2") == 0
-    assert [p for p, _ in hub.requests] == ["datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin"]
-
-
-def test_interrupted_transfer_resumes_with_range(hub, export, tmp_path):
-    path = "datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin"
-    hub.cut[path] = 1
-    out = tmp_path / "data"
-    assert fetch(out, "--train-shards", "2") == 0
-    assert hub.fetched(path) == [None, f"bytes={len(export[path]) // 2}-"]
-    assert local(out, path).read_bytes() == export[path]
-
-
-def test_resume_across_runs_after_giving_up(hub, export, tmp_path, capsys):
-    path = "datasets/datasets/fineweb10B_sp1024/fineweb_train_000000.bin"
-    hub.cut[path] = 2          # both attempts of the first run are cut
-    out = tmp_path / "data"
-    assert fetch(out, "--train-shards", "1") == 1
-    err = capsys.readouterr().err
-    assert "connection dropped" in err and "rerun the same command to resume" in err
-    part = local(out, path).with_name("fineweb_train_000000.bin.part")
-    assert not local(out, path).exists() and part.stat().st_size > 0
-    kept = part.stat().st_size
-    assert export[path].startswith(part.read_bytes())
-    hub.requests.clear()
-    assert fetch(out, "--train-shards", "1") == 0
-    assert hub.fetched(path) == [f"bytes={kept}-"]
-    assert local(out, path).read_bytes() == export[path] and not part.exists()
-
-
-def test_server_ignoring_range_restarts_the_file(hub, export, tmp_path):
-    path = "datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin"
-    part = local(tmp_path / "data", path).with_name("fineweb_val_000000.bin.part")
-    part.parent.mkdir(parents=True)
-    part.write_bytes(b"stale bytes from another file")
-    hub.honor_range = False
-    assert fetch(tmp_path / "data", "--train-shards", "0") == 0
-    assert local(tmp_path / "data", path).read_bytes() == export[path]
-
-
-def test_corrupt_shard_fails_and_leaves_nothing(hub, export, tmp_path, capsys):
-    path = "datasets/datasets/fineweb10B_sp1024/fineweb_train_000000.bin"
-    bad = bytearray(export[path])
-    bad[0:4] = (1234).to_bytes(4, "little")
-    hub.files[path] = bytes(bad)
-    out = tmp_path / "data"
-    assert fetch(out, "--train-shards", "1") == 1
-    err = capsys.readouterr().err
-    assert "fineweb_train_000000.bin" in err and "corrupt" in err and "magic 1234" in err
-    assert not local(out, path).exists() and not list(out.rglob("*.part"))
-
-
-def test_truncated_shard_fails_on_header_size_check(hub, export, tmp_path, capsys):
-    path = "datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin"
-    hub.files[path] = export[path][:-10]       # the server sends a short file (consistent Content-Length)
-    assert fetch(tmp_path / "data", "--train-shards", "0") == 1
-    assert "header says" in capsys.readouterr().err
-
-
-def test_damaged_local_shard_is_fetched_again(hub, export, tmp_path):
-    out = tmp_path / "data"
-    assert fetch(out, "--train-shards", "1") == 0
-    path = "datasets/datasets/fineweb10B_sp1024/fineweb_train_000000.bin"
-    local(out, path).write_bytes(export[path][:3000])
-    hub.requests.clear()
-    assert fetch(out, "--train-shards", "1") == 0
-    assert [p for p, _ in hub.requests] == [path]
-    assert local(out, path).read_bytes() == export[path]
-
-
-def test_missing_file_is_a_clear_error(hub, tmp_path, capsys):
-    del hub.files["datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin"]
-    assert fetch(tmp_path / "data", "--train-shards", "2") == 1
-    err = capsys.readouterr().err
-    assert "fineweb_train_000001.bin: not found (HTTP 404)" in err
-
-
-def test_unreachable_network_is_a_clear_error(tmp_path):
-    with socket.socket() as s:   # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
-    r = subprocess.run([sys.executable, str(DOWNLOAD), "--out", str(tmp_path / "data"), "--retries", "0"],
-                       env=env, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1
-    assert r.stderr.startswith("error: cannot reach") and f"127.0.0.1:{port}" in r.stderr
-    assert "manifest.json" in r.stderr
-
-
-def test_unknown_host_is_not_retried(tmp_path):
-    try:   # .invalid never resolves (RFC 2606); a machine without a resolver says "try again" instead
-        socket.getaddrinfo("hub.invalid", 80)
-        pytest.skip("hub.invalid resolves here")
-    except socket.gaierror as e:
-        if e.errno != socket.EAI_NONAME:
-            pytest.skip(f"this resolver answers {e}, a transient error that is retried")
-    env = {**os.environ, "HF_ENDPOINT": "http://hub.invalid"}
-    r = subprocess.run([sys.executable, str(DOWNLOAD), "--out", str(tmp_path / "data"), "--retries", "5"],
-                       env=env, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "retrying" not in r.stderr, r.stderr
-    assert r.stderr.startswith("error: cannot reach http://hub.invalid/") and "no network?" in r.stderr
-
-
-def test_variant_and_shard_count_are_checked_against_manifest(hub, tmp_path, capsys):
-    assert dl.main(["--variant", "sp4096", "--out", str(tmp_path / "d")]) == 1
-    assert "no dataset fineweb10B_sp4096; available: sp1024" in capsys.readouterr().err
-    assert fetch(tmp_path / "d", "--train-shards", "4") == 1
-    assert "has only 3 train shards" in capsys.readouterr().err
-
-
-def test_repo_id_override(export, tmp_path, monkeypatch):
-    with FakeHub(export, repo="someone/other-export") as h:
-        monkeypatch.setenv("HF_ENDPOINT", h.url)
-        assert fetch(tmp_path / "d", "--train-shards", "1") == 1          # the default repo is not there
-        assert fetch(tmp_path / "d", "--train-shards", "1", "--repo-id", "someone/other-export") == 0
-    assert (tmp_path / "d/datasets/fineweb10B_sp1024/fineweb_train_000000.bin").is_file()
-
-
-def test_manifest_paths_cannot_escape_output(hub, tmp_path, capsys):
-    m = json.loads(hub.files["datasets/manifest.json"])
-    m["tokenizers"][0]["model_path"] = "../../evil.model"
-    hub.files["datasets/manifest.json"] = json.dumps(m).encode()
-    assert fetch(tmp_path / "d", "--train-shards", "0") == 1
-    assert "not a relative path inside the export" in capsys.readouterr().err
-
 
 # ==================================================================================================
 # Shard builder

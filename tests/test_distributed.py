@@ -1,4 +1,10 @@
 """Multi-process code paths on CPU (gloo): sharded evaluation agrees with one process; 2-rank training completes."""
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -75,3 +81,26 @@ def test_ttt_on_one_and_two_processes_agrees(artifact):
     assert float(lines[1]["val_loss"]) == pytest.approx(float(lines[2]["val_loss"]), rel=1e-5)
     plain = parse_log(work / "logs" / "two.txt")["final_slot_exact"]
     assert float(lines[1]["val_loss"]) != float(plain["val_loss"]), "TTT changed nothing"
+
+
+@pytest.mark.parametrize("target", ["train_step@1@4", "collect_hessians@1@1", "pack_state@0@1", "read_artifact@1@1",
+                                    "eval_shard@1@1"])
+def test_an_ordinary_exception_on_one_rank_ends_every_rank_in_seconds(tiny_data, tmp_path, target):
+    """A non-RunError failure on one rank, in each phase (training step, calibration, export on rank 0, read-back,
+    evaluation): rank 0's log gets one error line naming the failing rank and the exception, and both processes
+    end within seconds, not at the process group's 30-minute timeout."""
+    data, tok = tiny_data
+    env = script_env(data, tok, tmp_path / "logs", RUN_ID="fail", FAIL_AT=target, TTT_EPOCHS="0", SLOT_STEPS="0")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).parent / "inject_failure.py")]
+    r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    ended = time.time()
+    injected = re.search(r"INJECTED (\d+\.\d+)", r.stderr)
+    assert injected, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.returncode != 0
+    assert ended - float(injected.group(1)) < 20, f"the ranks took {ended - float(injected.group(1)):.1f}s to end"
+    name, rank, _ = target.split("@")
+    errors = [line for line in (tmp_path / "logs" / "fail.txt").read_text().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    assert f"injected failure in {name}" in errors[0] and "ValueError" in errors[0]
+    assert rank == "0" or f"rank {rank}" in errors[0]

@@ -31,6 +31,32 @@ def test_hessians_are_the_inputs_gram_matrices():
     torch.testing.assert_close(H["tok_emb.weight"], gram([T.rms_norm(h)]).float(), rtol=1e-5, atol=1e-5)
 
 
+def test_hessians_are_float32_under_bf16_autocast():
+    """AUTOCAST=bf16 (the GPU's setting): the layer inputs are bf16, but X^T X must be summed in float32. A bf16
+    matmul keeps 8 bits of mantissa (relative error ~4e-3 per product sum); the float64 reference of the same bf16
+    inputs must agree to float32 accuracy over several batches."""
+    model = tiny_model(seed=5, dtype=torch.float32)
+    run = T.Run(amp=torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(2, 320, (8, 32), generator=g), None) for _ in range(4)]
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: seen.setdefault(n, []).append(inp[0].detach()))
+             for n, m in model.named_modules() if isinstance(m, T.QLinear)]
+    for x, _ in batches:
+        with run.autocast():
+            model.hidden(x)
+    for hook in hooks:
+        hook.remove()
+    H, _ = T.collect_hessians(model, batches, run)
+    assert seen["blocks.2.mlp.proj"][0].dtype == torch.bfloat16, "the inputs are bf16 under autocast"
+    for name, xs in seen.items():
+        ref = sum(t.reshape(-1, t.size(-1)).double().T @ t.reshape(-1, t.size(-1)).double() for t in xs)
+        got = H[f"{name}.weight"]
+        assert got.dtype == torch.float32
+        err = float((got.double() - ref).abs().max() / ref.abs().max())
+        assert err < 1e-5, (name, err)
+
+
 def test_gptq_export_beats_round_to_nearest_on_the_models_own_inputs():
     """Every int6 matrix and the head: output error on held-out activations, GPTQ vs round to nearest, same grid."""
     model = tiny_model(seed=4, dtype=torch.float32, scale=0.1)

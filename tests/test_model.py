@@ -20,10 +20,11 @@ def test_schedule_runs_layers_4_and_5_twice():
     order = T.layer_schedule(T.config_from_env({"RECUR_LAYERS": "4,5"})[0])
     assert [p.layer for p in order] == [0, 1, 2, 3, 4, 4, 5, 5, 6, 7, 8, 9, 10]
     assert [p.repeat for p in order if p.repeat >= 0] == [0, 1]
-    plain = T.layer_schedule(T.Config())   # the default: no recurrence (it lost at equal wall-clock, README)
+    assert T.layer_schedule(T.Config()) == order   # the default (PR #1278's shape)
+    plain = T.layer_schedule(T.config_from_env({"RECUR_LAYERS": "", "PARALLEL_START": "0"})[0])
     assert [(p.layer, p.repeat) for p in plain] == [(i, -1) for i in range(11)]
     assert [p.ve for p in plain] == [-1] * 9 + [0, 1] and not any(p.parallel for p in plain)
-    par = T.layer_schedule(T.config_from_env({"PARALLEL_START": "7"})[0])
+    par = T.layer_schedule(T.config_from_env({"PARALLEL_START": "7", "RECUR_LAYERS": ""})[0])
     assert [p.parallel for p in par] == [False] * 7 + [True] * 4
 
 
@@ -32,12 +33,31 @@ def test_default_model_shape():
     assert len(m.schedule) == 13 and m.skip_weights.shape == (6, 512)
     assert m.iter_embed.shape == m.iter_gate.shape == (2, 512)
     assert torch.all(m.iter_gate == -2.0)
-    plain = T.GPT(T.Config())
+    plain = T.GPT(T.config_from_env({"RECUR_LAYERS": ""})[0])
     assert len(plain.schedule) == 11 and plain.iter_embed is None and plain.skip_weights.shape == (5, 512)
     assert plain.value_embed.embed.shape == (1024, 128) and plain.value_embed.proj.weight.shape == (256, 128)
     # the recurrence adds only the per-pass conditioning: 2 x 2 x 512 parameters (the skip count is min(6, 7) = 6 vs 5)
     n = lambda mod: sum(p.numel() for p in mod.parameters())
     assert n(m) - n(plain) == 2 * 2 * 512 + 512
+
+
+def test_recurrence_off_is_the_plain_model_and_gives_zero_gradients_to_the_conditioning():
+    """Before RECUR_START_FRAC the recurrent model runs the plain model's 11 passes and U-Net (same function, given the
+    plain model's weights), while iter_embed / iter_gate get an exact zero gradient: DDP needs a gradient for every
+    parameter, and Adam with zero gradients from the start leaves them where they are."""
+    m = tiny_model(recur_layers="1", ve_layers="-1")
+    plain = tiny_model(recur_layers="", ve_layers="-1")
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            src = dict(m.named_parameters())[name]
+            p.copy_(src[:p.size(0)] if name == "skip_weights" else src)
+    x = torch.randint(2, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    m.recur_on = False
+    torch.testing.assert_close(m(x, x), plain(x, x), rtol=0, atol=0)
+    m(x, x).backward()
+    assert torch.all(m.iter_embed.grad == 0) and torch.all(m.iter_gate.grad == 0)
+    m.recur_on = True
+    assert not torch.equal(m(x, x), plain(x, x))
 
 
 def test_causal_in_float64():

@@ -47,19 +47,22 @@ PRESETS = {
         "EVAL_STRIDE": "64", "EVAL_BATCH_WINDOWS": "32",
     },
 }
-# Settings the tool owns: a variant that sets them would stop being a paired comparison.
+# Settings the tool owns: a variant that sets them would stop being a paired comparison. With --val-docs the slices
+# are whole documents, so a variant may bring its own tokenization (DATA_PATH, TOKENIZER_PATH, VOCAB_SIZE).
 OWNED = {"SEED", "DATA_PATH", "TOKENIZER_PATH", "RUN_ID", "LOG_DIR", "PHASES", "ARTIFACT_PATH", "SLOT_STEPS"}
+OWNED_UNLESS_DOCS = {"DATA_PATH", "TOKENIZER_PATH"}
+GPU_TOKENS_PER_PARAM = 190   # ~6,500 steps x 786,432 tokens / 27M parameters (8 x H100, 600 s)
 LAST_LOGGED = 3        # "final train loss" = the mean of the last three logged training losses
 
 
-def parse_settings(text: str, where: str) -> dict[str, str]:
+def parse_settings(text: str, where: str, by_docs: bool = False) -> dict[str, str]:
     """'A=1 B=2' -> {'A': '1', 'B': '2'}, each name checked against train_gpt.py's Config (with its did-you-mean)."""
     out = {}
     for item in text.split():
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise T.RunError(f"{where}: {item!r} is not SETTING=value")
-        if name in OWNED:
+        if name in OWNED and not (by_docs and name in OWNED_UNLESS_DOCS):
             raise T.RunError(f"{where}: {name} is set by the tool for every run (the comparison must stay paired)")
         out[name] = value
     known = {f.name.upper() for f in dataclasses.fields(T.Config)}
@@ -82,16 +85,26 @@ def checked(settings: dict[str, str], where: str) -> dict[str, str]:
 def run_env(settings: dict[str, str], args, run_id: str, log_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")}
     env.update(settings)
-    env.update(SEED=str(args.seed), DATA_PATH=args.data_path, TOKENIZER_PATH=args.tokenizer_path, RUN_ID=run_id,
-               LOG_DIR=str(log_dir), PHASES="train,export", OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
+    env.update(SEED=str(args.seed), DATA_PATH=args.data_path, TOKENIZER_PATH=args.tokenizer_path)
+    env.update(settings)     # a variant's own DATA_PATH / TOKENIZER_PATH (--val-docs only)
+    env.update(RUN_ID=run_id, LOG_DIR=str(log_dir), PHASES="train,export", OMP_NUM_THREADS=str(args.threads),
+               PYTHONUNBUFFERED="1")
     return env
+
+
+def doc_slice(val, first_doc: int, n_docs: int) -> tuple[int, int]:
+    """(offset, tokens) of documents first_doc .. first_doc + n_docs - 1 of a val stream (each starts with BOS)."""
+    starts = (val == T.BOS_ID).nonzero().flatten().tolist() + [len(val)]
+    if first_doc + n_docs >= len(starts):
+        raise T.RunError(f"documents {first_doc}..{first_doc + n_docs - 1} are past the {len(starts) - 1} val documents")
+    return starts[first_doc], starts[first_doc + n_docs] - starts[first_doc]
 
 
 def score(artifact: Path, settings: dict[str, str], args, slices: list[tuple[int, int]]) -> list[float]:
     """Plain sliding-window val bpb of the artifact on each (offset, tokens) slice, with train_gpt.py's own code."""
     import torch
     torch.set_num_threads(args.threads)
-    cfg, _ = T.config_from_env(dict(settings, DATA_PATH=args.data_path, TOKENIZER_PATH=args.tokenizer_path))
+    cfg, _ = T.config_from_env(dict(dict(DATA_PATH=args.data_path, TOKENIZER_PATH=args.tokenizer_path), **settings))
     model_cfg, state = T.read_artifact(artifact)
     cfg = dataclasses.replace(cfg, **model_cfg)
     model = T.GPT(cfg)
@@ -101,6 +114,8 @@ def score(artifact: Path, settings: dict[str, str], args, slices: list[tuple[int
     val = T.load_val_tokens(dataclasses.replace(cfg, val_tokens=0))
     out = []
     for offset, n in slices:
+        if args.val_docs:        # the slices are documents: each run finds them in its own tokenization
+            offset, n = doc_slice(val, offset, n)
         if offset + n > len(val):
             raise T.RunError(f"val slice {offset}..{offset + n} is past the {len(val)} val tokens")
         r = T.evaluate(model, val[offset:offset + n], tables, T.Run(), cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows)
@@ -124,10 +139,13 @@ def run_variant(name: str, settings: dict[str, str], args, out_dir: Path, slices
     except (PackageError, KeyError, ValueError) as e:
         return dict(variant=name, settings=settings, error=f"unreadable log: {e}")
     bpb = score(out_dir / f"{run_id}.pgz", settings, args, slices)
+    params = int(log.need("model_params")["model_params"])
+    batch = int(settings.get("TRAIN_BATCH_TOKENS", T.Config.train_batch_tokens))
     return dict(variant=name, settings=settings, steps=int(done["steps"]),
+                tokens_per_param=int(done["steps"]) * batch / params,
                 final_train_loss=statistics.fmean(v for _, v in losses[-LAST_LOGGED:]), train_losses=losses,
                 ms_per_step=float(done["step_avg"].removesuffix("ms")), train_time_ms=float(done["train_time"].removesuffix("ms")),
-                params=int(log.need("model_params")["model_params"]), model_bytes=int(sizes["model_bytes"]),
+                params=params, model_bytes=int(sizes["model_bytes"]),
                 val_bpb=bpb[0], val_bpb_held_out=bpb[1] if len(bpb) > 1 else None, wall_s=time.perf_counter() - t0)
 
 
@@ -145,7 +163,7 @@ def code_version() -> str:
 def table(rows: list[dict]) -> str:
     base = rows[0]
     head = f"{'variant':34s} {'train_loss':>10s} {'Δ':>8s} {'val_bpb':>9s} {'Δ':>8s} {'held_out':>9s} {'Δ':>8s} " \
-           f"{'ms/step':>8s} {'Δ%':>6s} {'params':>9s} {'bytes':>9s}"
+           f"{'ms/step':>8s} {'Δ%':>6s} {'params':>9s} {'tok/param':>9s} {'bytes':>9s}"
     lines = [head]
     for r in rows:
         if "error" in r:
@@ -156,7 +174,10 @@ def table(rows: list[dict]) -> str:
         ms = f"{100 * (r['ms_per_step'] / base['ms_per_step'] - 1):+6.1f}" if r is not base else f"{'-':>6s}"
         lines.append(f"{r['variant'][:34]:34s} {r['final_train_loss']:10.4f} {d('final_train_loss'):>8s} {r['val_bpb']:9.4f} "
                      f"{d('val_bpb'):>8s} {held} {d('val_bpb_held_out'):>8s} {r['ms_per_step']:8.0f} {ms} "
-                     f"{r['params']:9d} {r['model_bytes']:9d}")
+                     f"{r['params']:9d} {r['tokens_per_param']:9.2f} {r['model_bytes']:9d}")
+    lines.append(f"tok/param: training tokens per parameter of each run; a 600 s run on 8 x H100 sees about "
+                 f"{GPU_TOKENS_PER_PARAM} (5.1B tokens, 27M parameters). Capacity, regularisation and schedule questions "
+                 f"answered here at a few tokens per parameter need the GPU records' confirmation.")
     return "\n".join(lines)
 
 
@@ -170,25 +191,29 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--val-tokens", type=int, default=65_536, help="tuning slice: val tokens 0..N (default 65536)")
     ap.add_argument("--held-out", type=int, default=131_072, help="held-out slice: N val tokens after a gap (0 = none; default 131072)")
     ap.add_argument("--held-out-offset", type=int, default=262_144, help="first token of the held-out slice (default 262144)")
+    ap.add_argument("--val-docs", action="store_true",
+                    help="--val-tokens, --held-out and --held-out-offset count documents, not tokens: every run scores "
+                         "the same text, so variants may set their own DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--jobs", type=int, default=1, help="variants trained at once (ms/step is only comparable within one --jobs)")
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per run (default 1: stable CPU timings)")
     ap.add_argument("--name", default="", help="study name: <out-dir>/<name>.json and <out-dir>/<name>/ (default: a timestamp)")
     ap.add_argument("--out-dir", default=str(ROOT / "logs" / "ablate"), help="where studies go (default logs/ablate)")
-    ap.add_argument("--data-path", default=os.environ.get("DATA_PATH", T.Config.data_path))
-    ap.add_argument("--tokenizer-path", default=os.environ.get("TOKENIZER_PATH", T.Config.tokenizer_path))
+    ap.add_argument("--data-path", default=os.environ.get("DATA_PATH", T.Config().data_path))
+    ap.add_argument("--tokenizer-path", default=os.environ.get("TOKENIZER_PATH", T.Config().tokenizer_path))
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    preset = dict(PRESETS[args.preset], **parse_settings(args.base, "--base"))
+    preset = dict(PRESETS[args.preset], **parse_settings(args.base, "--base", args.val_docs))
     if args.steps:
         preset["ITERATIONS"] = str(args.steps)
     if args.seconds:
         preset.update(MAX_WALLCLOCK_SECONDS=str(args.seconds), ITERATIONS="1000000")
     checked(preset, "the baseline")
-    variants = [(v, checked(dict(preset, **parse_settings(v, f"variant {v!r}")), f"variant {v!r}")) for v in args.variants]
+    variants = [(v, checked(dict(preset, **parse_settings(v, f"variant {v!r}", args.val_docs)), f"variant {v!r}"))
+                for v in args.variants]
     name = args.name or time.strftime("%Y%m%d_%H%M%S")
     out_dir, out_json = Path(args.out_dir).resolve() / name, Path(args.out_dir).resolve() / f"{name}.json"
     if out_json.exists() or out_dir.exists():
@@ -216,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + text)
     import torch
     meta = dict(preset=args.preset, preset_settings=PRESETS[args.preset], base=args.base, steps=int(preset["ITERATIONS"]),
-                seconds=args.seconds, seed=args.seed, val_slices=slices, jobs=args.jobs, threads=args.threads,
+                seconds=args.seconds, seed=args.seed, val_slices=slices, val_docs=args.val_docs, jobs=args.jobs,
+                threads=args.threads,
                 data_path=args.data_path, torch=torch.__version__, code=code_version(), date=time.strftime("%Y-%m-%d"), host_cpus=os.cpu_count(),
                 command=" ".join([Path(sys.argv[0]).name] + [f'"{a}"' if " " in a else a for a in (argv or sys.argv[1:])]))
     return save_study(out_json, meta, rows)

@@ -83,17 +83,40 @@ def matrix_errors(cache: dict, spec: T.QuantSpec, widen: float = 1.0, gptq: bool
     return out
 
 
-def int6_bits(cache: dict, spec: T.QuantSpec, widen: float = 1.0, gptq: bool = True) -> float:
-    """Order-0 entropy of the int6 codes, bits per weight over all int6 matrices: what a compressor can get near, and
-    what scales to the full model (its 25.95M int6 weights x bits / 8 bytes)."""
+def code_bits(cache: dict, spec: T.QuantSpec, kind: str, widen: float = 1.0, gptq: bool = True) -> float | None:
+    """Order-0 entropy of the codes of every `kind` (int6 or int8) matrix, bits per weight: what a compressor can get
+    near, and what scales to a full model (its weights of that kind x bits / 8 bytes). None without such matrices."""
     total = bits = 0.0
+    qmax = T.INT6_MAX if kind == "int6" else T.INT8_MAX
     for name, w in cache["state"].items():
-        if T.PARAM_TABLE[cache["labels"][name]][3] == "int6" and w.dim() == 2:
-            q, _ = T.quantize_tensor(w, "int6", spec, cache["fit"].get(name) if gptq else None, widen)
-            p = torch.bincount(q.flatten().long() + T.INT6_MAX, minlength=2 * T.INT6_MAX + 1).double() / q.numel()
+        if T.PARAM_TABLE[cache["labels"][name]][3] == kind and w.dim() == 2:
+            q, _ = T.quantize_tensor(w, kind, spec, cache["fit"].get(name) if gptq else None, widen)
+            p = torch.bincount(q.flatten().long() + qmax, minlength=2 * qmax + 1).double() / q.numel()
             bits += q.numel() * float(-(p[p > 0] * p[p > 0].log2()).sum())
             total += q.numel()
-    return bits / total
+    return bits / total if total else None
+
+
+def storage_counts(settings: str) -> dict[str, int]:
+    """Weights per storage kind of the model that `settings` ("A=1 B=2" over train_gpt's Config) configures, plus
+    its matrix rows (each has one fp16 scale); built on the meta device, so a full-size model costs nothing."""
+    cfg, _ = T.config_from_env(dict(item.split("=", 1) for item in settings.split()))
+    with torch.device("meta"):
+        model = T.GPT(cfg)
+    counts = {"int6": 0, "int8": 0, "fp16": 0, "fp32": 0, "rows": 0}
+    for name, p in model.named_parameters():
+        kind = T.PARAM_TABLE[p.label][3]
+        kind = kind if p.dim() == 2 or kind in ("fp16", "fp32") else "fp16"
+        counts[kind] += p.numel()
+        counts["rows"] += p.size(0) if kind in ("int6", "int8") else 0
+    return counts
+
+
+def projected_bytes(counts: dict[str, int], bits6: float | None, bits8: float | None) -> int:
+    """Model bytes of a full configuration at the measured code entropies: codes, one fp16 scale per row, fp16 and
+    fp32 tensors, before the compressor (which also shrinks the scales and the tensors; the entropy is its floor)."""
+    return int(counts["int6"] * (bits6 or 0) / 8 + counts["int8"] * (bits8 or 0) / 8 + 2 * counts["rows"]
+               + 2 * counts["fp16"] + 4 * counts["fp32"])
 
 
 def score(model: T.GPT, state: dict, cfg: T.Config, slices, val, tables) -> list[float]:
@@ -111,6 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--artifact", default="", help="also write the artifact of the configured export (GPTQ, INT6_CLIP_K, "
                                                  "EMBED_CLIP_K) here, as train_gpt.py would: the model for tools/slot_study.py")
     ap.add_argument("--held-batches", type=int, default=16)
+    ap.add_argument("--project", default="", help='settings of a full configuration ("VOCAB_SIZE=8192 MLP_MULT=4 ..."): '
+                                                  "each variant's model bytes projected to it from the measured entropies")
     ap.add_argument("--val-tokens", type=int, default=65_536)
     ap.add_argument("--held-out", type=int, default=131_072)
     ap.add_argument("--held-out-offset", type=int, default=262_144)
@@ -136,6 +161,7 @@ def main(argv=None) -> int:
     pre = score(model, cache["state"], cfg, slices, val, tables)
     print(f"prequant val_bpb {pre}", flush=True)
     model_cfg = cache["model_cfg"]
+    counts = storage_counts(args.project) if args.project else None
     rows = []
     for text, (spec, widen, quantizer) in specs:
         gptq = quantizer == "gptq"
@@ -148,13 +174,19 @@ def main(argv=None) -> int:
         rtn = matrix_errors(cache, spec, widen, gptq=False)
         ratios = [errs[n] / rtn[n] for n in errs if rtn[n] > 0]
         rows.append(dict(variant=text, quantizer=quantizer, spec=dataclasses.asdict(spec), widen=widen, bytes=len(blob),
-                         compressor=compressor, int6_bits=int6_bits(cache, spec, widen, gptq),
+                         compressor=compressor, int6_bits=code_bits(cache, spec, "int6", widen, gptq),
+                         int8_bits=code_bits(cache, spec, "int8", widen, gptq),
                          median_rel_error=statistics.median(errs.values()), median_vs_rtn=statistics.median(ratios),
                          val_bpb=post, gap=[b - a for a, b in zip(pre, post)], quantize_s=quant_s, errors=errs))
-        print(f"{text:40s} bytes {len(blob):9d}  int6 bits {rows[-1]['int6_bits']:.3f}  median rel err {rows[-1]['median_rel_error']:.5f}  vs rtn "
-              f"{rows[-1]['median_vs_rtn']:.3f}  gap " + " ".join(f"{g:+.5f}" for g in rows[-1]["gap"]), flush=True)
+        if counts:
+            rows[-1]["projected_model_bytes"] = projected_bytes(counts, rows[-1]["int6_bits"], rows[-1]["int8_bits"])
+        bits8 = f"{rows[-1]['int8_bits']:.3f}" if rows[-1]["int8_bits"] is not None else "-"
+        print(f"{text:40s} bytes {len(blob):9d}  int6 bits {rows[-1]['int6_bits']:.3f}  int8 bits {bits8}  median rel err "
+              f"{rows[-1]['median_rel_error']:.5f}  vs rtn {rows[-1]['median_vs_rtn']:.3f}  gap "
+              + " ".join(f"{g:+.5f}" for g in rows[-1]["gap"])
+              + (f"  projected {rows[-1]['projected_model_bytes']:,} B" if counts else ""), flush=True)
     meta = dict(name=args.name, slices=slices, prequant_bpb=pre, model=model_cfg, calib=cache.get("calib"),
-                held_batches=args.held_batches, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+                held_batches=args.held_batches, project=args.project, project_counts=counts, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                 threads=torch.get_num_threads(), eval_seq_len=cfg.eval_seq_len, eval_stride=cfg.eval_stride)
     return save_study(out, meta, rows)
 
