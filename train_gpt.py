@@ -40,8 +40,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 # ==================================================================================================
-# Config
+# Config: every setting, its checks, and the names other software uses
 # ==================================================================================================
 
 BOS_ID = 1                       # every document starts with BOS (id 1); there is no EOS
@@ -210,12 +211,15 @@ class Config:
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
                 "rope_base", "qk_gain_init", "logit_softcap", "bigram_vocab_size", "bigram_dim", "recur_layers",
                 "ve_dim", "ve_layers", "parallel_start", "ln_scale")
+
 # COMPILE and AUTOCAST: what each value means on (CUDA, CPU). "auto" is the device's default; a CPU run given
 # COMPILE=1 AUTOCAST=bf16 executes the GPU's graphs (compiled, bf16), minus the kernels.
 DEVICE_CHOICES = {"compile": {"auto": (True, False), "1": (True, True), "0": (False, False)},
                   "autocast": {"auto": (torch.bfloat16, None), "bf16": (torch.bfloat16,) * 2, "off": (None, None)}}
+
 # Common variables of other software that look like ours (NUM_THREADS ~ NUM_HEADS): never an error.
 OTHER_SOFTWARE = {"NUM_THREADS"}
+
 # Names other submissions (or earlier versions) use, so a copied launch command fails loudly instead of being ignored.
 NOT_OURS = {"WARMDOWN_ITERS": "use WARMDOWN_FRAC (a fraction of the expected run)",
             "EVAL_BATCH_SEQS": "use EVAL_BATCH_WINDOWS", "NUM_LOOPS": "use RECUR_LAYERS",
@@ -270,398 +274,9 @@ def config_from_env(env: typing.Mapping[str, str]) -> tuple[Config, set[str]]:
 
 
 # ==================================================================================================
-# Utilities: run context, log, timers, wall-clock budget
+# Model: one block loop for training, evaluation, SLOT and TTT; every parameter labelled once
 # ==================================================================================================
 
-@dataclass
-class Run:
-    """Where this process runs. Kept apart from Config: the same config runs on 1 or 8 ranks."""
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    compiled: bool = False                 # COMPILE, resolved for this device
-    amp: torch.dtype | None = None         # AUTOCAST, resolved for this device: the compute dtype, None = off
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-    def all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
-        if self.distributed:
-            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-        return t
-
-    def main_only(self, fn):
-        """Run fn on rank 0 alone and hand its outcome to every rank: its result, or its error raised everywhere, so no
-        rank waits in a collective for a rank that has failed."""
-        box = [None, None]
-        if self.is_main:
-            try:
-                box[0] = fn()
-            except Exception as e:   # every failure is shared, then re-raised here with its traceback
-                box[1] = str(e) if isinstance(e, RunError) else f"{type(e).__name__} on rank 0: {e}"
-                if self.distributed:
-                    dist.broadcast_object_list(box, src=0)
-                raise
-        if self.distributed:
-            dist.broadcast_object_list(box, src=0)
-        if box[1] is not None:
-            raise RunError(box[1])
-        return box[0]
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
-
-    def compile(self, fn, fullgraph: bool = False):
-        """fn compiled for fixed shapes (COMPILE), else fn itself."""
-        return torch.compile(fn, dynamic=False, fullgraph=fullgraph) if self.compiled else fn
-
-    def agree(self, flag: bool) -> bool:
-        """True on every rank when it is True on any rank: a decision that changes which collectives a rank issues."""
-        return bool(self.all_reduce(torch.tensor([float(flag)], device=self.device), dist.ReduceOp.MAX).item())
-
-
-def start_run(env: typing.Mapping[str, str], cfg: Config | None = None) -> Run:
-    """Read torchrun's variables, pick the device, resolve COMPILE and AUTOCAST for it and open the process group
-    (nccl on GPUs, gloo on CPU)."""
-    world = int(env.get("WORLD_SIZE", "1"))
-    if REFERENCE_GPUS % world != 0:
-        raise RunError(f"WORLD_SIZE={world} must divide {REFERENCE_GPUS} (the batch is split into {REFERENCE_GPUS} micro-batches)")
-    run = Run(rank=int(env.get("RANK", "0")), world_size=world, local_rank=int(env.get("LOCAL_RANK", "0")))
-    if torch.cuda.is_available():
-        run.device = torch.device("cuda", run.local_rank)
-        torch.cuda.set_device(run.device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    cfg = cfg or Config()
-    on_cpu = int(run.device.type != "cuda")
-    run.compiled = DEVICE_CHOICES["compile"][cfg.compile][on_cpu]
-    run.amp = DEVICE_CHOICES["autocast"][cfg.autocast][on_cpu]
-    if run.distributed and not dist.is_initialized():
-        # 30 min: ranks 1..7 wait in a barrier while rank 0 quantizes and compresses (minutes with size fitting)
-        dist.init_process_group("nccl" if run.device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30),
-                                device_id=run.device if run.device.type == "cuda" else None)
-    return run
-
-
-class Log:
-    """Rank-0 log: console and logs/<run_id>.txt, one flushed line at a time, so a crash leaves a complete prefix."""
-
-    def __init__(self) -> None:
-        self.file = None
-        self.enabled = True
-
-    def open(self, log_dir: str, run_id: str, enabled: bool) -> str | None:
-        """logs/<run_id>.txt, or <run_id>_2.txt ... when that exists (PHASES=eval reusing a RUN_ID): no log is ever
-        appended to or overwritten. Returns the file's stem (None where logging is off)."""
-        self.enabled = enabled
-        if not enabled:
-            return None
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
-        for n in range(1, 1000):
-            stem = run_id if n == 1 else f"{run_id}_{n}"
-            try:
-                self.file = open(Path(log_dir) / f"{stem}.txt", "x", encoding="utf-8")
-                return stem
-            except FileExistsError:
-                continue
-        raise RunError(f"too many logs named {run_id}_N.txt in {log_dir}")
-
-    def __call__(self, msg: str, console: bool = True) -> None:
-        if not self.enabled:
-            return
-        if console:
-            print(msg, flush=True)
-        if self.file is not None:
-            self.file.write(msg + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-
-log = Log()
-
-
-class FailureWatch:
-    """Any exception on any rank ends every rank within a second, with the reason in rank 0's log. The failing rank
-    writes one line into the process group's key-value store; a thread on every rank polls for it, and the other
-    ranks, which may be waiting in a collective for the failed one, exit at once (rank 0 logs the line first)
-    instead of at the process group's timeout."""
-    KEY, LOGGED = "pgolf/failure", "pgolf/failure_logged"
-
-    def __init__(self, run: Run) -> None:
-        self.run, self.store = run, dist.distributed_c10d._get_default_store()
-        self.failing, self.done = False, threading.Event()
-        self.thread = threading.Thread(target=self._poll, name="failure-watch", daemon=True)
-        self.thread.start()
-
-    def _poll(self) -> None:
-        while not self.done.wait(0.2):
-            try:
-                if not self.store.check([self.KEY]) or self.failing:
-                    continue
-                reason = self.store.get(self.KEY).decode()
-            except Exception:   # the store is gone: the process group is shutting down
-                return
-            log(f"error: {reason}")
-            if self.run.is_main:
-                self.store.set(self.LOGGED, "1")
-            else:
-                print(f"error (rank {self.run.rank}): ending because {reason}", file=sys.stderr, flush=True)
-            self.exit()
-
-    def fail(self, reason: str) -> None:
-        """Publish this rank's failure (the first one published wins) and wait a little for rank 0 to log it."""
-        self.failing = True
-        try:
-            self.store.compare_set(self.KEY, "", reason)
-            if self.run.is_main:   # rank 0 has logged its own error
-                self.store.set(self.LOGGED, "1")
-            else:
-                self.store.wait([self.LOGGED], datetime.timedelta(seconds=5))
-        except Exception:   # rank 0 gone or slow: its log may lack the line, but this rank still ends now
-            pass
-
-    def exit(self) -> None:
-        log.close()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)       # no interpreter teardown: the process group may be stuck in a collective
-
-    def stop(self) -> None:
-        self.done.set()
-        self.thread.join()
-
-
-@contextlib.contextmanager
-def timed(label: str, run: Run):
-    """Log `<label>_time:<ms>ms` for the block, with the device synchronized on both sides."""
-    run.sync()
-    t0 = time.perf_counter()
-    yield
-    run.sync()
-    log(f"{label}_time:{1000 * (time.perf_counter() - t0):.0f}ms")
-
-
-class WallClock:
-    """Training time against the cap. Pauses (validation during training) are not counted, as in the baseline."""
-
-    def __init__(self, limit_s: float) -> None:
-        self.limit_s = limit_s
-        self.t0 = time.perf_counter()
-        self.paused_s = 0.0
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0 - self.paused_s
-
-    @contextlib.contextmanager
-    def paused(self):
-        t = time.perf_counter()
-        yield
-        self.paused_s += time.perf_counter() - t
-
-    def progress(self, step: int, iterations: int, elapsed_s: float) -> float:
-        """Fraction of the expected run done: by steps, or by time when the cap comes first. elapsed_s is the time
-        all ranks agreed on, so every rank takes the same learning rate and switches QAT at the same step."""
-        by_time = elapsed_s / self.limit_s if self.limit_s > 0 else 0.0
-        return min(1.0, max(step / iterations, by_time))
-
-
-def write_atomic(path: Path, data: bytes, replace: bool = True) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename: readers see the old file or the whole new one.
-    With replace=False an existing `path` is never touched (a hard link fails where a file already is)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    if replace:
-        os.replace(tmp, path)
-        return
-    clash = RunError(f"{path} appeared during the run and is kept; the new file is {tmp}")
-    try:
-        os.link(tmp, path)
-        os.unlink(tmp)
-    except FileExistsError:
-        raise clash from None
-    except OSError:   # a filesystem without hard links: check, then rename
-        if path.exists():
-            raise clash from None
-        os.replace(tmp, path)
-
-
-# ==================================================================================================
-# Data: challenge shards (256 x int32 header, then uint16 tokens)
-# ==================================================================================================
-
-SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
-
-
-def shard_tokens(path: str | Path) -> int:
-    """The token count of a shard, after checking magic, version and file size against the header."""
-    path = Path(path)
-    size = path.stat().st_size
-    if size < HEADER_INTS * 4:
-        raise RunError(f"{path}: {size} bytes is shorter than the {HEADER_INTS * 4}-byte shard header")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-        raise RunError(f"{path}: bad header (magic {header[0]}, version {header[1]}; expected {SHARD_MAGIC}, {SHARD_VERSION})")
-    n = int(header[2])
-    if size != HEADER_INTS * 4 + 2 * n:
-        raise RunError(f"{path}: header says {n} tokens ({HEADER_INTS * 4 + 2 * n} bytes) but the file has {size} bytes")
-    return n
-
-
-def read_shard(path: str | Path, vocab_size: int) -> np.ndarray:
-    """Read one shard: header checks, then every id against VOCAB_SIZE."""
-    n = shard_tokens(path)
-    tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_INTS * 4)
-    if n and int(tokens.max()) >= vocab_size:
-        raise RunError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
-    return tokens
-
-
-def shard_files(data_path: str, split: str) -> list[str]:
-    pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
-    files = sorted(glob.glob(pattern))
-    if not files:
-        raise RunError(f"DATA_PATH={data_path!r}: no {split} shards match {pattern}")
-    return files
-
-
-def load_val_tokens(cfg: Config) -> torch.Tensor:
-    tokens = np.concatenate([read_shard(f, cfg.vocab_size) for f in shard_files(cfg.data_path, "val")])
-    return torch.from_numpy((tokens[:cfg.val_tokens] if cfg.val_tokens else tokens).astype(np.int64))
-
-
-class TokenStream:
-    """The train shards in name order as one endless stream; every rank walks the same stream. Every header is
-    checked up front; the next shard is read in a background thread, so a 100M-token read never stalls a step."""
-
-    def __init__(self, files: list[str], vocab_size: int) -> None:
-        for f in files:
-            shard_tokens(f)
-        self.files, self.vocab_size = files, vocab_size
-        self.index, self.pos = 0, 0
-        self.tokens = read_shard(files[0], vocab_size)
-        self.reader = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        self.next = self.reader.submit(read_shard, files[1 % len(files)], vocab_size)
-
-    def take(self, n: int) -> np.ndarray:
-        parts = []
-        while n > 0:
-            if self.pos == len(self.tokens):
-                self.index = (self.index + 1) % len(self.files)
-                self.tokens, self.pos = self.next.result(), 0
-                self.next = self.reader.submit(read_shard, self.files[(self.index + 1) % len(self.files)], self.vocab_size)
-            k = min(n, len(self.tokens) - self.pos)
-            parts.append(self.tokens[self.pos:self.pos + k])
-            self.pos += k
-            n -= k
-        return np.concatenate(parts)
-
-
-class TrainLoader:
-    """Each micro-step takes world_size consecutive spans of (local tokens + 1) and keeps span `rank`: disjoint, deterministic."""
-
-    def __init__(self, cfg: Config, run: Run, local_tokens: int) -> None:
-        self.stream = TokenStream(shard_files(cfg.data_path, "train"), cfg.vocab_size)
-        self.run, self.local_tokens, self.seq_len = run, local_tokens, cfg.train_seq_len
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        span = self.local_tokens + 1
-        chunk = self.stream.take(span * self.run.world_size)[self.run.rank * span:(self.run.rank + 1) * span]
-        t = torch.from_numpy(chunk.astype(np.int64))
-        if self.run.device.type == "cuda":
-            t = t.pin_memory().to(self.run.device, non_blocking=True)
-        return t[:-1].view(-1, self.seq_len), t[1:].view(-1, self.seq_len)
-
-    def next_step(self, grad_accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The micro-batches of one optimizer step (copied to the device asynchronously)."""
-        return [self.next() for _ in range(grad_accum)]
-
-
-# ==================================================================================================
-# Tokenizer and exact bits per byte
-# ==================================================================================================
-
-@dataclass
-class ByteTables:
-    """UTF-8 bytes of each target: base[t] + (space[t] and not boundary[prev]) (RULES.md, as the baseline counts)."""
-    base: torch.Tensor       # int64 [V]: bytes of the piece without its leading "▁" (any other "▁" is one space);
-                             # byte-fallback pieces count 1
-    space: torch.Tensor      # bool [V]: the piece starts with "▁"
-    boundary: torch.Tensor   # bool [V]: control / unknown / unused (BOS): counts 0 and swallows the next space
-
-    def count(self, prev: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.base[target] + (self.space[target] & ~self.boundary[prev]).long()
-
-    def to(self, device) -> "ByteTables":
-        return ByteTables(self.base.to(device), self.space.to(device), self.boundary.to(device))
-
-
-def load_byte_tables(path: str, vocab_size: int) -> ByteTables:
-    import sentencepiece as spm
-    if not os.path.isfile(path):
-        raise RunError(f"TOKENIZER_PATH={path!r}: file not found")
-    sp = spm.SentencePieceProcessor(model_file=path)
-    if sp.vocab_size() != vocab_size:
-        raise RunError(f"TOKENIZER_PATH={path!r} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
-    check_countable(sp, path)
-    base = torch.zeros(vocab_size, dtype=torch.int64)
-    space = torch.zeros(vocab_size, dtype=torch.bool)
-    boundary = torch.zeros(vocab_size, dtype=torch.bool)
-    for i in range(vocab_size):
-        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
-            boundary[i] = True
-        elif sp.is_byte(i):
-            base[i] = 1
-        else:
-            piece = sp.id_to_piece(i)
-            space[i] = piece.startswith("\u2581")
-            # a "▁" anywhere else (whitespace-only pieces "▁▁", suffix pieces "the▁") is one space byte, not three
-            base[i] = len(piece.removeprefix("\u2581").replace("\u2581", " ").encode("utf-8"))
-    return ByteTables(base, space, boundary)
-
-
-def check_countable(sp, path: str) -> None:
-    """Refuse the tokenizers whose text the per-token rule cannot count exactly (the records' sp1024 and sp8192 pass:
-    a standalone "▁" piece, no dummy prefix, leading whitespace removed)."""
-    i = sp.piece_to_id("\u2581")
-    if sp.id_to_piece(i) != "\u2581" or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) or sp.is_byte(i):
-        raise RunError(f"TOKENIZER_PATH={path!r} has no standalone '\u2581' piece: a space it cannot merge falls back to "
-                       "the byte pieces <0xE2><0x96><0x81>, counted 3 bytes for 1 (openai/parameter-golf issue #897)")
-    if not hasattr(sp, "normalize"):    # sentencepiece < 0.2.0 cannot say how it normalizes; the records' models pass
-        return
-    plain, spaced = sp.normalize("a"), sp.normalize(" a")
-    if plain.endswith("\u2581"):
-        raise RunError(f"TOKENIZER_PATH={path!r} adds a dummy whitespace suffix (treat_whitespace_as_suffix): "
-                       "every document would count one byte it does not have")
-    if spaced != plain and not plain.startswith("\u2581"):
-        raise RunError(f"TOKENIZER_PATH={path!r} keeps a document's leading whitespace without a dummy prefix "
-                       "(remove_extra_whitespaces and add_dummy_prefix off): the rule drops that space after BOS")
-
-
-# ==================================================================================================
-# Model
-# ==================================================================================================
 # Every parameter carries one label; this table maps it to its optimizer, learning rate, weight decay and storage.
 # label: (optimizer, learning-rate field, weight-decay field or None, storage in the artifact)
 PARAM_TABLE = {
@@ -999,6 +614,17 @@ def param_labels(model: nn.Module) -> dict[str, str]:
     return labels
 
 
+def build_model(cfg: Config, run: Run) -> GPT:
+    """The seeded model on the run's device, with FlashAttention-3 where it works (a Hopper GPU), else SDPA."""
+    problem = flash_attention_problem(cfg, run.device)
+    # rank agreement: every rank runs the same attention, so that every rank traces the same graphs
+    sdpa = run.agree(problem is not None)
+    if sdpa and run.device.type == "cuda":
+        log(f"attention: SDPA, since FlashAttention-3 is unusable: {problem or 'on another rank'}")
+    torch.manual_seed(cfg.seed)
+    return GPT(cfg, attention="sdpa" if sdpa else "fa3").to(run.device)
+
+
 # ==================================================================================================
 # Optimizers: Muon for block matrices, AdamW for the rest
 # ==================================================================================================
@@ -1100,8 +726,352 @@ def lr_scale(progress: float, warmdown_frac: float) -> float:
 
 
 # ==================================================================================================
-# Quantization and serialization
+# Data: challenge shards (256 x int32 header, then uint16 tokens)
 # ==================================================================================================
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+
+
+def shard_tokens(path: str | Path) -> int:
+    """The token count of a shard, after checking magic, version and file size against the header."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < HEADER_INTS * 4:
+        raise RunError(f"{path}: {size} bytes is shorter than the {HEADER_INTS * 4}-byte shard header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise RunError(f"{path}: bad header (magic {header[0]}, version {header[1]}; expected {SHARD_MAGIC}, {SHARD_VERSION})")
+    n = int(header[2])
+    if size != HEADER_INTS * 4 + 2 * n:
+        raise RunError(f"{path}: header says {n} tokens ({HEADER_INTS * 4 + 2 * n} bytes) but the file has {size} bytes")
+    return n
+
+
+def read_shard(path: str | Path, vocab_size: int) -> np.ndarray:
+    """Read one shard: header checks, then every id against VOCAB_SIZE."""
+    n = shard_tokens(path)
+    tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_INTS * 4)
+    if n and int(tokens.max()) >= vocab_size:
+        raise RunError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
+    return tokens
+
+
+def shard_files(data_path: str, split: str) -> list[str]:
+    pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise RunError(f"DATA_PATH={data_path!r}: no {split} shards match {pattern}")
+    return files
+
+
+def load_val_tokens(cfg: Config) -> torch.Tensor:
+    tokens = np.concatenate([read_shard(f, cfg.vocab_size) for f in shard_files(cfg.data_path, "val")])
+    return torch.from_numpy((tokens[:cfg.val_tokens] if cfg.val_tokens else tokens).astype(np.int64))
+
+
+class TokenStream:
+    """The train shards in name order as one endless stream; every rank walks the same stream. Every header is
+    checked up front; the next shard is read in a background thread, so a 100M-token read never stalls a step."""
+
+    def __init__(self, files: list[str], vocab_size: int) -> None:
+        for f in files:
+            shard_tokens(f)
+        self.files, self.vocab_size = files, vocab_size
+        self.index, self.pos = 0, 0
+        self.tokens = read_shard(files[0], vocab_size)
+        self.reader = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self.next = self.reader.submit(read_shard, files[1 % len(files)], vocab_size)
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            if self.pos == len(self.tokens):
+                self.index = (self.index + 1) % len(self.files)
+                self.tokens, self.pos = self.next.result(), 0
+                self.next = self.reader.submit(read_shard, self.files[(self.index + 1) % len(self.files)], self.vocab_size)
+            k = min(n, len(self.tokens) - self.pos)
+            parts.append(self.tokens[self.pos:self.pos + k])
+            self.pos += k
+            n -= k
+        return np.concatenate(parts)
+
+
+class TrainLoader:
+    """Each micro-step takes world_size consecutive spans of (local tokens + 1) and keeps span `rank`: disjoint, deterministic."""
+
+    def __init__(self, cfg: Config, run: Run, local_tokens: int) -> None:
+        self.stream = TokenStream(shard_files(cfg.data_path, "train"), cfg.vocab_size)
+        self.run, self.local_tokens, self.seq_len = run, local_tokens, cfg.train_seq_len
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        span = self.local_tokens + 1
+        chunk = self.stream.take(span * self.run.world_size)[self.run.rank * span:(self.run.rank + 1) * span]
+        t = torch.from_numpy(chunk.astype(np.int64))
+        if self.run.device.type == "cuda":
+            t = t.pin_memory().to(self.run.device, non_blocking=True)
+        return t[:-1].view(-1, self.seq_len), t[1:].view(-1, self.seq_len)
+
+    def next_step(self, grad_accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The micro-batches of one optimizer step (copied to the device asynchronously)."""
+        return [self.next() for _ in range(grad_accum)]
+
+
+# ==================================================================================================
+# Training: the warm-up, the steps under the wall-clock cap, the switches, then GPTQ calibration inside the cap
+# ==================================================================================================
+
+def train_step(model, opts, batches, run: Run, clip_norm: float = 0.0, params=None) -> torch.Tensor:
+    """One optimizer step over the micro-batches; DDP all-reduces gradients on the last one only. The global gradient
+    norm is clipped at clip_norm (0 = off) on the device, without a host sync."""
+    total = torch.zeros((), device=run.device)
+    for i, (x, y) in enumerate(batches):
+        sync = contextlib.nullcontext() if (not run.distributed or i == len(batches) - 1) else model.no_sync()
+        with sync:
+            with run.autocast():
+                loss = model(x, y)
+            (loss / len(batches)).backward()
+        total += loss.detach()
+    if clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
+    for opt in opts:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return total / len(batches)
+
+
+def set_schedule(opts, cfg: Config, step: int, progress: float) -> None:
+    scale = lr_scale(progress, cfg.warmdown_frac)
+    warm = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps else 1.0
+    momentum = cfg.muon_momentum_warmup_start + warm * (cfg.muon_momentum - cfg.muon_momentum_warmup_start)
+    for opt in opts:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * scale
+            if isinstance(opt, Muon):
+                group["momentum"] = momentum
+
+
+class EMA:
+    """Exponential moving average of the weights, exported instead of the raw weights. The decay ramps up
+    ((1+t)/(10+t)) so that short runs are not dominated by the initialisation."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay, self.updates = decay, 0
+        self.params = [p for p in model.parameters()]
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - d)
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        by_id = {id(p): s for p, s in zip(self.params, self.shadow)}
+        return {name: by_id[id(p)].cpu() for name, p in model.named_parameters()}
+
+
+def check_ranks_agree(model: nn.Module, run: Run) -> None:
+    """Every rank should hold the same weights (same gradients, same schedule); log it, since the export is rank 0's."""
+    if not run.distributed:
+        return
+    total = sum(p.detach().double().sum() for p in model.parameters())
+    span = run.all_reduce(torch.stack((total, -total)), dist.ReduceOp.MAX)
+    gap = float(span[0] + span[1])
+    log("rank_sync: identical weights" if gap == 0 else f"rank_sync: WARNING ranks differ (checksum spread {gap:.3e})")
+
+
+def training_forward(model: GPT, run: Run, probe: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """The forward the training steps call: compiled when COMPILE (fullgraph: a graph break is an error, not a silent
+    slowdown), wrapped in DDP on several ranks. Where FlashAttention-3 does not trace in one graph (seen on the first
+    forward, `probe`, before DDP exists), every rank compiles with graph breaks instead, and the log says so."""
+    fwd = run.compile(model, fullgraph=True)
+    if run.compiled and probe is not None and model.blocks[0].attn.backend == "fa3":
+        problem = ""
+        try:
+            with run.autocast():
+                fwd(*probe)        # traces the training graph; the loss is dropped, no weight moves
+        except torch._dynamo.exc.TorchDynamoException as e:
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        # rank agreement: the fallback changes every rank's graphs, so one rank's failure decides for all
+        if run.agree(bool(problem)):
+            log(f"attention: FlashAttention-3 breaks the graph on some rank ({problem or 'not this one'}); "
+                "compiling with graph breaks (fullgraph=False)")
+            fwd = run.compile(model, fullgraph=False)
+    if run.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # our buffers (RoPE frequencies) are equal on every rank: never re-broadcast them per forward
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+        fwd = DDP(fwd, device_ids=[run.local_rank] if run.device.type == "cuda" else None, **{no_sync: False})
+    return fwd
+
+
+def switches(cfg: Config, progress: float) -> tuple[bool, bool]:
+    """(recurrence on, late QAT on) at this fraction of the expected run. Every rank computes it from the agreed
+    progress, so every rank flips at the same step."""
+    return progress >= cfg.recur_start_frac, cfg.late_qat_frac > 0 and progress >= 1 - cfg.late_qat_frac
+
+
+def set_switches(model: GPT, cfg: Config, state: tuple[bool, bool]) -> None:
+    model.recur_on = state[0]
+    model.set_qat(state[1], cfg.int6_clip_k)
+
+
+def compile_warmup(model: GPT, opts, cfg: Config, run: Run, grad_accum: int, local_tokens: int):
+    """Build the training forward and run WARMUP_STEPS real steps (at least one in each switch state the run will
+    pass through: recurrence off/on, QAT off/on), so that every graph is compiled before the clock starts; then
+    restore model and optimizers. Returns the training forward."""
+    loader = TrainLoader(cfg, run, local_tokens)
+    batches = loader.next_step(grad_accum)
+    fwd = training_forward(model, run, probe=batches[0] if cfg.warmup_steps else None)
+    if cfg.warmup_steps == 0:
+        return fwd
+    states = list(dict.fromkeys(switches(cfg, p) for p in sorted({0.0, cfg.recur_start_frac, 1 - cfg.late_qat_frac})
+                                if p <= 1))
+    n_steps = max(cfg.warmup_steps, len(states))
+    model_state = copy.deepcopy(model.state_dict())
+    opt_states = [copy.deepcopy(o.state_dict()) for o in opts]
+    with timed("compile_warmup", run):
+        for k in range(n_steps):
+            set_switches(model, cfg, states[k * len(states) // n_steps])
+            train_step(fwd, opts, batches, run, cfg.grad_clip_norm, list(model.parameters()))
+            batches = loader.next_step(grad_accum)
+    run.barrier()   # every rank's graphs exist: what compiles after this line compiles inside the clock
+    log(f"compile_warmup steps:{n_steps} states:{' '.join(f'recur{int(r)}_qat{int(q)}' for r, q in states)}")
+    set_switches(model, cfg, states[0])
+    model.load_state_dict(model_state)
+    for o, s in zip(opts, opt_states):
+        o.load_state_dict(s)
+        o.zero_grad(set_to_none=True)
+    return fwd
+
+
+def batch_split(cfg: Config, run: Run) -> tuple[int, int]:
+    """(gradient accumulation steps, tokens per micro-batch per rank): the global batch is the same on 1-8 GPUs."""
+    grad_accum = REFERENCE_GPUS // run.world_size
+    local_tokens = cfg.train_batch_tokens // (run.world_size * grad_accum)
+    if local_tokens * run.world_size * grad_accum != cfg.train_batch_tokens or local_tokens % cfg.train_seq_len:
+        raise RunError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} must split into {REFERENCE_GPUS} micro-batches "
+                       f"of whole TRAIN_SEQ_LEN={cfg.train_seq_len} sequences")
+    return grad_accum, local_tokens
+
+
+@dataclass
+class Calibration:
+    """What GPTQ needs from training: the Hessians, and the line that says how they were made."""
+    hessians: dict[str, torch.Tensor]
+    summary: str
+
+
+def calibrate(model: GPT, loader: TrainLoader, cfg: Config, run: Run, clock: WallClock) -> Calibration:
+    """GPTQ's Hessians, from the next training batches and with the EMA weights (what is exported; `model` holds
+    them), inside the training budget: the cap kept GPTQ_RESERVE_SECONDS for this. Batches stop early rather than
+    run past the cap."""
+    t0, limit = clock.elapsed(), cfg.max_wallclock_seconds or float("inf")
+    wanted = max(1, math.ceil(cfg.gptq_calib_batches / run.world_size))   # micro-batches per rank
+    times: list[float] = []
+
+    def batches():
+        for k in range(wanted):
+            # the ranks agree on the decision (the slowest rank's pace decides), so no rank is left waiting
+            late = float(bool(k) and t0 + (k + 1) * max(times) > limit)
+            if run.all_reduce(torch.tensor([late], device=run.device), dist.ReduceOp.MAX).item():
+                log(f"gptq_calib: WARNING stopped after {k} of {wanted} batches per rank to stay inside the cap")
+                return
+            t = time.perf_counter()
+            yield loader.next()
+            run.sync()
+            times.append(time.perf_counter() - t)
+
+    hessians, tokens = collect_hessians(model, batches(), run)
+    calib = f"calib_batches:{len(times) * run.world_size} calib_tokens:{tokens} calib_time:{1000 * (clock.elapsed() - t0):.0f}ms"
+    log(f"gptq_calib {calib} train_time_with_calib:{1000 * clock.elapsed():.0f}ms")
+    if clock.elapsed() > limit:
+        log(f"gptq_calib: WARNING training + calibration took {clock.elapsed():.1f}s, over the {limit:.0f}s cap")
+    return Calibration(hessians, calib)
+
+
+def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[str, torch.Tensor], dict[str, str],
+                                                                        Calibration, GPT]:
+    """Train under the wall-clock cap (less the calibration reserve), then calibrate GPTQ inside it. Returns the EMA
+    weights (CPU, fp32), their labels, GPTQ's calibration and the model holding the EMA weights."""
+    grad_accum, local_tokens = batch_split(cfg, run)
+    model = build_model(cfg, run)
+    labels = param_labels(model)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())} attention:{model.blocks[0].attn.backend} "
+        f"passes:{len(model.schedule)} grad_accum:{grad_accum} local_batch_tokens:{local_tokens}")
+    opts = build_optimizers(model, cfg, run)
+    params = list(model.parameters())
+    fwd = compile_warmup(model, opts, cfg, run, grad_accum, local_tokens)
+    val_tokens = load_val_tokens(cfg) if cfg.val_loss_every else None
+    loader, ema = TrainLoader(cfg, run, local_tokens), EMA(model, cfg.ema_decay)
+    host_flags = torch.zeros(2, pin_memory=run.device.type == "cuda")   # (cap hit, elapsed s): sent without a sync
+    run.barrier()
+    run.sync()
+    train_s = cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds if cfg.max_wallclock_seconds else 0.0
+    clock, step, step_avg_s, agreed_s = WallClock(train_s), 0, 0.0, 0.0
+    state = switches(cfg, 0.0)
+    set_switches(model, cfg, state)
+    recent = collections.deque(maxlen=20)   # the last step times: the cap check plans with the slowest
+    batches = loader.next_step(grad_accum)
+    while step < cfg.iterations:
+        progress = clock.progress(step, cfg.iterations, agreed_s)
+        if switches(cfg, progress) != state:   # the graph of the new state was compiled in the warm-up
+            old, state = state, switches(cfg, progress)
+            set_switches(model, cfg, state)
+            for name, was, now in (("recurrence", old[0], state[0]), ("late_qat", old[1], state[1])):
+                if now != was and (name != "recurrence" or cfg.recur_layers):
+                    log(f"{name}:{'on' if now else 'off'} step:{step} train_time:{1000 * clock.elapsed():.0f}ms")
+        set_schedule(opts, cfg, step, progress)
+        elapsed_before = clock.elapsed()
+        loss = train_step(fwd, opts, batches, run, cfg.grad_clip_norm, params)
+        ema.update()
+        batches = loader.next_step(grad_accum)   # the next step's batches, read while the device works on this one
+        # Will one more step fit? Assume this step and the next each take as long as the slowest recent one, plus a
+        # little slack for one-off hiccups. One all-reduce, where the step waits for the device anyway, makes every
+        # rank agree on that, on a non-finite loss, and on the elapsed time that drives the schedule.
+        slowest = max(recent, default=0.0)
+        cap_hit = train_s > 0 and elapsed_before + 2 * slowest + CAP_SLACK_S > train_s
+        host_flags[0], host_flags[1] = float(cap_hit), elapsed_before
+        flags = torch.cat((loss.float().view(1), (~torch.isfinite(loss)).float().view(1),
+                           host_flags.to(run.device, non_blocking=True)))
+        loss_sum, bad, cap, elapsed_sum = run.all_reduce(flags).tolist()
+        agreed_s = elapsed_sum / run.world_size
+        step += 1
+        recent.append(clock.elapsed() - elapsed_before)
+        step_avg_s = clock.elapsed() / step
+        if bad:
+            raise RunError(f"non-finite training loss at step {step}; nothing was exported")
+        if step % cfg.train_log_every == 0 or step == cfg.iterations or cap:
+            log(f"step:{step}/{cfg.iterations} train_loss:{loss_sum / run.world_size:.4f} "
+                f"train_time:{1000 * clock.elapsed():.0f}ms step_avg:{1000 * step_avg_s:.2f}ms")
+        if cfg.val_loss_every and step % cfg.val_loss_every == 0:
+            with clock.paused():
+                model.eval()
+                r = evaluate(model, val_tokens, tables, run, cfg.train_seq_len, cfg.train_seq_len, cfg.eval_batch_windows)
+                model.train()
+            log(f"step:{step}/{cfg.iterations} val_loss:{r.loss:.4f} val_bpb:{r.bpb:.4f} train_time:{1000 * clock.elapsed():.0f}ms")
+        if cap:
+            log(f"stopping_early: wallclock_cap train_time:{1000 * clock.elapsed():.0f}ms step:{step}/{cfg.iterations}")
+            break
+    log(f"train_done steps:{step} train_time:{1000 * clock.elapsed():.0f}ms step_avg:{1000 * step_avg_s:.2f}ms")
+    check_ranks_agree(model, run)
+    if run.device.type == "cuda":
+        log(f"peak_memory_allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB")
+    weights = ema.state_dict(model)
+    with torch.no_grad():   # from here on the model holds what is exported: recurrence on, QAT off
+        for name, p in model.named_parameters():
+            p.copy_(weights[name])
+    set_switches(model, cfg, (True, False))
+    model.eval()
+    clock.limit_s = cfg.max_wallclock_seconds
+    calib = calibrate(model, loader, cfg, run, clock)
+    return weights, labels, calib, model
+
+
+# ==================================================================================================
+# Export: GPTQ, the artifact format, compression, the size limit
+# ==================================================================================================
+
 ARTIFACT_MAGIC = b"PGOLF-1\n"
 CLIP_FRACTIONS = (1.0, 0.995, 0.99, 0.98, 0.97, 0.96, 0.94, 0.92, 0.9, 0.87, 0.84, 0.8)
 FP16_TINY = float(torch.finfo(torch.float16).tiny)   # the smallest normal fp16: the floor of a stored scale
@@ -1366,9 +1336,90 @@ def read_artifact(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise RunError(f"{path}: corrupt artifact ({type(e).__name__}: {e})") from None
 
 
+def export_phase(cfg: Config, run: Run, state: dict[str, torch.Tensor], labels: dict[str, str], path: Path,
+                 calib: Calibration | None = None) -> None:
+    """Quantize (GPTQ where there are Hessians), pack and write the artifact on rank 0, atomically; every rank gets
+    its outcome, and an over-size artifact is never called a success."""
+    code_bytes = len(Path(__file__).read_bytes())
+    spec = QuantSpec.from_config(cfg)
+
+    def export() -> int:
+        with timed("export", run):
+            model_cfg = {f: getattr(cfg, f) for f in MODEL_FIELDS}
+            blob, name, sizes, widen = fit_to_limit(state, labels, model_cfg, ARTIFACT_LIMIT_BYTES - code_bytes, spec,
+                                                    calib.hessians if calib else None)
+            write_atomic(path, blob, replace=False)
+        log(f"artifact:{path} quantizer:{'gptq' if calib else 'rtn'} {calib.summary + ' ' if calib else ''}"
+            f"int6_clip_k:{spec.int6_clip_k} "
+            f"embed_clip_k:{spec.embed_clip_k} int6_scale_widen:{widen:.4f} " + " ".join(f"{k}_bytes:{v}" for k, v in sizes.items()))
+        log(f"code_bytes:{code_bytes} model_bytes:{len(blob)} total_submission_bytes:{code_bytes + len(blob)} compressor:{name}")
+        return len(blob)
+
+    total = code_bytes + run.main_only(export)
+    if total > ARTIFACT_LIMIT_BYTES:
+        raise RunError(f"total submission {total} bytes exceeds the {ARTIFACT_LIMIT_BYTES}-byte limit (artifact kept at {path})")
+
+
 # ==================================================================================================
-# Evaluation: exact single-pass sliding window
+# Evaluation: exact bytes, the single-pass sliding window, causal SLOT, score-first TTT, one budget
 # ==================================================================================================
+
+@dataclass
+class ByteTables:
+    """UTF-8 bytes of each target: base[t] + (space[t] and not boundary[prev]) (RULES.md, as the baseline counts)."""
+    base: torch.Tensor       # int64 [V]: bytes of the piece without its leading "▁" (any other "▁" is one space);
+                             # byte-fallback pieces count 1
+    space: torch.Tensor      # bool [V]: the piece starts with "▁"
+    boundary: torch.Tensor   # bool [V]: control / unknown / unused (BOS): counts 0 and swallows the next space
+
+    def count(self, prev: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.base[target] + (self.space[target] & ~self.boundary[prev]).long()
+
+    def to(self, device) -> "ByteTables":
+        return ByteTables(self.base.to(device), self.space.to(device), self.boundary.to(device))
+
+
+def load_byte_tables(path: str, vocab_size: int) -> ByteTables:
+    import sentencepiece as spm
+    if not os.path.isfile(path):
+        raise RunError(f"TOKENIZER_PATH={path!r}: file not found")
+    sp = spm.SentencePieceProcessor(model_file=path)
+    if sp.vocab_size() != vocab_size:
+        raise RunError(f"TOKENIZER_PATH={path!r} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
+    check_countable(sp, path)
+    base = torch.zeros(vocab_size, dtype=torch.int64)
+    space = torch.zeros(vocab_size, dtype=torch.bool)
+    boundary = torch.zeros(vocab_size, dtype=torch.bool)
+    for i in range(vocab_size):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            boundary[i] = True
+        elif sp.is_byte(i):
+            base[i] = 1
+        else:
+            piece = sp.id_to_piece(i)
+            space[i] = piece.startswith("\u2581")
+            # a "▁" anywhere else (whitespace-only pieces "▁▁", suffix pieces "the▁") is one space byte, not three
+            base[i] = len(piece.removeprefix("\u2581").replace("\u2581", " ").encode("utf-8"))
+    return ByteTables(base, space, boundary)
+
+
+def check_countable(sp, path: str) -> None:
+    """Refuse the tokenizers whose text the per-token rule cannot count exactly (the records' sp1024 and sp8192 pass:
+    a standalone "▁" piece, no dummy prefix, leading whitespace removed)."""
+    i = sp.piece_to_id("\u2581")
+    if sp.id_to_piece(i) != "\u2581" or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) or sp.is_byte(i):
+        raise RunError(f"TOKENIZER_PATH={path!r} has no standalone '\u2581' piece: a space it cannot merge falls back to "
+                       "the byte pieces <0xE2><0x96><0x81>, counted 3 bytes for 1 (openai/parameter-golf issue #897)")
+    if not hasattr(sp, "normalize"):    # sentencepiece < 0.2.0 cannot say how it normalizes; the records' models pass
+        return
+    plain, spaced = sp.normalize("a"), sp.normalize(" a")
+    if plain.endswith("\u2581"):
+        raise RunError(f"TOKENIZER_PATH={path!r} adds a dummy whitespace suffix (treat_whitespace_as_suffix): "
+                       "every document would count one byte it does not have")
+    if spaced != plain and not plain.startswith("\u2581"):
+        raise RunError(f"TOKENIZER_PATH={path!r} keeps a document's leading whitespace without a dummy prefix "
+                       "(remove_extra_whitespaces and add_dummy_prefix off): the rule drops that space after BOS")
+
 
 def build_windows(n_tokens: int, seq_len: int, stride: int) -> np.ndarray:
     """Windows [start, end, first_scored] over tokens x[0..N-1]: inputs x[start:end] predict targets start+1..end, of
@@ -1436,8 +1487,12 @@ class EvalResult:
 
 
 @dataclass
-class Shard:
-    """One rank's share of an evaluation, before the all-reduce."""
+class RankEval:
+    """One rank's share of an evaluation, carried from batch to batch and chunk to chunk: the forward it scores with,
+    its budget, SLOT's warm start, and its sums before the all-reduce."""
+    budget: "EvalBudget"
+    hidden: typing.Callable | None = None   # the model's hidden(), compiled or not (None: model.hidden)
+    prev: tuple | None = None        # the previous batch's mean final (delta, bias): the warm start
     nll_sum: float = 0.0
     tokens: int = 0
     bytes: int = 0
@@ -1576,25 +1631,19 @@ class EvalBudget:
         return self.steps, self.epochs
 
 
-@dataclass
-class RankEval:
-    """What one rank carries from batch to batch and chunk to chunk: its sums, its budget, SLOT's warm start."""
-    budget: EvalBudget
-    shard: Shard = dataclasses.field(default_factory=Shard)
-    prev: tuple | None = None        # the previous batch's mean final (delta, bias): the warm start
+def scored_log_probs(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The full-vocabulary log-probabilities of the scored targets at stream indices `positions`: every scored
+    distribution passes here once (the causality harness wraps this function to keep each row)."""
+    return torch.log_softmax(logits, dim=-1)
 
 
 @torch.no_grad()
-def eval_shard(model: GPT, tokens: torch.Tensor, windows: np.ndarray, tables: ByteTables, device: torch.device,
-               batch_windows: int, hidden_fn=None, slot: Slot | None = None, deadline: float | None = None,
-               capture: list | None = None, autocast=contextlib.nullcontext, want_nll: bool = False,
-               state: RankEval | None = None) -> Shard:
-    """Score `windows` (one rank's contiguous share, in stream order), adding to `state` (which carries the budget and
-    the warm start on to the next call). With `capture`, append for every batch (target indices, full
-    log-probability rows): the causality harness checks those."""
-    hidden_fn = hidden_fn or model.hidden
-    state = state or RankEval(EvalBudget(deadline, slot.steps if slot else 0, 0, len(windows), 0))
-    tables, out = tables.to(device), state.shard
+def eval_shard(model: GPT, tokens: torch.Tensor, windows: np.ndarray, tables: ByteTables, run: Run,
+               batch_windows: int, slot: Slot | None, state: RankEval, want_nll: bool = False) -> RankEval:
+    """Score `windows` (one rank's contiguous share, in stream order), adding to `state`, which carries the budget,
+    the warm start and the sums on to the next call."""
+    hidden_fn, device, out = state.hidden or model.hidden, run.device, state
+    tables = tables.to(device)
     n_batches = (len(windows) + batch_windows - 1) // batch_windows
     for i in range(n_batches):
         w = windows[i * batch_windows:(i + 1) * batch_windows]
@@ -1608,33 +1657,28 @@ def eval_shard(model: GPT, tokens: torch.Tensor, windows: np.ndarray, tables: By
         steps = state.budget.plan(f"batch {i}")[0] if slot else 0
         t0 = time.perf_counter()
         pad = batch_windows - len(w)   # keep one batch shape: a compiled forward would recompile for a short batch
-        with autocast():
+        with run.autocast():
             h = hidden_fn(torch.cat((x, x[-1:].expand(pad, -1))) if pad else x)[:len(w)]
         h = h.float() if h.dtype in (torch.bfloat16, torch.float16) else h
         delta = bias = None
-        if device.type == "cuda":      # the forward runs asynchronously: without this its time would count as SLOT's
-            torch.cuda.synchronize(device)
+        run.sync()                     # the forward runs asynchronously: without this its time would count as SLOT's
         t1 = time.perf_counter()
         if slot is not None:
             delta, bias, state.prev = slot_fit(model, h, y, first, slot, steps, state.prev)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        run.sync()
         t2 = time.perf_counter()
         f0 = int(first_np.min())       # the head runs only on the columns that hold scored targets
         logits = slot_logits(model, h[:, f0:], delta, bias) if delta is not None else model.head(h[:, f0:])
-        logp = torch.log_softmax(logits[mask[:, f0:]], dim=-1)
+        target_pos = (torch.as_tensor(w[:, 0], device=device)[:, None] + 1 + pos)[mask]
+        logp = scored_log_probs(logits[mask[:, f0:]], target_pos)
         target = y[mask]
         nll = -logp.gather(1, target[:, None])[:, 0].double()
         out.nll_sum += float(nll.sum())
         out.tokens += nll.numel()
         out.bytes += int(tables.count(x[mask], target).sum())
-        if want_nll or capture is not None:    # target indices: only for the NLL dump and the causality harness
-            target_pos = (torch.as_tensor(w[:, 0], device=device)[:, None] + 1 + pos)[mask]
         if want_nll:
             out.nll.append(nll.cpu())
             out.pos.append(target_pos.cpu())
-        if capture is not None:
-            capture.append((target_pos.cpu(), logp.cpu()))
         out.windows += len(w)
         if slot is not None:
             out.slot_step_sum += steps * len(w)
@@ -1728,30 +1772,32 @@ def ttt_train(model: GPT, opt, tokens: torch.Tensor, chunk: tuple, ttt: Ttt, epo
 
 
 def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq_len: int, stride: int,
-             batch_windows: int, hidden_fn=None, want_nll: bool = False, slot: Slot | None = None,
-             deadline: float | None = None, ttt: Ttt | None = None, capture: list | None = None,
-             sim_ranks: int = 0, compile_ttt: bool = False) -> EvalResult:
+             batch_windows: int, slot: Slot | None = None, ttt: Ttt | None = None, deadline: float | None = None,
+             want_nll: bool = False) -> EvalResult:
     """Score every target of `tokens` once, chunk by chunk in stream order (one chunk without TTT); each chunk's
-    windows are split across ranks in contiguous order, and with TTT each chunk but the last is trained on after it
-    is scored. sim_ranks > 0 runs that many ranks' shares in this one process (the causality harness)."""
+    windows are split across the ranks' shares (Run.eval_shares) in contiguous order, and with TTT each chunk but
+    the last is trained on after it is scored. The forwards are compiled when the run compiles (COMPILE)."""
     t0 = time.perf_counter()
     windows = build_windows(len(tokens), seq_len, stride)
     chunks = eval_chunks(tokens, windows, ttt)
     # The budget's counts come from the fixed grid of chunk_tokens, which depends on the stream's length alone: with
     # per-document chunks the real counts would tell every chunk how many documents lie ahead.
     grid = eval_chunks(tokens, windows, dataclasses.replace(ttt, reset="never")) if ttt else chunks
-    world, ranks = (sim_ranks, list(range(sim_ranks))) if sim_ranks else (run.world_size, [run.rank])
+    ranks, world = run.eval_shares()
+    hidden_fn = run.compile(model.hidden)
 
     def share(chunk, r):   # rank r's contiguous part of the chunk's windows
         return chunk[0] + (chunk[1] - chunk[0]) * r // world, chunk[0] + (chunk[1] - chunk[0]) * (r + 1) // world
 
     states = {r: RankEval(EvalBudget(deadline, slot.steps if slot else 0, ttt.epochs if ttt else 0,
-                                     sum(hi - lo for lo, hi in (share(c, r) for c in grid)), grid[-1][2] - 1))
+                                     sum(hi - lo for lo, hi in (share(c, r) for c in grid)), grid[-1][2] - 1), hidden_fn)
               for r in ranks}
     progress_end = grid[-1][2]      # where the last grid chunk starts: the end of the cosine, by position
     base = {n: p.detach().clone() for n, p in model.named_parameters()} if ttt else None
     opt = torch.optim.SGD(model.parameters(), lr=ttt.lr, momentum=ttt.momentum) if ttt else None
-    train_fn = ttt_compiled(model, ttt, seq_len, ranks[0], world, run) if compile_ttt else model
+    # per-document resets would need a graph per chunk length: that mode's TTT stays eager
+    compiled = run.compiled and ttt is not None and ttt.reset == "never"
+    train_fn = ttt_compiled(model, ttt, seq_len, ranks[0], world, run) if compiled else model
     epochs_run = []
     for c, chunk in enumerate(chunks):
         if ttt and ttt.reset == "document" and c and tokens[chunk[2] - 1] == BOS_ID:
@@ -1759,8 +1805,7 @@ def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq
             opt.state.clear()
         for r in ranks:
             lo, hi = share(chunk, r)
-            eval_shard(model, tokens, windows[lo:hi], tables, run.device, batch_windows, hidden_fn, slot, capture=capture,
-                       autocast=run.autocast, want_nll=want_nll, state=states[r])
+            eval_shard(model, tokens, windows[lo:hi], tables, run, batch_windows, slot, states[r], want_nll)
         if ttt is None or c == len(chunks) - 1:
             continue
         planned = min(states[r].budget.plan(f"chunk {c}")[1] for r in ranks)
@@ -1788,7 +1833,7 @@ def restore_weights(model: GPT, base: dict[str, torch.Tensor]) -> None:
 
 def gather_result(states: dict, ranks: list[int], run: Run, slot, epochs_run: list[int], want_nll: bool, t0: float) -> EvalResult:
     """Sum the (simulated) ranks' shares, all-reduce them, and put the per-target NLL back in stream order."""
-    shards = [states[r].shard for r in ranks]
+    shards = [states[r] for r in ranks]
     sums = [sum(getattr(s, k) for s in shards) for k in ("nll_sum", "tokens", "bytes", "slot_step_sum", "windows")]
     totals = run.all_reduce(torch.tensor(sums + [sum(states[r].budget.cuts for r in ranks)], dtype=torch.float64, device=run.device))
     steps_min = run.all_reduce(torch.tensor([min(s.slot_steps_min for s in shards)], device=run.device),
@@ -1812,303 +1857,11 @@ def gather_result(states: dict, ranks: list[int], run: Run, slot, epochs_run: li
                       budget_cuts=int(cuts))
 
 
-# ==================================================================================================
-# Training
-# ==================================================================================================
-
-def train_step(model, opts, batches, run: Run, clip_norm: float = 0.0, params=None) -> torch.Tensor:
-    """One optimizer step over the micro-batches; DDP all-reduces gradients on the last one only. The global gradient
-    norm is clipped at clip_norm (0 = off) on the device, without a host sync."""
-    total = torch.zeros((), device=run.device)
-    for i, (x, y) in enumerate(batches):
-        sync = contextlib.nullcontext() if (not run.distributed or i == len(batches) - 1) else model.no_sync()
-        with sync:
-            with run.autocast():
-                loss = model(x, y)
-            (loss / len(batches)).backward()
-        total += loss.detach()
-    if clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
-    for opt in opts:
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return total / len(batches)
-
-
-def set_schedule(opts, cfg: Config, step: int, progress: float) -> None:
-    scale = lr_scale(progress, cfg.warmdown_frac)
-    warm = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps else 1.0
-    momentum = cfg.muon_momentum_warmup_start + warm * (cfg.muon_momentum - cfg.muon_momentum_warmup_start)
-    for opt in opts:
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * scale
-            if isinstance(opt, Muon):
-                group["momentum"] = momentum
-
-
-class EMA:
-    """Exponential moving average of the weights, exported instead of the raw weights. The decay ramps up
-    ((1+t)/(10+t)) so that short runs are not dominated by the initialisation."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay, self.updates = decay, 0
-        self.params = [p for p in model.parameters()]
-        self.shadow = [p.detach().float().clone() for p in self.params]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - d)
-
-    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        by_id = {id(p): s for p, s in zip(self.params, self.shadow)}
-        return {name: by_id[id(p)].cpu() for name, p in model.named_parameters()}
-
-
-def check_ranks_agree(model: nn.Module, run: Run) -> None:
-    """Every rank should hold the same weights (same gradients, same schedule); log it, since the export is rank 0's."""
-    if not run.distributed:
-        return
-    total = sum(p.detach().double().sum() for p in model.parameters())
-    span = run.all_reduce(torch.stack((total, -total)), dist.ReduceOp.MAX)
-    gap = float(span[0] + span[1])
-    log("rank_sync: identical weights" if gap == 0 else f"rank_sync: WARNING ranks differ (checksum spread {gap:.3e})")
-
-
-def training_forward(model: GPT, run: Run, probe: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """The forward the training steps call: compiled when COMPILE (fullgraph: a graph break is an error, not a silent
-    slowdown), wrapped in DDP on several ranks. Where FlashAttention-3 does not trace in one graph (seen on the first
-    forward, `probe`, before DDP exists), every rank compiles with graph breaks instead, and the log says so."""
-    fwd = run.compile(model, fullgraph=True)
-    if run.compiled and probe is not None and model.blocks[0].attn.backend == "fa3":
-        problem = ""
-        try:
-            with run.autocast():
-                fwd(*probe)        # traces the training graph; the loss is dropped, no weight moves
-        except torch._dynamo.exc.TorchDynamoException as e:
-            problem = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        # rank agreement: the fallback changes every rank's graphs, so one rank's failure decides for all
-        if run.agree(bool(problem)):
-            log(f"attention: FlashAttention-3 breaks the graph on some rank ({problem or 'not this one'}); "
-                "compiling with graph breaks (fullgraph=False)")
-            fwd = run.compile(model, fullgraph=False)
-    if run.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        # our buffers (RoPE frequencies) are equal on every rank: never re-broadcast them per forward
-        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
-        fwd = DDP(fwd, device_ids=[run.local_rank] if run.device.type == "cuda" else None, **{no_sync: False})
-    return fwd
-
-
-def switches(cfg: Config, progress: float) -> tuple[bool, bool]:
-    """(recurrence on, late QAT on) at this fraction of the expected run. Every rank computes it from the agreed
-    progress, so every rank flips at the same step."""
-    return progress >= cfg.recur_start_frac, cfg.late_qat_frac > 0 and progress >= 1 - cfg.late_qat_frac
-
-
-def set_switches(model: GPT, cfg: Config, state: tuple[bool, bool]) -> None:
-    model.recur_on = state[0]
-    model.set_qat(state[1], cfg.int6_clip_k)
-
-
-def compile_warmup(model: GPT, opts, cfg: Config, run: Run, grad_accum: int, local_tokens: int):
-    """Build the training forward and run WARMUP_STEPS real steps (at least one in each switch state the run will
-    pass through: recurrence off/on, QAT off/on), so that every graph is compiled before the clock starts; then
-    restore model and optimizers. Returns the training forward."""
-    loader = TrainLoader(cfg, run, local_tokens)
-    batches = loader.next_step(grad_accum)
-    fwd = training_forward(model, run, probe=batches[0] if cfg.warmup_steps else None)
-    if cfg.warmup_steps == 0:
-        return fwd
-    states = list(dict.fromkeys(switches(cfg, p) for p in sorted({0.0, cfg.recur_start_frac, 1 - cfg.late_qat_frac})
-                                if p <= 1))
-    n_steps = max(cfg.warmup_steps, len(states))
-    model_state = copy.deepcopy(model.state_dict())
-    opt_states = [copy.deepcopy(o.state_dict()) for o in opts]
-    with timed("compile_warmup", run):
-        for k in range(n_steps):
-            set_switches(model, cfg, states[k * len(states) // n_steps])
-            train_step(fwd, opts, batches, run, cfg.grad_clip_norm, list(model.parameters()))
-            batches = loader.next_step(grad_accum)
-    run.barrier()   # every rank's graphs exist: what compiles after this line compiles inside the clock
-    log(f"compile_warmup steps:{n_steps} states:{' '.join(f'recur{int(r)}_qat{int(q)}' for r, q in states)}")
-    set_switches(model, cfg, states[0])
-    model.load_state_dict(model_state)
-    for o, s in zip(opts, opt_states):
-        o.load_state_dict(s)
-        o.zero_grad(set_to_none=True)
-    return fwd
-
-
-def batch_split(cfg: Config, run: Run) -> tuple[int, int]:
-    """(gradient accumulation steps, tokens per micro-batch per rank): the global batch is the same on 1-8 GPUs."""
-    grad_accum = REFERENCE_GPUS // run.world_size
-    local_tokens = cfg.train_batch_tokens // (run.world_size * grad_accum)
-    if local_tokens * run.world_size * grad_accum != cfg.train_batch_tokens or local_tokens % cfg.train_seq_len:
-        raise RunError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} must split into {REFERENCE_GPUS} micro-batches "
-                       f"of whole TRAIN_SEQ_LEN={cfg.train_seq_len} sequences")
-    return grad_accum, local_tokens
-
-
-def build_model(cfg: Config, run: Run) -> GPT:
-    """The seeded model on the run's device, with FlashAttention-3 where it works (a Hopper GPU), else SDPA."""
-    problem = flash_attention_problem(cfg, run.device)
-    # rank agreement: every rank runs the same attention, so that every rank traces the same graphs
-    sdpa = run.agree(problem is not None)
-    if sdpa and run.device.type == "cuda":
-        log(f"attention: SDPA, since FlashAttention-3 is unusable: {problem or 'on another rank'}")
-    torch.manual_seed(cfg.seed)
-    return GPT(cfg, attention="sdpa" if sdpa else "fa3").to(run.device)
-
-
-@dataclass
-class Calibration:
-    """What GPTQ needs from training: the Hessians, and the line that says how they were made."""
-    hessians: dict[str, torch.Tensor]
-    summary: str
-
-
-def calibrate(model: GPT, loader: TrainLoader, cfg: Config, run: Run, clock: WallClock) -> Calibration:
-    """GPTQ's Hessians, from the next training batches and with the EMA weights (what is exported; `model` holds
-    them), inside the training budget: the cap kept GPTQ_RESERVE_SECONDS for this. Batches stop early rather than
-    run past the cap."""
-    t0, limit = clock.elapsed(), cfg.max_wallclock_seconds or float("inf")
-    wanted = max(1, math.ceil(cfg.gptq_calib_batches / run.world_size))   # micro-batches per rank
-    times: list[float] = []
-
-    def batches():
-        for k in range(wanted):
-            # the ranks agree on the decision (the slowest rank's pace decides), so no rank is left waiting
-            late = float(bool(k) and t0 + (k + 1) * max(times) > limit)
-            if run.all_reduce(torch.tensor([late], device=run.device), dist.ReduceOp.MAX).item():
-                log(f"gptq_calib: WARNING stopped after {k} of {wanted} batches per rank to stay inside the cap")
-                return
-            t = time.perf_counter()
-            yield loader.next()
-            run.sync()
-            times.append(time.perf_counter() - t)
-
-    hessians, tokens = collect_hessians(model, batches(), run)
-    calib = f"calib_batches:{len(times) * run.world_size} calib_tokens:{tokens} calib_time:{1000 * (clock.elapsed() - t0):.0f}ms"
-    log(f"gptq_calib {calib} train_time_with_calib:{1000 * clock.elapsed():.0f}ms")
-    if clock.elapsed() > limit:
-        log(f"gptq_calib: WARNING training + calibration took {clock.elapsed():.1f}s, over the {limit:.0f}s cap")
-    return Calibration(hessians, calib)
-
-
-def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[str, torch.Tensor], dict[str, str],
-                                                                        Calibration, GPT]:
-    """Train under the wall-clock cap (less the calibration reserve), then calibrate GPTQ inside it. Returns the EMA
-    weights (CPU, fp32), their labels, GPTQ's calibration and the model holding the EMA weights."""
-    grad_accum, local_tokens = batch_split(cfg, run)
-    model = build_model(cfg, run)
-    labels = param_labels(model)
-    log(f"model_params:{sum(p.numel() for p in model.parameters())} attention:{model.blocks[0].attn.backend} "
-        f"passes:{len(model.schedule)} grad_accum:{grad_accum} local_batch_tokens:{local_tokens}")
-    opts = build_optimizers(model, cfg, run)
-    params = list(model.parameters())
-    fwd = compile_warmup(model, opts, cfg, run, grad_accum, local_tokens)
-    val_tokens = load_val_tokens(cfg) if cfg.val_loss_every else None
-    loader, ema = TrainLoader(cfg, run, local_tokens), EMA(model, cfg.ema_decay)
-    host_flags = torch.zeros(2, pin_memory=run.device.type == "cuda")   # (cap hit, elapsed s): sent without a sync
-    run.barrier()
-    run.sync()
-    train_s = cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds if cfg.max_wallclock_seconds else 0.0
-    clock, step, step_avg_s, agreed_s = WallClock(train_s), 0, 0.0, 0.0
-    state = switches(cfg, 0.0)
-    set_switches(model, cfg, state)
-    recent = collections.deque(maxlen=20)   # the last step times: the cap check plans with the slowest
-    batches = loader.next_step(grad_accum)
-    while step < cfg.iterations:
-        progress = clock.progress(step, cfg.iterations, agreed_s)
-        if switches(cfg, progress) != state:   # the graph of the new state was compiled in the warm-up
-            old, state = state, switches(cfg, progress)
-            set_switches(model, cfg, state)
-            for name, was, now in (("recurrence", old[0], state[0]), ("late_qat", old[1], state[1])):
-                if now != was and (name != "recurrence" or cfg.recur_layers):
-                    log(f"{name}:{'on' if now else 'off'} step:{step} train_time:{1000 * clock.elapsed():.0f}ms")
-        set_schedule(opts, cfg, step, progress)
-        elapsed_before = clock.elapsed()
-        loss = train_step(fwd, opts, batches, run, cfg.grad_clip_norm, params)
-        ema.update()
-        batches = loader.next_step(grad_accum)   # the next step's batches, read while the device works on this one
-        # Will one more step fit? Assume this step and the next each take as long as the slowest recent one, plus a
-        # little slack for one-off hiccups. One all-reduce, where the step waits for the device anyway, makes every
-        # rank agree on that, on a non-finite loss, and on the elapsed time that drives the schedule.
-        slowest = max(recent, default=0.0)
-        cap_hit = train_s > 0 and elapsed_before + 2 * slowest + CAP_SLACK_S > train_s
-        host_flags[0], host_flags[1] = float(cap_hit), elapsed_before
-        flags = torch.cat((loss.float().view(1), (~torch.isfinite(loss)).float().view(1),
-                           host_flags.to(run.device, non_blocking=True)))
-        loss_sum, bad, cap, elapsed_sum = run.all_reduce(flags).tolist()
-        agreed_s = elapsed_sum / run.world_size
-        step += 1
-        recent.append(clock.elapsed() - elapsed_before)
-        step_avg_s = clock.elapsed() / step
-        if bad:
-            raise RunError(f"non-finite training loss at step {step}; nothing was exported")
-        if step % cfg.train_log_every == 0 or step == cfg.iterations or cap:
-            log(f"step:{step}/{cfg.iterations} train_loss:{loss_sum / run.world_size:.4f} "
-                f"train_time:{1000 * clock.elapsed():.0f}ms step_avg:{1000 * step_avg_s:.2f}ms")
-        if cfg.val_loss_every and step % cfg.val_loss_every == 0:
-            with clock.paused():
-                model.eval()
-                r = evaluate(model, val_tokens, tables, run, cfg.train_seq_len, cfg.train_seq_len, cfg.eval_batch_windows)
-                model.train()
-            log(f"step:{step}/{cfg.iterations} val_loss:{r.loss:.4f} val_bpb:{r.bpb:.4f} train_time:{1000 * clock.elapsed():.0f}ms")
-        if cap:
-            log(f"stopping_early: wallclock_cap train_time:{1000 * clock.elapsed():.0f}ms step:{step}/{cfg.iterations}")
-            break
-    log(f"train_done steps:{step} train_time:{1000 * clock.elapsed():.0f}ms step_avg:{1000 * step_avg_s:.2f}ms")
-    check_ranks_agree(model, run)
-    if run.device.type == "cuda":
-        log(f"peak_memory_allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB")
-    weights = ema.state_dict(model)
-    with torch.no_grad():   # from here on the model holds what is exported: recurrence on, QAT off
-        for name, p in model.named_parameters():
-            p.copy_(weights[name])
-    set_switches(model, cfg, (True, False))
-    model.eval()
-    clock.limit_s = cfg.max_wallclock_seconds
-    calib = calibrate(model, loader, cfg, run, clock)
-    return weights, labels, calib, model
-
-
-# ==================================================================================================
-# Phases and main
-# ==================================================================================================
-
-def export_phase(cfg: Config, run: Run, state: dict[str, torch.Tensor], labels: dict[str, str], path: Path,
-                 calib: Calibration | None = None) -> None:
-    """Quantize (GPTQ where there are Hessians), pack and write the artifact on rank 0, atomically; every rank gets
-    its outcome, and an over-size artifact is never called a success."""
-    code_bytes = len(Path(__file__).read_bytes())
-    spec = QuantSpec.from_config(cfg)
-
-    def export() -> int:
-        with timed("export", run):
-            model_cfg = {f: getattr(cfg, f) for f in MODEL_FIELDS}
-            blob, name, sizes, widen = fit_to_limit(state, labels, model_cfg, ARTIFACT_LIMIT_BYTES - code_bytes, spec,
-                                                    calib.hessians if calib else None)
-            write_atomic(path, blob, replace=False)
-        log(f"artifact:{path} quantizer:{'gptq' if calib else 'rtn'} {calib.summary + ' ' if calib else ''}"
-            f"int6_clip_k:{spec.int6_clip_k} "
-            f"embed_clip_k:{spec.embed_clip_k} int6_scale_widen:{widen:.4f} " + " ".join(f"{k}_bytes:{v}" for k, v in sizes.items()))
-        log(f"code_bytes:{code_bytes} model_bytes:{len(blob)} total_submission_bytes:{code_bytes + len(blob)} compressor:{name}")
-        return len(blob)
-
-    total = code_bytes + run.main_only(export)
-    if total > ARTIFACT_LIMIT_BYTES:
-        raise RunError(f"total submission {total} bytes exceeds the {ARTIFACT_LIMIT_BYTES}-byte limit (artifact kept at {path})")
-
-
 def prequant_eval(cfg: Config, run: Run, model: GPT) -> None:
     """EVAL_PREQUANT=1: score the EMA weights before quantization like the final evaluation, SLOT off, so that the
     log shows what quantization costs (final - prequant)."""
     tables = load_byte_tables(cfg.tokenizer_path, cfg.vocab_size)
-    hidden_fn = run.compile(model.hidden)
-    r = evaluate(model, load_val_tokens(cfg), tables, run, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows, hidden_fn)
+    r = evaluate(model, load_val_tokens(cfg), tables, run, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows)
     log(f"prequant_exact val_loss:{r.loss:.8f} val_bpb:{r.bpb:.8f} eval_time:{1000 * r.seconds:.0f}ms scored_tokens:{r.tokens}")
 
 
@@ -2141,12 +1894,11 @@ def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path, t0: float)
     tokens = load_val_tokens(cfg)
     if run.compiled:   # a fresh model: compile its graphs anew, rather than as recompiles of the training model's
         torch._dynamo.reset()
-    hidden_fn = run.compile(model.hidden)
     log(f"eval_tokens:{len(tokens)} eval_seq_len:{cfg.eval_seq_len} eval_stride:{cfg.eval_stride} "
         f"eval_batch_windows:{cfg.eval_batch_windows} eval_budget:{cfg.eval_budget_seconds:.0f}s")
     slot, ttt = Slot.from_config(cfg), Ttt.from_config(cfg)
     deadline = t0 + cfg.eval_budget_seconds if cfg.eval_budget_seconds > 0 else None   # 0: no deadline (CPU studies)
-    geometry = (tokens, tables, run, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows, hidden_fn)
+    geometry = (tokens, tables, run, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows)
     if cfg.eval_compare_plain and (slot or ttt):
         r = evaluate(model, *geometry)
         log_score("sliding_window", r)
@@ -2160,8 +1912,7 @@ def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path, t0: float)
     if ttt:
         log(f"ttt_settings epochs:{ttt.epochs} chunk_tokens:{ttt.chunk_tokens} lr:{ttt.lr} momentum:{ttt.momentum} "
             f"clip:{ttt.clip} reset:{ttt.reset}")
-    r = evaluate(model, *geometry, want_nll=bool(cfg.nll_dump_path), slot=slot, deadline=deadline, ttt=ttt,
-                 compile_ttt=run.compiled and ttt is not None and ttt.reset == "never")
+    r = evaluate(model, *geometry, slot=slot, ttt=ttt, deadline=deadline, want_nll=bool(cfg.nll_dump_path))
     log_score({(0, 0): "sliding_window", (1, 0): "slot", (0, 1): "ttt", (1, 1): "slot_ttt"}[(bool(slot), bool(ttt))], r, slot, ttt)
     if r.budget_cuts:
         log(f"eval_budget: WARNING the budget guard cut SLOT steps or TTT epochs {r.budget_cuts} time(s): this score "
@@ -2173,6 +1924,248 @@ def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path, t0: float)
         write_atomic(Path(cfg.nll_dump_path), buf.getvalue())
         log(f"nll_dump:{cfg.nll_dump_path} values:{len(r.nll)}")
     log(f"eval_done eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+
+
+# ==================================================================================================
+# Process plumbing: run context, failures on any rank, log, timers, atomic files
+# ==================================================================================================
+
+@dataclass
+class Run:
+    """Where this process runs. Kept apart from Config: the same config runs on 1 or 8 ranks."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    compiled: bool = False                 # COMPILE, resolved for this device
+    amp: torch.dtype | None = None         # AUTOCAST, resolved for this device: the compute dtype, None = off
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t
+
+    def main_only(self, fn):
+        """Run fn on rank 0 alone and hand its outcome to every rank: its result, or its error raised everywhere, so no
+        rank waits in a collective for a rank that has failed."""
+        box = [None, None]
+        if self.is_main:
+            try:
+                box[0] = fn()
+            except Exception as e:   # every failure is shared, then re-raised here with its traceback
+                box[1] = str(e) if isinstance(e, RunError) else f"{type(e).__name__} on rank 0: {e}"
+                if self.distributed:
+                    dist.broadcast_object_list(box, src=0)
+                raise
+        if self.distributed:
+            dist.broadcast_object_list(box, src=0)
+        if box[1] is not None:
+            raise RunError(box[1])
+        return box[0]
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+
+    def compile(self, fn, fullgraph: bool = False):
+        """fn compiled for fixed shapes (COMPILE), else fn itself."""
+        return torch.compile(fn, dynamic=False, fullgraph=fullgraph) if self.compiled else fn
+
+    def eval_shares(self) -> tuple[list[int], int]:
+        """(the rank shares this process scores and trains on, the number of shares): its own, of world_size."""
+        return [self.rank], self.world_size
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank when it is True on any rank: a decision that changes which collectives a rank issues."""
+        return bool(self.all_reduce(torch.tensor([float(flag)], device=self.device), dist.ReduceOp.MAX).item())
+
+
+def start_run(env: typing.Mapping[str, str], cfg: Config | None = None) -> Run:
+    """Read torchrun's variables, pick the device, resolve COMPILE and AUTOCAST for it and open the process group
+    (nccl on GPUs, gloo on CPU)."""
+    world = int(env.get("WORLD_SIZE", "1"))
+    if REFERENCE_GPUS % world != 0:
+        raise RunError(f"WORLD_SIZE={world} must divide {REFERENCE_GPUS} (the batch is split into {REFERENCE_GPUS} micro-batches)")
+    run = Run(rank=int(env.get("RANK", "0")), world_size=world, local_rank=int(env.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available():
+        run.device = torch.device("cuda", run.local_rank)
+        torch.cuda.set_device(run.device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    cfg = cfg or Config()
+    on_cpu = int(run.device.type != "cuda")
+    run.compiled = DEVICE_CHOICES["compile"][cfg.compile][on_cpu]
+    run.amp = DEVICE_CHOICES["autocast"][cfg.autocast][on_cpu]
+    if run.distributed and not dist.is_initialized():
+        # 30 min: ranks 1..7 wait in a barrier while rank 0 quantizes and compresses (minutes with size fitting)
+        dist.init_process_group("nccl" if run.device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30),
+                                device_id=run.device if run.device.type == "cuda" else None)
+    return run
+
+
+class Log:
+    """Rank-0 log: console and logs/<run_id>.txt, one flushed line at a time, so a crash leaves a complete prefix."""
+
+    def __init__(self) -> None:
+        self.file = None
+        self.enabled = True
+
+    def open(self, log_dir: str, run_id: str, enabled: bool) -> str | None:
+        """logs/<run_id>.txt, or <run_id>_2.txt ... when that exists (PHASES=eval reusing a RUN_ID): no log is ever
+        appended to or overwritten. Returns the file's stem (None where logging is off)."""
+        self.enabled = enabled
+        if not enabled:
+            return None
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        for n in range(1, 1000):
+            stem = run_id if n == 1 else f"{run_id}_{n}"
+            try:
+                self.file = open(Path(log_dir) / f"{stem}.txt", "x", encoding="utf-8")
+                return stem
+            except FileExistsError:
+                continue
+        raise RunError(f"too many logs named {run_id}_N.txt in {log_dir}")
+
+    def __call__(self, msg: str, console: bool = True) -> None:
+        if not self.enabled:
+            return
+        if console:
+            print(msg, flush=True)
+        if self.file is not None:
+            self.file.write(msg + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+log = Log()
+
+
+class FailureWatch:
+    """Any exception on any rank ends every rank within a second, with the reason in rank 0's log. The failing rank
+    writes one line into the process group's key-value store; a thread on every rank polls for it, and the other
+    ranks, which may be waiting in a collective for the failed one, exit at once (rank 0 logs the line first)
+    instead of at the process group's timeout."""
+    KEY, LOGGED = "pgolf/failure", "pgolf/failure_logged"
+
+    def __init__(self, run: Run) -> None:
+        self.run, self.store = run, dist.distributed_c10d._get_default_store()
+        self.failing, self.done = False, threading.Event()
+        self.thread = threading.Thread(target=self._poll, name="failure-watch", daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while not self.done.wait(0.2):
+            try:
+                if not self.store.check([self.KEY]) or self.failing:
+                    continue
+                reason = self.store.get(self.KEY).decode()
+            except Exception:   # the store is gone: the process group is shutting down
+                return
+            log(f"error: {reason}")
+            if self.run.is_main:
+                self.store.set(self.LOGGED, "1")
+            else:
+                print(f"error (rank {self.run.rank}): ending because {reason}", file=sys.stderr, flush=True)
+            self.exit()
+
+    def fail(self, reason: str) -> None:
+        """Publish this rank's failure (the first one published wins) and wait a little for rank 0 to log it."""
+        self.failing = True
+        try:
+            self.store.compare_set(self.KEY, "", reason)
+            if self.run.is_main:   # rank 0 has logged its own error
+                self.store.set(self.LOGGED, "1")
+            else:
+                self.store.wait([self.LOGGED], datetime.timedelta(seconds=5))
+        except Exception:   # rank 0 gone or slow: its log may lack the line, but this rank still ends now
+            pass
+
+    def exit(self) -> None:
+        log.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)       # no interpreter teardown: the process group may be stuck in a collective
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+@contextlib.contextmanager
+def timed(label: str, run: Run):
+    """Log `<label>_time:<ms>ms` for the block, with the device synchronized on both sides."""
+    run.sync()
+    t0 = time.perf_counter()
+    yield
+    run.sync()
+    log(f"{label}_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+
+
+class WallClock:
+    """Training time against the cap. Pauses (validation during training) are not counted, as in the baseline."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self.t0 = time.perf_counter()
+        self.paused_s = 0.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0 - self.paused_s
+
+    @contextlib.contextmanager
+    def paused(self):
+        t = time.perf_counter()
+        yield
+        self.paused_s += time.perf_counter() - t
+
+    def progress(self, step: int, iterations: int, elapsed_s: float) -> float:
+        """Fraction of the expected run done: by steps, or by time when the cap comes first. elapsed_s is the time
+        all ranks agreed on, so every rank takes the same learning rate and switches QAT at the same step."""
+        by_time = elapsed_s / self.limit_s if self.limit_s > 0 else 0.0
+        return min(1.0, max(step / iterations, by_time))
+
+
+def write_atomic(path: Path, data: bytes, replace: bool = True) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename: readers see the old file or the whole new one.
+    With replace=False an existing `path` is never touched (a hard link fails where a file already is)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    if replace:
+        os.replace(tmp, path)
+        return
+    clash = RunError(f"{path} appeared during the run and is kept; the new file is {tmp}")
+    try:
+        os.link(tmp, path)
+        os.unlink(tmp)
+    except FileExistsError:
+        raise clash from None
+    except OSError:   # a filesystem without hard links: check, then rename
+        if path.exists():
+            raise clash from None
+        os.replace(tmp, path)
 
 
 def log_header(cfg: Config, run: Run) -> None:
@@ -2198,6 +2191,10 @@ def check_artifact_path(path: Path, phases: set[str]) -> None:
         raise RunError(f"artifact {path} already exists; an exporting run never replaces an artifact "
                        "(remove it or choose another ARTIFACT_PATH)")
 
+
+# ==================================================================================================
+# Main
+# ==================================================================================================
 
 def main() -> int:
     started = time.perf_counter()

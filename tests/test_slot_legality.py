@@ -1,6 +1,8 @@
-"""The causality harness for the evaluation (LEGAL_EVAL.md): the real eval code (windows, batching, SLOT, warm
-start, score-first TTT, rank sharding) on a tiny float64 model, keeping the full log-probability row of every
-scored target.
+"""The causality harness for the evaluation. The rule: the probability given to a scored target may depend only on
+tokens before it, never on the target itself or anything after it. The harness runs the real eval code (windows,
+batching, SLOT, warm start, score-first TTT, rank sharding) on a tiny float64 model, keeping the full
+log-probability row of every scored target. The scores of the illegal SLOT variants below, and of the withdrawn
+per-document TTT, are in logs/eval_study/README.md.
 
 1. flip test: change token p, re-run everything; every scored t <= p must be bit-identical;
 2. invariance: windows-per-batch 1 vs B, and 1 vs several simulated ranks, agree (warm start off);
@@ -34,11 +36,37 @@ def setup():
     return model, tokens, tables
 
 
+class SimulatedRanks(T.Run):
+    """`n` ranks' shares of the evaluation, all run in this one process (Run.eval_shares), in rank order."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def eval_shares(self) -> tuple[list[int], int]:
+        return list(range(self.n)), self.n
+
+
+def capturing(cap: list):
+    """T.scored_log_probs, wrapped to keep (target indices, full log-probability rows) of every scored batch."""
+    real = T.scored_log_probs
+
+    def keep(logits, positions):
+        logp = real(logits, positions)
+        cap.append((positions.cpu(), logp.cpu()))
+        return logp
+    return keep
+
+
 def scored_rows(model, tokens, tables, slot, batch=BATCH, ranks=1, ttt=None):
     """Run the real evaluation (evaluate: chunks, TTT, the simulated ranks' shares, SLOT, warm start) in this
     process; return {target index: log-prob row}."""
     cap = []
-    T.evaluate(model, tokens, tables, T.Run(), SEQ, STRIDE, batch, slot=slot, ttt=ttt, capture=cap, sim_ranks=ranks)
+    real, T.scored_log_probs = T.scored_log_probs, capturing(cap)
+    try:
+        T.evaluate(model, tokens, tables, SimulatedRanks(ranks), SEQ, STRIDE, batch, slot=slot, ttt=ttt)
+    finally:
+        T.scored_log_probs = real
     rows = {}
     for idx, logp in cap:
         for t, row in zip(idx.tolist(), logp):
@@ -129,7 +157,7 @@ def test_batch_and_rank_invariance(setup, name):
 
 def test_warm_start_depends_on_batching_and_is_documented_so(setup):
     """With a warm start, a window starts from the previous batch's deltas: results change with the batch size and
-    the rank split (still causal, see the flip tests). The README says exactly this."""
+    the rank split (still causal, see the flip tests). logs/eval_study/README.md ("Legality") says exactly this."""
     model, tokens, tables = setup
     a = scored_rows(model, tokens, tables, SLOTS["adamw_warm_start"], batch=BATCH)
     b = scored_rows(model, tokens, tables, SLOTS["adamw_warm_start"], batch=2)
@@ -184,8 +212,8 @@ def test_budget_guard_cuts_steps_to_meet_the_deadline(setup):
     model, tokens, tables = setup
     windows = T.build_windows(len(tokens), SEQ, STRIDE)
     import time
-    out = T.eval_shard(model, tokens, windows, tables, torch.device("cpu"), 2, slot=T.Slot(steps=50, lr=0.05),
-                       deadline=time.perf_counter() + 0.05)
+    state = T.RankEval(T.EvalBudget(time.perf_counter() + 0.05, 50, 0, len(windows), 0))
+    out = T.eval_shard(model, tokens, windows, tables, T.Run(), 2, T.Slot(steps=50, lr=0.05), state)
     assert out.slot_steps_min < 50 and out.slot_step_sum < 50 * len(windows)
     assert out.tokens == N - 1   # cutting SLOT never drops a target
 
@@ -211,17 +239,23 @@ def test_budget_guard_cuts_ttt_epochs_before_slot_steps():
 
 
 def test_slot_cut_to_zero_scores_plain_without_a_stale_warm_start(setup):
-    """The budget bug of issue 11: with steps cut to 0 the warm start used to apply alpha x the last deltas."""
+    """A fixed budget bug: with SLOT steps cut to 0, the warm start used to apply alpha x the last deltas."""
     model, tokens, tables = setup
     windows = T.build_windows(len(tokens), SEQ, STRIDE)
     state = T.RankEval(T.EvalBudget(None, 3, 0, len(windows), 0))
     plain, cut = [], []
-    T.eval_shard(model, tokens, windows[:10], tables, torch.device("cpu"), BATCH, slot=SLOTS["adamw_warm_start"], state=state)
+    T.eval_shard(model, tokens, windows[:10], tables, T.Run(), BATCH, SLOTS["adamw_warm_start"], state)
     assert state.prev is not None, "a warm start is pending"
     state.budget.steps = 0                                               # as a cut to 0 leaves it
-    T.eval_shard(model, tokens, windows[10:], tables, torch.device("cpu"), BATCH, slot=SLOTS["adamw_warm_start"],
-                 capture=cut, state=state)
-    T.eval_shard(model, tokens, windows[10:], tables, torch.device("cpu"), BATCH, capture=plain)
+    real = T.scored_log_probs
+    try:
+        T.scored_log_probs = capturing(cut)
+        T.eval_shard(model, tokens, windows[10:], tables, T.Run(), BATCH, SLOTS["adamw_warm_start"], state)
+        T.scored_log_probs = capturing(plain)
+        T.eval_shard(model, tokens, windows[10:], tables, T.Run(), BATCH, None,
+                     T.RankEval(T.EvalBudget(None, 0, 0, len(windows) - 10, 0)))
+    finally:
+        T.scored_log_probs = real
     for (i1, r1), (i2, r2) in zip(cut, plain):
         assert torch.equal(i1, i2) and torch.equal(r1, r2)
 

@@ -1,16 +1,20 @@
-r"""Compare evaluation variants on one artifact and one slice of val: plain sliding window, SLOT settings, score-first
-TTT (alone or with SLOT), and (for the record only) the two illegal SLOT variants the causality harness catches.
+r"""What evaluation-time adaptation is worth: plain sliding window, SLOT settings and score-first TTT (alone or with
+SLOT) side by side on one artifact and one slice of val, plus, for the record only, the two illegal SLOT variants
+that the causality harness (tests/test_slot_legality.py) catches. The study notes and results:
+logs/eval_study/README.md.
 
     ARTIFACT_PATH=logs/run.pgz DATA_PATH=... TOKENIZER_PATH=... EVAL_SEQ_LEN=512 EVAL_STRIDE=64 \
-        python tools/slot_study.py --tokens 200000 plain steps=8 steps=8,warm_start=0.9 steps=8,bias=0 \
-        leaky_shared:steps=8 leaky_scored:steps=8
+        python tools/eval_study.py --tokens 200000 plain steps=8 steps=8,warm_start=0.9 steps=8,bias=0 \
+        ttt:ttt_epochs=3 steps=8,ttt_epochs=3,ttt_lr=0.005 leaky_shared:steps=8 leaky_scored:steps=8
 
-A variant is `[kind:]key=value,...` over the fields of train_gpt.Slot (steps, lr, lr_min, focal, bias, warm_start)
-and, prefixed ttt_, of train_gpt.Ttt (ttt_epochs, ttt_chunk_tokens, ttt_lr, ttt_momentum, ttt_clip,
-ttt_reset); kind is `slot` (default: SLOT, with TTT when a ttt_ key is given), `ttt` (TTT on the plain window),
-`leaky_shared` (one delta shared by each batch) or `leaky_scored` (delta optimized on the scored positions).
-`plain` is the plain sliding window. Example: plain ttt:ttt_epochs=3 steps=8,ttt_epochs=3,ttt_lr=0.005. The model comes from the artifact on disk,
-as in the real evaluation; the eval geometry from EVAL_SEQ_LEN / EVAL_STRIDE / EVAL_BATCH_WINDOWS.
+A variant is `plain` (the plain sliding window) or `[kind:]key=value,...` over the fields of train_gpt.Slot (steps,
+lr, lr_min, focal, bias, warm_start) and, prefixed ttt_, of train_gpt.Ttt (ttt_epochs, ttt_chunk_tokens, ttt_lr,
+ttt_momentum, ttt_clip, ttt_reset). Keys left out take train_gpt.py's current defaults; each JSON row records the
+full settings it ran with. kind is `slot` (the default: SLOT, with TTT when a ttt_ key is given), `ttt` (TTT on the
+plain window), `leaky_shared` (one delta shared by each batch) or `leaky_scored` (delta optimized on the scored
+positions). The model comes from the artifact on disk, as in the real evaluation; the eval geometry from
+EVAL_SEQ_LEN / EVAL_STRIDE / EVAL_BATCH_WINDOWS. JSON goes to logs/eval_study/<artifact stem>_<offset>_<tokens>.json
+unless --out; a study is never overwritten.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import contextlib
 import dataclasses
 import difflib
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -86,14 +91,14 @@ def main() -> int:
     ap.add_argument("variants", nargs="+", help="plain | [kind:]key=value,... (see above)")
     ap.add_argument("--tokens", type=int, default=200_000, help="evaluate N val tokens (0 = all; default 200000)")
     ap.add_argument("--offset", type=int, default=0, help="starting at this val token (a held-out slice for checking; default 0)")
-    ap.add_argument("--out", default="", help="JSON path (default logs/slot_study/<artifact stem>_<offset>_<tokens>.json)")
+    ap.add_argument("--out", default="", help="JSON path (default logs/eval_study/<artifact stem>_<offset>_<tokens>.json)")
     args = ap.parse_args()
     variants = list(map(parse_variant, args.variants))
     if not os.environ.get("ARTIFACT_PATH"):
         raise T.RunError("set ARTIFACT_PATH to the artifact to study (e.g. logs/<RUN_ID>.pgz)")
     cfg, _ = T.config_from_env(os.environ)
     artifact = Path(cfg.artifact_path)
-    out = Path(args.out or ROOT / "logs" / "slot_study" / f"{artifact.stem}_{args.offset}_{args.tokens}.json")
+    out = Path(args.out or ROOT / "logs" / "eval_study" / f"{artifact.stem}_{args.offset}_{args.tokens}.json")
     if out.exists():
         raise T.RunError(f"{out} already exists; pass another --out (a study is never overwritten)")
     model_cfg, state = T.read_artifact(artifact)
@@ -122,7 +127,8 @@ def main() -> int:
         print(f"{row['variant']:45s} {str(row['legal']):>5s} {row['val_bpb']:10.6f} {gain:>10s} {row['seconds']:8.1f}")
     meta = dict(artifact=str(artifact), offset=args.offset, tokens=len(tokens), eval_seq_len=cfg.eval_seq_len, eval_stride=cfg.eval_stride,
                 eval_batch_windows=cfg.eval_batch_windows, device=str(run.device), torch=torch.__version__,
-                threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"), model=model_cfg)
+                threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"), model=model_cfg,
+                command=shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]))
     return save_study(out, meta, rows)
 
 

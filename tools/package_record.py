@@ -1,29 +1,53 @@
 """Package the logs of N seeds of train_gpt.py into a records folder for a Parameter Golf pull request.
 
-    python tools/package_record.py --name "My Record" --author "Ada Lovelace" --github-id ada \\
-        --blurb "one line on what is new" --description notes.md \\
+    python tools/package_record.py --meta meta.json --description notes.md \\
         --compare-bpb 1.1147,1.1152,1.1139 --compare-name "PR #1234" \\
         logs/seed1337.txt logs/seed42.txt logs/seed2025.txt
 
-writes records/track_10min_16mb/YYYY-MM-DD_My_Record/ with train_gpt.py (the code the logs ran, taken from their
+writes records/track_10min_16mb/YYYY-MM-DD_<name>/ with train_gpt.py (the code the logs ran, taken from their
 source block and compressed mechanically: lzma + base85 in a two-line wrapper that runs it unchanged; --readable-code
 ships it as it is), README.md (summary table + your description), submission.json, train_seed<SEED>.log for each log
-and requirements.txt. It is built in a temporary folder and renamed into place; an existing folder is kept unless
---force. `--summary-only FILE` writes only submission.json (the repository's top-level one); with no logs it
-writes the "no 8 x H100 logs yet" form, with every score field null.
+and requirements.txt. meta.json holds name, author, github_id and blurb (the flags of those names win). The folder is
+built in a temporary folder and renamed into place; an existing one is kept unless --force. `--summary-only FILE`
+writes only submission.json (the repository's top-level one); with no logs it writes the "no 8 x H100 logs yet"
+form, with every score field null. `--compress-code OUT` writes the compressed wrapper of this repository's
+train_gpt.py, to launch the seeds with it.
 
-Every number comes from the logs (the contract is in train_gpt.py: log_header, train_phase, export_phase,
-eval_phase). It refuses, naming the file: a log that is incomplete or ended in error, a run over a limit
-(train 600 s, eval 600 s, 16,000,000 bytes), logs of different code or configuration, a repeated seed, and a
-run that is not 8 x H100 unless --allow-non-record (the submission is then marked as not a record).
-
-The causality harness `python -m pytest -q tests/test_slot_legality.py` runs against the logged code unless
+It refuses, naming the file: a log that is incomplete or ended in error, a run over a limit (train 600 s, eval
+600 s, 16,000,000 bytes), logs of different code or configuration, a repeated seed, and a run that is not 8 x H100
+or did not score every target of the official val set, unless --allow-non-record (the submission is then marked as
+not a record). The causality harness (tests/test_slot_legality.py) runs against the logged code unless
 --skip-harness; its outcome (passed / failed / skipped / not_available) goes into the compliance block.
 
 Given the current record (--compare-loss or --compare-bpb: per-seed values or mean:M,std:S,n:N), it reports the
-improvement in nats and a one-sided Welch t-test of H0: improvement <= 0.005 nats against H1: improvement >
-0.005 nats; the record bar is p < 0.01. The Student-t tail comes from the regularized incomplete beta function
-implemented here (no scipy).
+improvement in nats and a one-sided Welch t-test of H0: improvement <= 0.005 nats; the record bar is p < 0.01. The
+Student-t tail comes from the regularized incomplete beta function implemented here (no scipy).
+
+The log contract. logs/<RUN_ID>.txt, written by rank 0 of train_gpt.py, holds the exact source of train_gpt.py, a
+line of 100 "=", then one line per event: space-separated key:value pairs, the first key naming the line. The main
+lines, in order:
+- header: run_id | source_lines source_bytes | one config.<field>:<value> per setting |
+  python torch cuda device:<name> x<N> (the device name may hold spaces: it runs to the end of the line) |
+  world_size phases;
+- training: model_params ... | step:N/TOTAL train_loss train_time step_avg | recurrence:on and late_qat:on with
+  step and train_time, when they switch | stopping_early: wallclock_cap ... | train_done steps train_time step_avg |
+  with several ranks, rank_sync: identical weights (or a WARNING with the checksum spread);
+- calibration: gptq_calib calib_batches calib_tokens calib_time train_time_with_calib (the training time held
+  against 600 s);
+- with EVAL_PREQUANT=1: prequant_exact val_loss val_bpb ... (the EMA weights before quantization, no SLOT or TTT);
+- export: export_pack widen lzma_bytes brotli_bytes zstd_bytes, one per pack | artifact:<path> quantizer
+  calib_batches ... int6_clip_k embed_clip_k int6_scale_widen ... | code_bytes model_bytes total_submission_bytes
+  compressor (code_bytes must equal the source block's bytes);
+- evaluation: artifact_model params passes ... (PHASES=eval only: the shape read from the artifact) | eval_tokens ... |
+  slot_settings ... and ttt_settings ... | eval_budget: WARNING cut ..., one per cut | final_<pass>_exact val_loss
+  val_bpb eval_time scored_tokens scored_bytes (with SLOT or TTT also slot_steps_mean slot_steps_min
+  ttt_epochs_mean ttt_chunks_trained budget_cuts) | eval_budget: WARNING ..., when anything was cut |
+  eval_done eval_time;
+- error: <reason>, when the run fails.
+Times carry their unit (train_time:1234ms). This file reads the config lines, python (versions and device), train_done,
+stopping_early, gptq_calib, code_bytes, the score line, eval_done and error. The score line is the first of
+SCORE_LINES that the log holds: final_slot_ttt_exact, final_ttt_exact, final_slot_exact, final_sliding_window_exact
+(EVAL_COMPARE_PLAIN=1 adds a final_sliding_window_exact line before the scored one).
 """
 from __future__ import annotations
 

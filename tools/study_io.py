@@ -1,4 +1,4 @@
-"""What the study tools (ablate.py, quant_study.py, slot_study.py) share: how a study's JSON is written (atomically,
+"""What the study tools (ablate.py, quant_study.py, eval_study.py) share: how a study's JSON is written (atomically,
 never over an existing study) and how a tool exits (one error line and exit code 1 for bad input)."""
 from __future__ import annotations
 
