@@ -1,9 +1,15 @@
 """Parameter Golf, 10 min / 16 MB track: train, pack and evaluate one GPT in a single torchrun-launched file.
 
-The model: 11 layers of width 512 whose layers 4 and 5 run twice (13 passes, shared weights, per-pass
-conditioning), trained with Muon + AdamW inside a 600 s wall-clock cap, quantized to int6 (int8 embedding),
-packed with LZMA / brotli / zstd under 16,000,000 bytes, read back from disk and scored with an exact,
-single-pass sliding window. Settings are environment variables named after the fields of `Config`.
+What the defaults do, in the order of this file:
+- model: 11 layers x 512 (8 heads, 4 KV heads, MLP 3x), vocab 1024; layers 4 and 5 run a second pass, conditioned by
+  iter_embed / iter_gate, from 35% of the run on (13 passes after the switch, 11 before it);
+- training: Muon + AdamW on 8 ranks inside a 600 s wall-clock cap, every graph compiled before the clock starts, EMA
+  weights, late QAT on the export's grid; GPTQ's Hessians are collected from training batches inside the same cap;
+- export: GPTQ int6 (int8 embedding tables), packed with LZMA / brotli / zstd under 16,000,000 bytes with the code;
+- evaluation: the artifact read back from disk, every val target scored once by a sliding window (2048 / 64) with a
+  per-window context-only SLOT and score-first TTT, under one 520 s budget.
+Settings are environment variables named after the fields of `Config`; COMPILE and AUTOCAST choose compiled bf16
+(the CUDA default) or eager float32 (the CPU default).
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py
 """
@@ -72,7 +78,7 @@ def settings_view(cls, cfg, prefix: str):
 class Config:
     """Every setting of a run. The defaults ARE the submitted configuration; env var = field name in upper case."""
     # ---- run and data
-    data_path: str = ""              # default: ./data/datasets/fineweb10B_sp<VOCAB_SIZE> (where data/download.py puts it)
+    data_path: str = ""              # default ./data/datasets/fineweb10B_sp<VOCAB_SIZE>, where data/download.py puts it
     tokenizer_path: str = ""         # default: ./data/tokenizers/fineweb_<VOCAB_SIZE>_bpe.model
     run_id: str = ""                 # default: a timestamp, the same on every rank
     seed: int = 1337
@@ -95,8 +101,8 @@ class Config:
     bigram_dim: int = 128
     recur_layers: tuple[int, ...] = (4, 5)   # layers run twice, conditioned by iter_embed / iter_gate (PR #1278)
     ve_dim: int = 128                # value embeddings: a second token table added to the values (PR #1278)
-    ve_layers: tuple[int, ...] = (-2, -1)    # layers whose values get it, negative from the end (9,10 of 11); empty = off
-    parallel_start: int = 7          # layers from this one on read one input for attention and MLP (#1204, #1493); 0 = off
+    ve_layers: tuple[int, ...] = (-2, -1)    # layers whose values get it, negative from the end; empty = off
+    parallel_start: int = 7          # layers from this one on: attention and MLP read one input (#1204, #1493); 0 off
     ln_scale: bool = True            # each block's normalised inputs x 1/sqrt(physical layer + 1) (#1278, #1394)
     # ---- training
     iterations: int = 20000          # an upper bound: the wall-clock cap ends a real run first
@@ -124,7 +130,7 @@ class Config:
     compile: str = "auto"            # torch.compile the forwards: 1 | 0 | auto (compiled on CUDA, eager on CPU)
     autocast: str = "auto"           # every phase's autocast: bf16 | off | auto (bf16 on CUDA, off on CPU)
     # ---- export: quantization (see quantize_tensor)
-    int6_clip_k: float = 6.0         # row clip = k x row std (SDClip, PR #1394), the size knob; 0 = best of 12 abs-max fractions
+    int6_clip_k: float = 6.0         # row clip = k x row std (SDClip, #1394), the size knob; 0 = per-row search
     embed_clip_k: float = 0.0        # the clip rule of the int8 embedding tables (0 = the search)
     gptq_calib_batches: int = 16     # training micro-batches (TRAIN_BATCH_TOKENS / 8 tokens each) for the Hessians
     gptq_reserve_seconds: float = 10.0   # of MAX_WALLCLOCK_SECONDS, kept for the calibration (it reads training data)
@@ -135,17 +141,16 @@ class Config:
     eval_seq_len: int = 2048
     eval_stride: int = 64
     eval_batch_windows: int = 32     # windows per forward (and per SLOT batch), per rank
-    eval_budget_seconds: float = 520.0   # eval deadline (600 s less 10% and a margin): TTT epochs, then SLOT steps, are cut to meet it
+    eval_budget_seconds: float = 520.0   # 600 s less 10% and a margin: TTT epochs, then SLOT steps, are cut to fit
     eval_compare_plain: bool = False # also run the plain sliding eval first (final_sliding_window_exact)
-    # ---- TTT (score-first test-time training; see Ttt and README)
+    # ---- TTT (score-first test-time training; see Ttt)
     ttt_epochs: int = 3              # SGD steps on each scored chunk but the last; 0 = off
     ttt_chunk_tokens: int = 32768    # as #549 and #1413 (16,384 is the smallest that fills every 8-GPU scoring batch)
     ttt_lr: float = 0.005            # cosine over the chunks (#1413; #549 used 0.002)
     ttt_momentum: float = 0.9
     ttt_clip: float = 1.0            # global gradient norm
-    ttt_reset: str = "never"         # A/B open: "document" also starts a chunk after every BOS, from the artifact's
-                                     # weights (README, TTT study: unaffordable in stream order at full scale)
-    # ---- SLOT (causal, context-only; see Slot and README)
+    ttt_reset: str = "never"         # or "document": a chunk also starts after every BOS, from the artifact's weights
+    # ---- SLOT (causal, context-only; see Slot)
     slot_steps: int = 8              # 0 = plain sliding-window eval
     slot_lr: float = 0.05
     slot_lr_min: float = 0.005       # cosine floor
@@ -166,7 +171,8 @@ class Config:
             v = getattr(self, f.name)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 need(math.isfinite(v) and v >= 0, f"{f.name.upper()}={v} must be a finite number >= 0")
-        need(self.phase_set() in PHASE_SETS, f"PHASES={self.phases!r} must be one of: train,export,eval | train,export | eval")
+        need(self.phase_set() in PHASE_SETS,
+             f"PHASES={self.phases!r} must be one of: train,export,eval | train,export | eval")
         need(self.phase_set() != {"eval"} or bool(self.artifact_path or self.run_id),
              "PHASES=eval needs ARTIFACT_PATH (or the RUN_ID of the run that wrote <LOG_DIR>/<RUN_ID>.pgz)")
         for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
@@ -174,7 +180,8 @@ class Config:
                      "eval_batch_windows", "train_log_every"):
             need(getattr(self, name) > 0, f"{name.upper()} must be > 0")
         need(self.val_tokens == 0 or self.val_tokens >= 2, "VAL_TOKENS must be 0 (all) or >= 2")
-        need(self.eval_stride <= self.eval_seq_len, f"EVAL_STRIDE={self.eval_stride} must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
+        need(self.eval_stride <= self.eval_seq_len,
+             f"EVAL_STRIDE={self.eval_stride} must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
         need(self.warmdown_frac <= 1 and self.late_qat_frac <= 1 and self.recur_start_frac <= 1,
              "WARMDOWN_FRAC, LATE_QAT_FRAC and RECUR_START_FRAC must be <= 1")
         need(self.compile in DEVICE_CHOICES["compile"], f"COMPILE={self.compile!r} must be one of 1, 0, auto")
@@ -186,21 +193,26 @@ class Config:
              "TTT_LR and TTT_CHUNK_TOKENS must be > 0 when TTT_EPOCHS > 0")
         need(self.gptq_damp > 0, "GPTQ_DAMP must be > 0")
         need(self.max_wallclock_seconds == 0 or self.gptq_reserve_seconds < self.max_wallclock_seconds,
-             f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time of MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
+             f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time of "
+             f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
         if "train" in self.phase_set():
             self.validate_model()
 
     def validate_model(self) -> None:
-        need(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
-        need(self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        need(self.model_dim % self.num_heads == 0,
+             f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
+        need(self.num_heads % self.num_kv_heads == 0,
+             f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
         head_dim = self.model_dim // self.num_heads
-        need(self.rope_dims % 2 == 0 and self.rope_dims <= head_dim, f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {head_dim}")
+        need(self.rope_dims % 2 == 0 and self.rope_dims <= head_dim,
+             f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {head_dim}")
         need(self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shards")
         need(self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE must be 0 or >= 2")
         need(self.bigram_vocab_size == 0 or self.bigram_dim > 0, "BIGRAM_DIM must be > 0 when BIGRAM_VOCAB_SIZE > 0")
         for name, lo in (("recur_layers", 0), ("ve_layers", -self.num_layers)):
             layers = getattr(self, name)
-            need(all(lo <= i < self.num_layers for i in layers), f"{name.upper()}={layers} must name layers in {lo}..{self.num_layers - 1}")
+            need(all(lo <= i < self.num_layers for i in layers),
+                 f"{name.upper()}={layers} must name layers in {lo}..{self.num_layers - 1}")
             need(len({i % self.num_layers for i in layers}) == len(layers), f"{name.upper()}={layers} repeats a layer")
         need(not self.ve_layers or self.ve_dim > 0, "VE_DIM must be > 0 when VE_LAYERS is set")
         need(self.parallel_start < self.num_layers,
@@ -220,20 +232,21 @@ DEVICE_CHOICES = {"compile": {"auto": (True, False), "1": (True, True), "0": (Fa
 # Common variables of other software that look like ours (NUM_THREADS ~ NUM_HEADS): never an error.
 OTHER_SOFTWARE = {"NUM_THREADS"}
 
-# Names other submissions (or earlier versions) use, so a copied launch command fails loudly instead of being ignored.
+# Names other submissions (or earlier versions of this script) use: a copied launch command fails loudly.
 NOT_OURS = {"WARMDOWN_ITERS": "use WARMDOWN_FRAC (a fraction of the expected run)",
             "EVAL_BATCH_SEQS": "use EVAL_BATCH_WINDOWS", "NUM_LOOPS": "use RECUR_LAYERS",
             "LATE_QAT_THRESHOLD": "use LATE_QAT_FRAC", "QAT_ENABLED": "use LATE_QAT_FRAC (0 = off)",
             "SLOT_ENABLED": "use SLOT_STEPS (0 = plain sliding window; SLOT is on by default)",
-            "TTT_ENABLED": "use TTT_EPOCHS (0 = off; score-first TTT, see README)", "TTT_STEPS": "use TTT_EPOCHS",
-            "TTT_CHUNK_SIZE": "use TTT_CHUNK_TOKENS", "TTT_LORA": "this script's TTT trains all weights (rank-8 adapters lost, see README)",
-            "TTT_LORA_RANK": "this script's TTT trains all weights (rank-8 adapters lost and were removed; see README)",
-            "QUANTIZER": "the export is always GPTQ (round to nearest lost; tools/quant_study.py keeps it as the reference)",
-            "EMBED_BITS": "the embedding tables are int8 (int7 lost and was removed; see README, GPTQ)",
+            "TTT_ENABLED": "use TTT_EPOCHS (0 = off; score-first TTT)", "TTT_STEPS": "use TTT_EPOCHS",
+            "TTT_CHUNK_SIZE": "use TTT_CHUNK_TOKENS",
+            "TTT_LORA": "this script's TTT trains all weights (see logs/eval_study/README.md)",
+            "TTT_LORA_RANK": "this script's TTT trains all weights (see logs/eval_study/README.md)",
+            "QUANTIZER": "the export is always GPTQ (tools/quant_study.py keeps round to nearest as its reference)",
+            "EMBED_BITS": "the embedding tables are int8 (see logs/quant_study/README.md)",
             "SWA_ENABLED": "this script has no SWA; it exports the EMA weights (EMA_DECAY)",
             "NUM_ITERATIONS": "use ITERATIONS", "TRAIN_STEPS": "use ITERATIONS", "WARMUP_ITERS": "use WARMUP_STEPS",
             "MAX_WALLCLOCK": "use MAX_WALLCLOCK_SECONDS", "MLP_RATIO": "use MLP_MULT",
-            "SLOT_OPTIMIZER": "SLOT always uses AdamW (L-BFGS lost in every measurement and was removed; see README)"}
+            "SLOT_OPTIMIZER": "SLOT always uses AdamW (see logs/eval_study/README.md)"}
 
 
 def parse_setting(name: str, text: str, hint) -> object:
@@ -331,7 +344,8 @@ class Rotary(nn.Module):
     def __init__(self, dims: int, base: float) -> None:
         super().__init__()
         self.dims = dims
-        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims), persistent=False)
+        inv_freq = 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # [B, T, H, D]
         if self.dims == 0:
@@ -377,7 +391,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
         from flash_attn_interface import flash_attn_func
         out = flash_attn_func(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       enable_gqa=True)
     return y.transpose(1, 2)
 
 
@@ -393,10 +408,11 @@ class Attention(nn.Module):
         self.q_gain = labelled(torch.full((self.h,), cfg.qk_gain_init), "scalar")
         self.rotary = Rotary(cfg.rope_dims, cfg.rope_base)
         # value residual (ResFormer): v <- v + sigmoid(g) (v0 - v) with layer 0's values v0; g = -1.5 mixes in 18%
-        # (PR #1278; two free weights at 0.5 / 0.5 lost, see README). Layer 0 has none (it would be unused)
+        # (#1278). Layer 0 has none (it would be unused)
         self.vr = labelled(torch.full((1,), -1.5), "scalar") if value_residual else None
 
-    def forward(self, x: torch.Tensor, v0: torch.Tensor | None, ve: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, v0: torch.Tensor | None,
+                ve: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.h, self.hd)
         k = self.c_k(x).view(B, T, self.hkv, self.hd)
@@ -470,8 +486,7 @@ def doc_continues(idx: torch.Tensor) -> torch.Tensor:
 
 class BigramHash(nn.Module):
     """Embedding of a hash of (previous token, token); a BOS gets the 'no bigram' bucket. As PR #1278: a zero table
-    times a learned scalar (init 0.05), projected to the model width by a Muon matrix where the table is narrower.
-    (Our earlier random table with a zero AdamW projection trained 0.1 nats worse: README, Ablations.)"""
+    times a learned scalar (init 0.05), projected to the model width by a Muon matrix where the table is narrower."""
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
@@ -699,7 +714,8 @@ def build_optimizers(model: GPT, cfg: Config, run: Run) -> list[torch.optim.Opti
     for p in model.parameters():
         by_label.setdefault(p.label, []).append(p)
     claimed = [id(p) for ps in by_label.values() for p in ps]
-    assert len(claimed) == len(set(claimed)) == len(list(model.parameters())), "a parameter is claimed twice or not at all"
+    assert len(claimed) == len(set(claimed)) == len(list(model.parameters())), \
+        "a parameter is claimed twice or not at all"
     muon_groups, adam_groups = [], []
     for label, params in by_label.items():
         opt, lr_field, wd_field, _ = PARAM_TABLE[label]
@@ -740,10 +756,12 @@ def shard_tokens(path: str | Path) -> int:
         raise RunError(f"{path}: {size} bytes is shorter than the {HEADER_INTS * 4}-byte shard header")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-        raise RunError(f"{path}: bad header (magic {header[0]}, version {header[1]}; expected {SHARD_MAGIC}, {SHARD_VERSION})")
+        raise RunError(f"{path}: bad header (magic {header[0]}, version {header[1]}; "
+                       f"expected {SHARD_MAGIC}, {SHARD_VERSION})")
     n = int(header[2])
     if size != HEADER_INTS * 4 + 2 * n:
-        raise RunError(f"{path}: header says {n} tokens ({HEADER_INTS * 4 + 2 * n} bytes) but the file has {size} bytes")
+        raise RunError(f"{path}: header says {n} tokens ({HEADER_INTS * 4 + 2 * n} bytes) "
+                       f"but the file has {size} bytes")
     return n
 
 
@@ -788,7 +806,8 @@ class TokenStream:
             if self.pos == len(self.tokens):
                 self.index = (self.index + 1) % len(self.files)
                 self.tokens, self.pos = self.next.result(), 0
-                self.next = self.reader.submit(read_shard, self.files[(self.index + 1) % len(self.files)], self.vocab_size)
+                following = self.files[(self.index + 1) % len(self.files)]
+                self.next = self.reader.submit(read_shard, following, self.vocab_size)
             k = min(n, len(self.tokens) - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
             self.pos += k
@@ -797,7 +816,8 @@ class TokenStream:
 
 
 class TrainLoader:
-    """Each micro-step takes world_size consecutive spans of (local tokens + 1) and keeps span `rank`: disjoint, deterministic."""
+    """Each micro-step takes world_size consecutive spans of (local tokens + 1) and keeps span `rank`: disjoint and
+    deterministic."""
 
     def __init__(self, cfg: Config, run: Run, local_tokens: int) -> None:
         self.stream = TokenStream(shard_files(cfg.data_path, "train"), cfg.vocab_size)
@@ -900,7 +920,8 @@ def training_forward(model: GPT, run: Run, probe: tuple[torch.Tensor, torch.Tens
     if run.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
         # our buffers (RoPE frequencies) are equal on every rank: never re-broadcast them per forward
-        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+        newer = "forward_sync_buffers" in inspect.signature(DDP).parameters    # whichever name this torch uses
+        no_sync = "forward_sync_buffers" if newer else "broadcast_buffers"
         fwd = DDP(fwd, device_ids=[run.local_rank] if run.device.type == "cuda" else None, **{no_sync: False})
     return fwd
 
@@ -909,6 +930,12 @@ def switches(cfg: Config, progress: float) -> tuple[bool, bool]:
     """(recurrence on, late QAT on) at this fraction of the expected run. Every rank computes it from the agreed
     progress, so every rank flips at the same step."""
     return progress >= cfg.recur_start_frac, cfg.late_qat_frac > 0 and progress >= 1 - cfg.late_qat_frac
+
+
+def warmup_states(cfg: Config) -> list[tuple[bool, bool]]:
+    """The switch states the run passes through, in order: compile_warmup compiles one graph for each."""
+    marks = sorted({0.0, cfg.recur_start_frac, 1 - cfg.late_qat_frac})
+    return list(dict.fromkeys(switches(cfg, p) for p in marks if p <= 1))
 
 
 def set_switches(model: GPT, cfg: Config, state: tuple[bool, bool]) -> None:
@@ -925,8 +952,7 @@ def compile_warmup(model: GPT, opts, cfg: Config, run: Run, grad_accum: int, loc
     fwd = training_forward(model, run, probe=batches[0] if cfg.warmup_steps else None)
     if cfg.warmup_steps == 0:
         return fwd
-    states = list(dict.fromkeys(switches(cfg, p) for p in sorted({0.0, cfg.recur_start_frac, 1 - cfg.late_qat_frac})
-                                if p <= 1))
+    states = warmup_states(cfg)
     n_steps = max(cfg.warmup_steps, len(states))
     model_state = copy.deepcopy(model.state_dict())
     opt_states = [copy.deepcopy(o.state_dict()) for o in opts]
@@ -983,7 +1009,8 @@ def calibrate(model: GPT, loader: TrainLoader, cfg: Config, run: Run, clock: Wal
             times.append(time.perf_counter() - t)
 
     hessians, tokens = collect_hessians(model, batches(), run)
-    calib = f"calib_batches:{len(times) * run.world_size} calib_tokens:{tokens} calib_time:{1000 * (clock.elapsed() - t0):.0f}ms"
+    calib = (f"calib_batches:{len(times) * run.world_size} calib_tokens:{tokens} "
+             f"calib_time:{1000 * (clock.elapsed() - t0):.0f}ms")
     log(f"gptq_calib {calib} train_time_with_calib:{1000 * clock.elapsed():.0f}ms")
     if clock.elapsed() > limit:
         log(f"gptq_calib: WARNING training + calibration took {clock.elapsed():.1f}s, over the {limit:.0f}s cap")
@@ -1047,9 +1074,11 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
         if cfg.val_loss_every and step % cfg.val_loss_every == 0:
             with clock.paused():
                 model.eval()
-                r = evaluate(model, val_tokens, tables, run, cfg.train_seq_len, cfg.train_seq_len, cfg.eval_batch_windows)
+                r = evaluate(model, val_tokens, tables, run, cfg.train_seq_len, cfg.train_seq_len,
+                             cfg.eval_batch_windows)
                 model.train()
-            log(f"step:{step}/{cfg.iterations} val_loss:{r.loss:.4f} val_bpb:{r.bpb:.4f} train_time:{1000 * clock.elapsed():.0f}ms")
+            log(f"step:{step}/{cfg.iterations} val_loss:{r.loss:.4f} val_bpb:{r.bpb:.4f} "
+                f"train_time:{1000 * clock.elapsed():.0f}ms")
         if cap:
             log(f"stopping_early: wallclock_cap train_time:{1000 * clock.elapsed():.0f}ms step:{step}/{cfg.iterations}")
             break
@@ -1094,7 +1123,8 @@ def row_scales(w: torch.Tensor, qmax: int, clip_k: float) -> torch.Tensor:
     return best
 
 
-def gptq(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmax: int, damp: float, block: int = 128) -> torch.Tensor:
+def gptq(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmax: int, damp: float,
+         block: int = 128) -> torch.Tensor:
     """Integer codes of w [rows, cols] on the grid scale[:, None] x {-qmax..qmax} that keep the layer's output
     X w^T close, for inputs with H = X^T X (GPTQ, Frantar et al. 2022): columns in order of descending H diagonal,
     each rounded in turn and its error spread onto the columns not yet rounded through the Cholesky factor of H^-1,
@@ -1178,8 +1208,10 @@ def collect_hessians(model: GPT, batches, run: Run) -> tuple[dict[str, torch.Ten
             last[0], last[1] = inputs[0], name
         return add
 
-    handles = [m.register_forward_pre_hook(hook(f"{n}.weight")) for n, m in model.named_modules() if isinstance(m, QLinear)]
-    tokens = 0
+    handles = [m.register_forward_pre_hook(hook(f"{n}.weight")) for n, m in model.named_modules()
+               if isinstance(m, QLinear)]
+    tokens, tf32 = 0, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False     # TF32 would round the fp32 head inputs to 10 bits
     try:
         for x, _ in batches:
             with run.autocast():
@@ -1188,6 +1220,7 @@ def collect_hessians(model: GPT, batches, run: Run) -> tuple[dict[str, torch.Ten
             sums["tok_emb.weight"] = sums.get("tok_emb.weight", 0) + hn.T @ hn
             tokens += x.numel()
     finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
         for handle in handles:
             handle.remove()
     names = sorted(sums)
@@ -1221,7 +1254,8 @@ def pack_state(state: dict[str, torch.Tensor], labels: dict[str, str], model_cfg
     def add(name: str, role: str, arr: np.ndarray) -> None:
         nonlocal offset
         data = shuffle_bytes(arr)
-        entries.append(dict(name=name, role=role, dtype=arr.dtype.str, shape=list(arr.shape), offset=offset, nbytes=len(data)))
+        entries.append(dict(name=name, role=role, dtype=arr.dtype.str, shape=list(arr.shape), offset=offset,
+                            nbytes=len(data)))
         chunks.append(data)
         offset += len(data)
 
@@ -1246,7 +1280,8 @@ def unpack_state(payload: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
     blob = payload[4 + n:]
     parts: dict[str, dict[str, np.ndarray]] = {}
     for e in header["tensors"]:
-        parts.setdefault(e["name"], {})[e["role"]] = unshuffle_bytes(blob[e["offset"]:e["offset"] + e["nbytes"]], e["dtype"], e["shape"])
+        data = blob[e["offset"]:e["offset"] + e["nbytes"]]
+        parts.setdefault(e["name"], {})[e["role"]] = unshuffle_bytes(data, e["dtype"], e["shape"])
     state = {}
     model_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in header["model"].items()}   # JSON has no tuples
     for name, p in parts.items():
@@ -1293,18 +1328,21 @@ def check_codec(ident: int) -> None:
         try:
             importlib.import_module(package)
         except ImportError:
-            raise RunError(f"the {name} compressor needs the Python package {package}: pip install -r requirements.txt") from None
+            raise RunError(f"the {name} compressor needs the Python package {package}: "
+                           "pip install -r requirements.txt") from None
 
 
 def pack_artifact(payload: bytes) -> tuple[bytes, str, dict[str, int]]:
     """Every compressor at once (threads: the codecs release the GIL), keep the smallest."""
     with concurrent.futures.ThreadPoolExecutor(len(COMPRESSORS)) as pool:
-        blobs = dict(zip(COMPRESSORS, pool.map(lambda c: ARTIFACT_MAGIC + bytes([c[0]]) + c[1](payload), COMPRESSORS.values())))
+        packed = pool.map(lambda c: ARTIFACT_MAGIC + bytes([c[0]]) + c[1](payload), COMPRESSORS.values())
+        blobs = dict(zip(COMPRESSORS, packed))
     name = min(blobs, key=lambda k: len(blobs[k]))
     return blobs[name], name, {k: len(b) for k, b in blobs.items()}
 
 
-def fit_to_limit(state, labels, model_cfg, budget: int, spec: QuantSpec = QuantSpec(), hessians=None, max_widen: float = 4.0):
+def fit_to_limit(state, labels, model_cfg, budget: int, spec: QuantSpec = QuantSpec(), hessians=None,
+                 max_widen: float = 4.0):
     """Pack; while the artifact is over `budget` bytes, widen every int6 grid by the factor that removes the excess
     (log2(widen) bits per int6 weight) plus 1%, and quantize (GPTQ included) and pack again. Returns (blob,
     compressor, sizes, widen)."""
@@ -1351,13 +1389,16 @@ def export_phase(cfg: Config, run: Run, state: dict[str, torch.Tensor], labels: 
             write_atomic(path, blob, replace=False)
         log(f"artifact:{path} quantizer:{'gptq' if calib else 'rtn'} {calib.summary + ' ' if calib else ''}"
             f"int6_clip_k:{spec.int6_clip_k} "
-            f"embed_clip_k:{spec.embed_clip_k} int6_scale_widen:{widen:.4f} " + " ".join(f"{k}_bytes:{v}" for k, v in sizes.items()))
-        log(f"code_bytes:{code_bytes} model_bytes:{len(blob)} total_submission_bytes:{code_bytes + len(blob)} compressor:{name}")
+            f"embed_clip_k:{spec.embed_clip_k} int6_scale_widen:{widen:.4f} "
+            + " ".join(f"{k}_bytes:{v}" for k, v in sizes.items()))
+        log(f"code_bytes:{code_bytes} model_bytes:{len(blob)} total_submission_bytes:{code_bytes + len(blob)} "
+            f"compressor:{name}")
         return len(blob)
 
     total = code_bytes + run.main_only(export)
     if total > ARTIFACT_LIMIT_BYTES:
-        raise RunError(f"total submission {total} bytes exceeds the {ARTIFACT_LIMIT_BYTES}-byte limit (artifact kept at {path})")
+        raise RunError(f"total submission {total} bytes exceeds the {ARTIFACT_LIMIT_BYTES}-byte limit "
+                       f"(artifact kept at {path})")
 
 
 # ==================================================================================================
@@ -1398,7 +1439,7 @@ def load_byte_tables(path: str, vocab_size: int) -> ByteTables:
         else:
             piece = sp.id_to_piece(i)
             space[i] = piece.startswith("\u2581")
-            # a "▁" anywhere else (whitespace-only pieces "▁▁", suffix pieces "the▁") is one space byte, not three
+            # a "▁" elsewhere (whitespace-only pieces "▁▁", suffix pieces "the▁") is one space byte, not three
             base[i] = len(piece.removeprefix("\u2581").replace("\u2581", " ").encode("utf-8"))
     return ByteTables(base, space, boundary)
 
@@ -1408,7 +1449,8 @@ def check_countable(sp, path: str) -> None:
     a standalone "▁" piece, no dummy prefix, leading whitespace removed)."""
     i = sp.piece_to_id("\u2581")
     if sp.id_to_piece(i) != "\u2581" or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) or sp.is_byte(i):
-        raise RunError(f"TOKENIZER_PATH={path!r} has no standalone '\u2581' piece: a space it cannot merge falls back to "
+        raise RunError(f"TOKENIZER_PATH={path!r} has no standalone '\u2581' piece: a space it cannot merge falls "
+                       "back to "
                        "the byte pieces <0xE2><0x96><0x81>, counted 3 bytes for 1 (openai/parameter-golf issue #897)")
     if not hasattr(sp, "normalize"):    # sentencepiece < 0.2.0 cannot say how it normalizes; the records' models pass
         return
@@ -1439,7 +1481,7 @@ def build_windows(n_tokens: int, seq_len: int, stride: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Slot:
-    """Causal, context-only SLOT (see README): per window, a delta [1, d] on the final residual stream and a logit
+    """Causal, context-only SLOT: per window, a delta [1, d] on the final residual stream and a logit
     bias [1, V], optimized on that window's already-scored context, then used to score its slice and discarded."""
     steps: int = Config.slot_steps
     lr: float = Config.slot_lr
@@ -1455,7 +1497,7 @@ class Slot:
 
 @dataclass(frozen=True)
 class Ttt:
-    """Score-first test-time training (see README): the stream is cut into chunks of `chunk_tokens` (with reset
+    """Score-first test-time training: the stream is cut into chunks of `chunk_tokens` (with reset
     "document", also after every BOS, where the weights go back to the artifact's); each chunk is scored first, then,
     unless it is the last, trained on for `epochs` SGD steps of all weights (momentum, cosine learning rate over the
     chunks, gradient clipping), with the gradients of all ranks averaged."""
@@ -1513,8 +1555,10 @@ def slot_context_weights(first: torch.Tensor, width: int, focal: int) -> torch.T
     return ctx / ctx.sum(1, keepdim=True).clamp_min(1)
 
 
-def slot_init(n: int, d: int, vocab: int, prev: tuple | None, alpha: float, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-window parameters [n, 1, d] and [n, 1, V]: zero, or alpha x the previous batch's mean (already-scored context)."""
+def slot_init(n: int, d: int, vocab: int, prev: tuple | None, alpha: float,
+              like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-window parameters [n, 1, d] and [n, 1, V]: zero, or alpha x the previous batch's mean (already-scored
+    context)."""
     delta = torch.zeros(n, 1, d, dtype=like.dtype, device=like.device)
     bias = torch.zeros(n, 1, vocab, dtype=like.dtype, device=like.device)
     if prev is not None and alpha:
@@ -1569,14 +1613,14 @@ def slot_fit(model: GPT, h, y, first, slot: Slot, steps: int, prev):
     return delta, bias, prev
 
 
-# Which knob the budget guard lowers first: the one that costs more seconds per bpb it gains (README, "Budget").
+# Which knob the budget guard lowers first: the one that costs more seconds per bpb it gains (logs/eval_study).
 BUDGET_CUT_ORDER = ("ttt", "slot")
 
 
 class EvalBudget:
     """One deadline for everything in the eval phase. It measures the forward cost per window, the cost of one SLOT
-    step per window and of one TTT epoch per trained token, projects what this rank has left, and when that would not fit
-    lowers TTT epochs and SLOT steps (BUDGET_CUT_ORDER), one at a time, logging each cut. The first batch and the
+    step per window and of one TTT epoch per trained token, projects what this rank has left, and when that would not
+    fit lowers TTT epochs and SLOT steps (BUDGET_CUT_ORDER), one at a time, logging each cut. The first batch and the
     first trained chunk pay for compilation and are not measured."""
 
     def __init__(self, deadline: float | None, steps: int, epochs: int, windows: int, tokens: int) -> None:
@@ -1625,7 +1669,8 @@ class EvalBudget:
         if (self.steps, self.epochs) != before:
             self.cuts += 1
             log(f"eval_budget: WARNING cut SLOT steps {before[0]} -> {self.steps}, TTT epochs {before[1]} -> "
-                f"{self.epochs} at {where} ({left:.1f}s left, {self.windows_left} windows and {self.tokens_left} TTT targets "
+                f"{self.epochs} at {where} ({left:.1f}s left, {self.windows_left} windows and {self.tokens_left} TTT "
+                f"targets "
                 f"to go; per window {1000 * (self.fwd or 0):.2f}ms + {1000 * (self.step or 0):.3f}ms per step, "
                 f"{1e6 * (self.epoch or 0):.2f}us per epoch and target)")
         return self.steps, self.epochs
@@ -1693,7 +1738,7 @@ def eval_chunks(tokens: torch.Tensor, windows: np.ndarray, ttt: Ttt | None) -> l
     chunk uses only its own targets, all of which are scored by then (by its windows or earlier ones). With reset
     "document" a chunk also starts at the target *after* each BOS: the cut then depends on the BOS token, which is
     context for every target of the new chunk; cutting *at* the BOS would make the BOS target's own weights depend
-    on it (the first version did; README, TTT study)."""
+    on it."""
     n = len(tokens)
     if ttt is None:
         return [(0, len(windows), 1, n)]
@@ -1703,11 +1748,12 @@ def eval_chunks(tokens: torch.Tensor, windows: np.ndarray, ttt: Ttt | None) -> l
         starts = np.union1d(starts, after_bos)
     owner = np.searchsorted(starts, windows[:, 2], side="right") - 1     # the chunk of each window's first target
     bounds = np.searchsorted(owner, np.arange(len(starts) + 1))
-    return [(int(bounds[c]), int(bounds[c + 1]), max(1, int(starts[c])), int(starts[c + 1]) if c + 1 < len(starts) else n)
-            for c in range(len(starts))]
+    ends = [int(t) for t in starts[1:]] + [n]
+    return [(int(bounds[c]), int(bounds[c + 1]), max(1, int(starts[c])), ends[c]) for c in range(len(starts))]
 
 
-def ttt_batches(tokens: torch.Tensor, a: int, b: int, seq_len: int, share: tuple[int, int], device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def ttt_batches(tokens: torch.Tensor, a: int, b: int, seq_len: int, share: tuple[int, int],
+                device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's training sequences of the chunk with targets a..b-1 (inputs a-1..b-2): the chunk's sequences of
     seq_len pairs, the last padded with ignored targets, split across ranks; in batches of at most 32 sequences."""
     n_seq = -(-(b - a) // seq_len)
@@ -1763,7 +1809,8 @@ def ttt_train(model: GPT, opt, tokens: torch.Tensor, chunk: tuple, ttt: Ttt, epo
                         loss = model(x, y, reduction="sum") / (b - a)
                     loss.backward()
         if run.distributed:
-            flat = run.all_reduce(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]))
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = run.all_reduce(torch.cat([g.flatten() for g in grads]))
             for p, g in zip(params, torch.split(flat, [p.numel() for p in params])):
                 p.grad = g.view_as(p)
         torch.nn.utils.clip_grad_norm_(params, ttt.clip, foreach=True)
@@ -1789,9 +1836,11 @@ def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq
     def share(chunk, r):   # rank r's contiguous part of the chunk's windows
         return chunk[0] + (chunk[1] - chunk[0]) * r // world, chunk[0] + (chunk[1] - chunk[0]) * (r + 1) // world
 
-    states = {r: RankEval(EvalBudget(deadline, slot.steps if slot else 0, ttt.epochs if ttt else 0,
-                                     sum(hi - lo for lo, hi in (share(c, r) for c in grid)), grid[-1][2] - 1), hidden_fn)
-              for r in ranks}
+    states = {}
+    for r in ranks:
+        windows_r = sum(hi - lo for lo, hi in (share(c, r) for c in grid))
+        budget = EvalBudget(deadline, slot.steps if slot else 0, ttt.epochs if ttt else 0, windows_r, grid[-1][2] - 1)
+        states[r] = RankEval(budget, hidden_fn)
     progress_end = grid[-1][2]      # where the last grid chunk starts: the end of the cosine, by position
     base = {n: p.detach().clone() for n, p in model.named_parameters()} if ttt else None
     opt = torch.optim.SGD(model.parameters(), lr=ttt.lr, momentum=ttt.momentum) if ttt else None
@@ -1831,11 +1880,13 @@ def restore_weights(model: GPT, base: dict[str, torch.Tensor]) -> None:
         p.copy_(base[n])
 
 
-def gather_result(states: dict, ranks: list[int], run: Run, slot, epochs_run: list[int], want_nll: bool, t0: float) -> EvalResult:
+def gather_result(states: dict, ranks: list[int], run: Run, slot, epochs_run: list[int], want_nll: bool,
+                  t0: float) -> EvalResult:
     """Sum the (simulated) ranks' shares, all-reduce them, and put the per-target NLL back in stream order."""
     shards = [states[r] for r in ranks]
     sums = [sum(getattr(s, k) for s in shards) for k in ("nll_sum", "tokens", "bytes", "slot_step_sum", "windows")]
-    totals = run.all_reduce(torch.tensor(sums + [sum(states[r].budget.cuts for r in ranks)], dtype=torch.float64, device=run.device))
+    cuts = sum(states[r].budget.cuts for r in ranks)
+    totals = run.all_reduce(torch.tensor(sums + [cuts], dtype=torch.float64, device=run.device))
     steps_min = run.all_reduce(torch.tensor([min(s.slot_steps_min for s in shards)], device=run.device),
                                dist.ReduceOp.MIN)
     nll_sum, n_tok, n_bytes, step_sum, n_windows, cuts = totals.tolist()
@@ -1853,7 +1904,8 @@ def gather_result(states: dict, ranks: list[int], run: Run, slot, epochs_run: li
     return EvalResult(loss=nll_sum / n_tok, bpb=nll_sum / math.log(2) / n_bytes, tokens=int(n_tok), bytes=int(n_bytes),
                       seconds=time.perf_counter() - t0, nll=nll_all, slot_steps_mean=step_sum / max(n_windows, 1),
                       slot_steps_min=int(steps_min.item()) if slot else 0,
-                      ttt_epochs_mean=float(np.mean(epochs_run)) if epochs_run else 0.0, ttt_chunks_trained=sum(e > 0 for e in epochs_run),
+                      ttt_epochs_mean=float(np.mean(epochs_run)) if epochs_run else 0.0,
+                      ttt_chunks_trained=sum(e > 0 for e in epochs_run),
                       budget_cuts=int(cuts))
 
 
@@ -1862,7 +1914,8 @@ def prequant_eval(cfg: Config, run: Run, model: GPT) -> None:
     log shows what quantization costs (final - prequant)."""
     tables = load_byte_tables(cfg.tokenizer_path, cfg.vocab_size)
     r = evaluate(model, load_val_tokens(cfg), tables, run, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows)
-    log(f"prequant_exact val_loss:{r.loss:.8f} val_bpb:{r.bpb:.8f} eval_time:{1000 * r.seconds:.0f}ms scored_tokens:{r.tokens}")
+    log(f"prequant_exact val_loss:{r.loss:.8f} val_bpb:{r.bpb:.8f} eval_time:{1000 * r.seconds:.0f}ms "
+        f"scored_tokens:{r.tokens}")
 
 
 def log_score(name: str, r: EvalResult, slot: Slot | None = None, ttt: Ttt | None = None) -> None:
@@ -1878,7 +1931,8 @@ def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path, t0: float)
     """Rebuild the model from the artifact on disk and score the whole validation stream. t0 starts the eval budget:
     the process start for PHASES=eval (imports and process-group setup count), else the start of this phase."""
     model_cfg, state = read_artifact(path)
-    clash = [f"{k.upper()}={getattr(cfg, k)} (artifact: {v})" for k, v in model_cfg.items() if k in explicit and getattr(cfg, k) != v]
+    clash = [f"{k.upper()}={getattr(cfg, k)} (artifact: {v})" for k, v in model_cfg.items()
+             if k in explicit and getattr(cfg, k) != v]
     if clash:
         raise RunError(f"settings disagree with the artifact's model: {', '.join(clash)}")
     # the data and tokenizer follow the artifact's VOCAB_SIZE unless they were given
@@ -1905,15 +1959,18 @@ def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path, t0: float)
         if deadline is not None:
             deadline += r.seconds
             log(f"eval_compare_plain: the diagnostic pass took {r.seconds:.1f}s and does not count against "
-                f"EVAL_BUDGET_SECONDS (the deadline moves by as much; eval_done counts it, so a record run leaves it off)")
+                f"EVAL_BUDGET_SECONDS (the deadline moves by as much; eval_done counts it, so a record run leaves it "
+                f"off)")
     if slot:
-        log(f"slot_settings steps:{slot.steps} lr:{slot.lr} lr_min:{slot.lr_min} focal:{slot.focal} bias:{int(slot.bias)} "
+        log(f"slot_settings steps:{slot.steps} lr:{slot.lr} lr_min:{slot.lr_min} focal:{slot.focal} "
+            f"bias:{int(slot.bias)} "
             f"warm_start:{slot.warm_start}")
     if ttt:
         log(f"ttt_settings epochs:{ttt.epochs} chunk_tokens:{ttt.chunk_tokens} lr:{ttt.lr} momentum:{ttt.momentum} "
             f"clip:{ttt.clip} reset:{ttt.reset}")
     r = evaluate(model, *geometry, slot=slot, ttt=ttt, deadline=deadline, want_nll=bool(cfg.nll_dump_path))
-    log_score({(0, 0): "sliding_window", (1, 0): "slot", (0, 1): "ttt", (1, 1): "slot_ttt"}[(bool(slot), bool(ttt))], r, slot, ttt)
+    name = {(0, 0): "sliding_window", (1, 0): "slot", (0, 1): "ttt", (1, 1): "slot_ttt"}[(bool(slot), bool(ttt))]
+    log_score(name, r, slot, ttt)
     if r.budget_cuts:
         log(f"eval_budget: WARNING the budget guard cut SLOT steps or TTT epochs {r.budget_cuts} time(s): this score "
             f"is not the configured one (slot_steps_mean:{r.slot_steps_mean:.2f} of {slot.steps if slot else 0}, "
@@ -2000,7 +2057,8 @@ def start_run(env: typing.Mapping[str, str], cfg: Config | None = None) -> Run:
     (nccl on GPUs, gloo on CPU)."""
     world = int(env.get("WORLD_SIZE", "1"))
     if REFERENCE_GPUS % world != 0:
-        raise RunError(f"WORLD_SIZE={world} must divide {REFERENCE_GPUS} (the batch is split into {REFERENCE_GPUS} micro-batches)")
+        raise RunError(f"WORLD_SIZE={world} must divide {REFERENCE_GPUS} (the batch is split into {REFERENCE_GPUS} "
+                       "micro-batches)")
     run = Run(rank=int(env.get("RANK", "0")), world_size=world, local_rank=int(env.get("LOCAL_RANK", "0")))
     if torch.cuda.is_available():
         run.device = torch.device("cuda", run.local_rank)
@@ -2174,11 +2232,13 @@ def log_header(cfg: Config, run: Run) -> None:
     log(source, console=False)
     log("=" * 100, console=False)
     log(f"run_id:{cfg.run_id}")
-    log(f"source_lines:{len(source.splitlines())} source_bytes:{len(source.encode())} (counted in the artifact limit as is)")
+    log(f"source_lines:{len(source.splitlines())} source_bytes:{len(source.encode())} "
+        "(counted in the artifact limit as is)")
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         log(f"config.{f.name}:{','.join(map(str, v)) if isinstance(v, tuple) else v}", console=False)
-    gpu = f"{torch.cuda.get_device_name(run.device)} x{run.world_size}" if run.device.type == "cuda" else f"cpu x{run.world_size}"
+    name = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu"
+    gpu = f"{name} x{run.world_size}"
     log(f"python:{platform.python_version()} torch:{torch.__version__} cuda:{torch.version.cuda} device:{gpu}")
     log(f"world_size:{run.world_size} phases:{cfg.phases}")
 
@@ -2217,7 +2277,8 @@ def main() -> int:
             dist.broadcast_object_list(box, src=0)
         # an exporting run writes the artifact beside its own log (never over an older run's); PHASES=eval reads
         # logs/<RUN_ID>.pgz, the artifact of the run that first used that RUN_ID
-        path = Path(cfg.artifact_path or os.path.join(cfg.log_dir, f"{box[0] if 'export' in phases else cfg.run_id}.pgz"))
+        stem = box[0] if "export" in phases else cfg.run_id
+        path = Path(cfg.artifact_path or os.path.join(cfg.log_dir, f"{stem}.pgz"))
         log_header(cfg, run)
         check_artifact_path(path, phases)
         if "export" in phases:
@@ -2225,7 +2286,8 @@ def main() -> int:
                 check_codec(ident)
         if "train" in phases:
             # check the tokenizer now, not after 600 s of training
-            tables = load_byte_tables(cfg.tokenizer_path, cfg.vocab_size) if "eval" in phases or cfg.val_loss_every else None
+            needed = "eval" in phases or cfg.val_loss_every
+            tables = load_byte_tables(cfg.tokenizer_path, cfg.vocab_size) if needed else None
             state, labels, calib, model = train_phase(cfg, run, tables)
             if cfg.eval_prequant:
                 prequant_eval(cfg, run, model)
@@ -2252,8 +2314,8 @@ def main() -> int:
             watch.stop()
         log.close()
         if dist.is_initialized():
-            # DDP and compiled modules sit in reference cycles that hold the process group; freed only at interpreter
-            # exit, gloo aborted a rank there (SIGABRT in 5 of 40 two-process CPU runs under load; 0 of 120 with this collect)
+            # DDP and compiled modules sit in reference cycles that hold the process group: free them before it
+            # goes, or gloo can abort a rank at interpreter exit
             gc.collect()
             dist.destroy_process_group()
 

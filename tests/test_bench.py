@@ -36,16 +36,18 @@ def test_flop_model_hand_count_tiny():
 
 def test_flop_model_default_config_is_issue_figure():
     """Issue 5: ~2.1e14 FLOP per 786,432-token step for the 13-pass model (RECUR_LAYERS=4,5, 512 wide, seq 2048);
-    the default 11-pass model does 11/13 of its block work."""
+    before RECUR_START_FRAC (recur_on False) the same model runs 11 passes, 11/13 of its block work."""
     cfg = tg.config_from_env({"RECUR_LAYERS": "4,5"})[0]
     with torch.device("meta"):   # shapes only: the orthogonal init of the real model takes seconds on a busy CPU
-        model, plain = tg.GPT(cfg), tg.GPT(tg.Config())
+        model = tg.GPT(cfg)
     f = bench.train_flops(model, cfg.train_seq_len, cfg.train_batch_tokens)
     assert f["passes"] == 13 and cfg.train_batch_tokens == 786_432
     assert f["flop_per_step"] == pytest.approx(2.1e14, rel=0.05)
     assert 6 * 30e6 < f["matmul_flop_per_token"] < 6 * 32e6    # "6 x 31M matmul parameters" (ANCHORS.md)
-    g = bench.train_flops(plain, cfg.train_seq_len, cfg.train_batch_tokens)
+    model.recur_on = False
+    g = bench.train_flops(model, cfg.train_seq_len, cfg.train_batch_tokens)
     assert g["passes"] == 11 and g["weights_body"] * 13 == f["weights_body"] * 11
+    assert g["weights_head"] == f["weights_head"] and g["attention_flop_per_token"] * 13 == f["attention_flop_per_token"] * 11
 
 
 def test_count_windows_matches_build_windows():
@@ -67,32 +69,44 @@ def positive_numbers(tree, path=""):
         yield path, tree
 
 
+def run_bench(tmp_path, env, *args) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, str(BENCH), *args, "--out", str(out)], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    return p, json.loads(out.read_text()) if out.exists() else {}
+
+
 def test_bench_runs_every_section_on_cpu(tiny_data, tmp_path):
     data, tok = tiny_data
-    out = tmp_path / "bench.json"
     env = script_env(data, tok, tmp_path / "logs", TTT_EPOCHS="1", TTT_CHUNK_TOKENS="600")
-    cmd = [sys.executable, str(BENCH), "--steps", "3", "--warmup", "1", "--eval-tokens", "2000", "--out", str(out)]
-    p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    p, r = run_bench(tmp_path, env, "--steps", "3", "--warmup", "1", "--eval-tokens", "2000")
     assert p.returncode == 0, p.stderr
-    assert "perfect data-parallel scaling" in p.stdout and "MFU" in p.stdout
-    r = json.loads(out.read_text())
+    assert "perfect data-parallel scaling" in p.stdout and "MFU" in p.stdout and "recurrence cost" in p.stdout
     assert r["device"]["type"] == "cpu" and r["torch"] and r["date"] and r["config"]["num_layers"] == 3
+    assert r["complete"] and r["sections_done"] == ["train", "export", "eval"] and "error" not in r
+    assert r["compiled"] is False and r["amp"] is None    # a CPU's defaults: eager, float32
     for path, v in positive_numbers({k: r[k] for k in ("train", "eval", "export")}):
-        assert v > 0, path
+        assert v > 0 or path == ".train.recur_cost_pct", path
 
     cfg = tiny_config()
-    flops = bench.train_flops(tg.GPT(cfg), cfg.train_seq_len, cfg.train_batch_tokens)
-    for key in ("recur", "no_recur"):
+    w = r["train"]["compile_warmup"]   # one warm-up over every switch state, timed apart from the steps
+    assert w["steps"] == 3 and w["states"] == ["recur0_qat0", "recur1_qat0", "recur1_qat1"] and w["seconds"] > 0
+    assert set(r["train"]) == {"compile_warmup", "recur_off", "recur_on", "recur_cost_pct"}
+    for key in ("recur_off", "recur_on"):
         t = r["train"][key]
+        assert t["recur_on"] == (key == "recur_on")
         assert len(t["step_times_ms"]) == 3 and t["step_ms"] == pytest.approx(statistics.median(t["step_times_ms"]))
+        assert t["settle_step_ms"] > 0 and len(t["losses"]) == 3
         assert t["tokens_per_s"] == pytest.approx(cfg.train_batch_tokens / (t["step_ms"] / 1000))
         assert t["step_ms_8gpu"] == pytest.approx(t["step_ms"] / 8) and t["grad_accum"] == 8
         assert t["attention"] == "sdpa"   # CPU; the GPU JSON says whether FA3 ran
         assert t["tflops"] == pytest.approx(t["flop_per_step"] / (t["step_ms"] / 1000) / 1e12)
         assert t["mfu"] is None    # no meaningful peak on a CPU
-    assert r["train"]["recur"]["flop_per_step"] == flops["flop_per_step"]
-    assert r["train"]["no_recur"]["passes"] == r["train"]["recur"]["passes"] - 1
-    assert r["train"]["no_recur"]["flop_per_step"] < r["train"]["recur"]["flop_per_step"]
+    on, off = r["train"]["recur_on"], r["train"]["recur_off"]
+    assert on["flop_per_step"] == bench.train_flops(tg.GPT(cfg), cfg.train_seq_len, cfg.train_batch_tokens)["flop_per_step"]
+    assert off["passes"] == on["passes"] - 1 and off["params"] == on["params"]   # one model, two states
+    assert off["flop_per_step"] < on["flop_per_step"]
+    assert r["train"]["recur_cost_pct"] == pytest.approx(100 * (on["step_ms"] / off["step_ms"] - 1))
 
     e = r["eval"]["sliding"]
     assert e["slice_tokens"] == 2000 and e["scored_tokens"] == 1999
@@ -121,10 +135,37 @@ def test_bench_runs_every_section_on_cpu(tiny_data, tmp_path):
 
 def test_bench_measures_ttt_without_slot(tiny_data, tmp_path):
     data, tok = tiny_data
-    out = tmp_path / "bench.json"
     env = script_env(data, tok, tmp_path / "logs", SLOT_STEPS="0", TTT_EPOCHS="1", TTT_CHUNK_TOKENS="600")
-    cmd = [sys.executable, str(BENCH), "--sections", "eval", "--eval-tokens", "2000", "--out", str(out)]
-    p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    p, r = run_bench(tmp_path, env, "--sections", "eval", "--eval-tokens", "2000")
     assert p.returncode == 0, p.stderr
-    e = json.loads(out.read_text())["eval"]
+    e = r["eval"]
     assert set(e) == {"sliding", "ttt"} and e["ttt"]["slot"] is None and e["ttt"]["ttt_chunks_trained"] == 3
+    assert r["sections_done"] == ["eval"] and "train" not in r
+
+
+def test_bench_keeps_the_sections_done_when_a_later_one_fails(tiny_data, tmp_path):
+    """The JSON is rewritten after each section: an eval that stops (here a slice too short for one window; on the GPU
+    a time limit) leaves the export already measured on disk, with the error and complete: false."""
+    data, tok = tiny_data
+    env = script_env(data, tok, tmp_path / "logs")
+    p, r = run_bench(tmp_path, env, "--sections", "export,eval", "--eval-tokens", "20")
+    assert p.returncode == 1 and "EVAL_SEQ_LEN" in p.stderr
+    assert r["sections_done"] == ["export"] and r["complete"] is False and "EVAL_SEQ_LEN" in r["error"]
+    assert r["export"]["artifact_bytes"] > 0 and "eval" not in r
+
+
+def test_bench_runs_the_gpu_graphs_on_cpu(tiny_data, tmp_path):
+    """COMPILE=1 AUTOCAST=bf16 reach the bench (start_run with the config): the warm-up compiles every switch state,
+    and both recurrence states then step without recompiling (TORCH_LOGS=recompiles after the warm-up line)."""
+    data, tok = tiny_data
+    env = script_env(data, tok, tmp_path / "logs", COMPILE="1", AUTOCAST="bf16", TORCH_LOGS="recompiles")
+    p = subprocess.run([sys.executable, str(BENCH), "--sections", "train", "--steps", "2", "--warmup", "1",
+                        "--out", str(tmp_path / "bench.json")], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:]
+    r = json.loads((tmp_path / "bench.json").read_text())
+    assert r["compiled"] is True and r["amp"] == "bfloat16" and r["sections_done"] == ["train"]
+    assert r["train"]["compile_warmup"]["states"] == ["recur0_qat0", "recur1_qat0", "recur1_qat1"]
+    before, after = p.stdout.split("compile_warmup steps:", 1)
+    assert "Recompiling function forward" in before, "the warm-up compiled the second and third state"
+    assert "Recompiling function" not in after, after[:3000]

@@ -2,8 +2,14 @@
 
 It imports train_gpt and times its real code paths (GPT, build_optimizers, TrainLoader, compile_warmup, train_step,
 EMA, evaluate, pack_state, pack_artifact), in one process on one device. The model settings come from the same
-environment variables as train_gpt.py; flags only choose what to measure. A table goes to stdout and every figure,
-with the config, device and versions, to logs/bench/<name>.json (LOG_DIR/bench).
+environment variables as train_gpt.py, COMPILE and AUTOCAST included (COMPILE=1 AUTOCAST=bf16 on a CPU runs the GPU's
+graphs); flags only choose what to measure. A table goes to stdout and every figure, with the config, device and
+versions, to logs/bench/<name>.json (LOG_DIR/bench), rewritten after each section, so a run cut short keeps what
+it measured.
+
+Training: one model, one compile_warmup (it compiles every switch state the run passes through, and its seconds are
+reported apart as compile time), then the step time in both recurrence states of that model: "recur_off" (before
+RECUR_START_FRAC, the second passes skipped) and "recur_on" (after it). QAT is off in both, as for most of a run.
 
     # CPU, tiny model (what CI runs)
     VOCAB_SIZE=320 NUM_LAYERS=3 MODEL_DIM=32 ... python tools/bench.py --steps 3
@@ -12,8 +18,8 @@ with the config, device and versions, to logs/bench/<name>.json (LOG_DIR/bench).
         python tools/bench.py
 
 FLOP model (the one of project issue 5), per trained token:
-    6 x (matmul weights, counting each pass of the layer schedule, + tied LM head V*d + bigram and value-embedding
-    projections)
+    6 x (matmul weights, counting each pass of the layer schedule that runs, + tied LM head V*d + bigram and
+         value-embedding projections)
   + 6 x model_dim x seq_len x passes   (causal QK^T and AV: d*T/2 multiply-adds each per token on average, x3 fwd+bwd)
 Element-wise work, norms, RoPE, the Muon Newton-Schulz iterations and the optimizers are not counted.
 """
@@ -21,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import os
 import platform
@@ -58,11 +63,17 @@ ASSUMPTIONS = {
 # FLOP model
 # ==================================================================================================
 
+def active_passes(model: tg.GPT) -> list:
+    """The passes the forward runs in the model's recurrence state: all of them, or the first passes alone before
+    RECUR_START_FRAC (model.recur_on False)."""
+    return [p for p in model.schedule if model.recur_on or p.repeat < 0]
+
+
 def matmul_weights(model: tg.GPT) -> dict[str, int]:
-    """Weights each token multiplies through: the QLinears of the block of each pass, tied head, and the projections
-    of the bigram and value embeddings."""
+    """Weights each token multiplies through: the QLinears of the block of each pass that runs, tied head, and the
+    projections of the bigram and value embeddings."""
     per_layer = [sum(m.weight.numel() for m in b.modules() if isinstance(m, tg.QLinear)) for b in model.blocks]
-    return {"body": sum(per_layer[p.layer] for p in model.schedule),
+    return {"body": sum(per_layer[p.layer] for p in active_passes(model)),
             "head": model.tok_emb.weight.numel(),
             "bigram": model.bigram.proj.weight.numel() if model.bigram is not None and model.bigram.proj is not None else 0,
             "value_embed": model.value_embed.proj.weight.numel() if model.value_embed is not None else 0}
@@ -70,7 +81,7 @@ def matmul_weights(model: tg.GPT) -> dict[str, int]:
 
 def train_flops(model: tg.GPT, seq_len: int, batch_tokens: int) -> dict[str, float]:
     w = matmul_weights(model)
-    passes, d = len(model.schedule), model.tok_emb.weight.size(1)
+    passes, d = len(active_passes(model)), model.tok_emb.weight.size(1)
     matmul = 6 * sum(w.values())
     attention = 6 * d * seq_len * passes      # fwd: QK^T and AV cost d*T/2 MACs each per token = 2*d*T FLOP; x3 fwd+bwd
     return {"passes": passes, "matmul_weights_per_token": sum(w.values()), **{f"weights_{k}": v for k, v in w.items()},
@@ -81,7 +92,7 @@ def train_flops(model: tg.GPT, seq_len: int, batch_tokens: int) -> dict[str, flo
 def eval_flops(model: tg.GPT, windows) -> float:
     """Forward FLOP of evaluate(): the body runs on every window token, the head only on scored targets."""
     w = matmul_weights(model)
-    passes, d = len(model.schedule), model.tok_emb.weight.size(1)
+    passes, d = len(active_passes(model)), model.tok_emb.weight.size(1)
     width = windows[:, 1] - windows[:, 0]
     scored = windows[:, 1] - windows[:, 2] + 1
     body = width * (2 * (w["body"] + w["bigram"] + w["value_embed"]) + 2 * d * width * passes)   # attention: 2*d*T per token
@@ -118,26 +129,27 @@ def rates(flop: float | None, seconds: float, peak: float | None) -> dict:
     return {"tflops": achieved / 1e12, "mfu": achieved / peak if peak else None}
 
 
-def bench_train(cfg: tg.Config, run: tg.Run, steps: int, warmup: int, peak: float | None):
-    """Median time of one optimizer step exactly as train_phase runs it on one GPU: schedule, train_step over 8
-    micro-batches, EMA update, and the loss read back to the host. Returns (figures, model, EMA weights)."""
-    grad_accum, local_tokens = tg.batch_split(cfg, run)
-    model = tg.build_model(cfg, run)
-    opts = tg.build_optimizers(model, cfg, run)
-    attention = model.blocks[0].attn.backend
-    # compile_warmup compiles as train_phase does (fullgraph, with its FA3 fallback) and restores weights and
-    # optimizer state afterwards, as in a real run
+RECUR_STATES = {"recur_off": False, "recur_on": True}   # train's keys: the model before and after RECUR_START_FRAC
+
+
+def timed_compile_warmup(model: tg.GPT, opts, cfg: tg.Config, run: tg.Run, grad_accum: int, local_tokens: int):
+    """tg.compile_warmup, timed. Returns (the training forward, {"seconds", "steps", "states", "compiled", "amp"})."""
     run.sync()
     t0 = time.perf_counter()
-    fwd = tg.compile_warmup(model, tg.training_forward(model, cfg, run), opts, dataclasses.replace(cfg, warmup_steps=warmup),
-                            run, grad_accum, local_tokens)
+    fwd = tg.compile_warmup(model, opts, cfg, run, grad_accum, local_tokens)
     run.sync()
-    warmup_s = time.perf_counter() - t0
-    reset_peak_memory(run)   # steady-state steps only, not the compiler's own peak
-    loader, ema = tg.TrainLoader(cfg, run, local_tokens), tg.EMA(model, cfg.ema_decay)
-    params = list(model.parameters())
+    states = tg.warmup_states(cfg)
+    return fwd, {"seconds": time.perf_counter() - t0,
+                 "steps": max(cfg.warmup_steps, len(states)) if cfg.warmup_steps else 0,
+                 "states": [f"recur{int(r)}_qat{int(q)}" for r, q in states] if cfg.warmup_steps else [],
+                 "compiled": run.compiled, "amp": str(run.amp).removeprefix("torch.") if run.amp else None}
+
+
+def time_steps(fwd, opts, loader: tg.TrainLoader, ema: tg.EMA, cfg: tg.Config, run: tg.Run, params, steps: range):
+    """Seconds and loss of each optimizer step, as train_phase's loop runs it (the device synchronized around each)."""
+    grad_accum = tg.batch_split(cfg, run)[0]
     times, losses = [], []
-    for step in range(steps):
+    for step in steps:
         run.sync()
         t0 = time.perf_counter()
         tg.set_schedule(opts, cfg, step, 0.0)
@@ -146,28 +158,55 @@ def bench_train(cfg: tg.Config, run: tg.Run, steps: int, warmup: int, peak: floa
         losses.append(float(loss))   # the real loop's one host sync per step
         run.sync()
         times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    flops = train_flops(model, cfg.train_seq_len, cfg.train_batch_tokens)
-    out = {"recur_layers": list(cfg.recur_layers), "attention": attention, "params": sum(p.numel() for p in model.parameters()),
-           "grad_accum": grad_accum, "micro_batch_tokens": local_tokens, "batch_tokens": cfg.train_batch_tokens,
-           "warmup_steps": warmup, "warmup_s": warmup_s, "timed_steps": steps, "step_times_ms": [1000 * t for t in times],
-           "step_ms": 1000 * step_s, "step_ms_8gpu": 1000 * step_s / PROJECTION_GPUS,
-           "tokens_per_s": cfg.train_batch_tokens / step_s, "losses": losses, **flops,
-           **rates(flops["flop_per_step"], step_s, peak), **peak_memory(run)}
-    if peak:
-        out["step_ms_at_50pct_mfu"] = 1000 * flops["flop_per_step"] / (0.5 * peak)
+    return times, losses
+
+
+def bench_train(cfg: tg.Config, run: tg.Run, steps: int, warmup: int, peak: float | None):
+    """Median time of one optimizer step exactly as train_phase runs it on one GPU (schedule, train_step over 8
+    micro-batches, EMA update, the loss read back to the host), in each recurrence state of one model. One
+    compile_warmup first compiles every switch state (timed apart: compile time is not step time) and restores the
+    weights and optimizer state, as in a real run; in each state one more untimed step settles the loader and the
+    allocator before the timed ones. Returns (figures, model in the exported state, EMA weights)."""
+    grad_accum, local_tokens = tg.batch_split(cfg, run)
+    model = tg.build_model(cfg, run)
+    opts = tg.build_optimizers(model, cfg, run)
+    fwd, warm = timed_compile_warmup(model, opts, dataclasses.replace(cfg, warmup_steps=warmup), run, grad_accum,
+                                     local_tokens)
+    loader, ema = tg.TrainLoader(cfg, run, local_tokens), tg.EMA(model, cfg.ema_decay)
+    params = list(model.parameters())
+    out, step = {"compile_warmup": warm}, 0
+    states = RECUR_STATES if cfg.recur_layers else {"recur_off": False}   # no recurrent layer: one state
+    for key, recur in states.items():
+        tg.set_switches(model, cfg, (recur, False))
+        reset_peak_memory(run)   # this state's steady-state steps only, not the compiler's own peak
+        times, losses = time_steps(fwd, opts, loader, ema, cfg, run, params, range(step, step + steps + 1))
+        step += steps + 1
+        settle, times, losses = times[0], times[1:], losses[1:]
+        step_s = statistics.median(times)
+        flops = train_flops(model, cfg.train_seq_len, cfg.train_batch_tokens)
+        out[key] = {"recur_on": recur, "recur_layers": list(cfg.recur_layers), "attention": model.blocks[0].attn.backend,
+                    "params": sum(p.numel() for p in model.parameters()), "grad_accum": grad_accum,
+                    "micro_batch_tokens": local_tokens, "batch_tokens": cfg.train_batch_tokens,
+                    "settle_step_ms": 1000 * settle, "timed_steps": steps, "step_times_ms": [1000 * t for t in times],
+                    "step_ms": 1000 * step_s, "step_ms_8gpu": 1000 * step_s / PROJECTION_GPUS,
+                    "tokens_per_s": cfg.train_batch_tokens / step_s, "losses": losses, **flops,
+                    **rates(flops["flop_per_step"], step_s, peak), **peak_memory(run)}
+        if peak:
+            out[key]["step_ms_at_50pct_mfu"] = 1000 * flops["flop_per_step"] / (0.5 * peak)
+    if len(out) == 3:
+        out["recur_cost_pct"] = 100 * (out["recur_on"]["step_ms"] / out["recur_off"]["step_ms"] - 1)
+    tg.set_switches(model, cfg, (True, False))   # what is exported and evaluated: recurrence on, QAT off
     return out, model, ema.state_dict(model)
 
 
 def eval_modes(cfg: tg.Config) -> dict[str, dict]:
     """Name -> extra keyword arguments of evaluate(): the plain sliding window, SLOT as configured, and TTT (with SLOT
-    when it is on) as configured; no deadline: the bench measures the full SLOT_STEPS and TTT_EPOCHS."""
+    when it is on) as configured; no deadline: the bench measures the full SLOT_STEPS and TTT_EPOCHS. evaluate()
+    compiles its forwards when the run compiles (COMPILE): the warm-up call pays for that, the timed one does not."""
     slot, ttt = tg.Slot.from_config(cfg), tg.Ttt.from_config(cfg)
     modes = {"sliding": {}, **({"slot": {"slot": slot}} if slot else {})}
     if ttt:
-        # compiled on CUDA as in eval_phase; the warm-up call pays for the compilation, the timed one does not
-        modes["slot_ttt" if slot else "ttt"] = {"slot": slot, "ttt": ttt,
-                                                "compile_ttt": cfg.compile and torch.cuda.is_available()}
+        modes["slot_ttt" if slot else "ttt"] = {"slot": slot, "ttt": ttt}
     return modes
 
 
@@ -179,13 +218,14 @@ def bench_eval(cfg: tg.Config, run: tg.Run, model: tg.GPT, n_tokens: int, peak: 
                           f"+ 1, or its windows are narrower than the real ones")
     tables = tg.load_byte_tables(cfg.tokenizer_path, cfg.vocab_size)
     model.eval()
-    hidden_fn = torch.compile(model.hidden, dynamic=False) if cfg.compile and run.device.type == "cuda" else model.hidden
+    if run.compiled:   # as eval_phase: the eval's graphs compile anew, not as recompiles of the training forward's
+        torch._dynamo.reset()
     windows = tg.build_windows(len(val), cfg.eval_seq_len, cfg.eval_stride)
     full_windows = count_windows(VAL_TOKENS_FULL, cfg.eval_seq_len, cfg.eval_stride)
-    # CUDA warms up on the whole slice: its last batch is partial, and with dynamic=False that shape compiles apart.
-    # CPU compiles nothing, so one batch of windows is enough to settle the allocator.
-    warm = val if run.device.type == "cuda" else val[:cfg.eval_seq_len + 1 + cfg.eval_stride * cfg.eval_batch_windows]
-    geometry = (tables, run, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows, hidden_fn)
+    # Compiled, the warm-up runs on the whole slice, so that the timed call meets no shape that was not compiled
+    # (dynamic=False). Eager, one batch of windows is enough to settle the allocator.
+    warm = val if run.compiled else val[:cfg.eval_seq_len + 1 + cfg.eval_stride * cfg.eval_batch_windows]
+    geometry = (tables, run, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows)
     out = {}
     for name, kwargs in eval_modes(cfg).items():
         first = tg.evaluate(model, warm, *geometry, **kwargs)
@@ -255,14 +295,6 @@ def bench_export(cfg: tg.Config, state: dict[str, torch.Tensor], labels: dict[st
             "limit_bytes": tg.ARTIFACT_LIMIT_BYTES, "fits": code_bytes + len(blob) <= tg.ARTIFACT_LIMIT_BYTES}
 
 
-def release_memory(run: tg.Run) -> None:
-    """After the caller dropped its model: collect it before building the next, so that one's peak memory is its own."""
-    gc.collect()
-    if run.device.type == "cuda":
-        torch._dynamo.reset()
-        torch.cuda.empty_cache()
-
-
 # ==================================================================================================
 # Report
 # ==================================================================================================
@@ -278,7 +310,6 @@ def fmt(v, unit: str = "", digits: int = 1) -> str:
 def train_rows(label: str, t: dict) -> list[tuple[str, str, str]]:
     return [(label, "passes / params", f"{t['passes']} / {t['params']:,}"),
             (label, "model FLOP per step", f"{t['flop_per_step']:.3e}"),
-            (label, "warm-up (compilation on CUDA)", f"{t['warmup_s']:.1f} s for {t['warmup_steps']} steps"),
             (label, "ms/step, 1 device (median)", f"{t['step_ms']:,.1f}  (accum {t['grad_accum']}, {t['timed_steps']} steps)"),
             (label, f"ms/step, {PROJECTION_GPUS} GPUs (projected)", f"{t['step_ms_8gpu']:,.1f}  (1 device / {PROJECTION_GPUS})"),
             (label, "tokens/s, 1 device", fmt(t["tokens_per_s"], digits=0)),
@@ -288,16 +319,21 @@ def train_rows(label: str, t: dict) -> list[tuple[str, str, str]]:
 
 
 def table(results: dict) -> str:
-    rows = []
-    for key, label in (("no_recur", "train"), ("recur", "train, recurrence")):
-        if key in results.get("train", {}):
-            rows += train_rows(label, results["train"][key])
-    if {"recur", "no_recur"} <= set(results.get("train", {})):
-        a, b = results["train"]["recur"]["step_ms"], results["train"]["no_recur"]["step_ms"]
-        rows.append(("train", "recurrence cost", f"{100 * (a / b - 1):+.1f}% ms/step"))
-    for key in ("no_recur", "recur"):
-        if "step_ms_at_50pct_mfu" in results.get("train", {}).get(key, {}):
-            rows.append(("train", f"ms/step at 50% MFU, 1 device ({key})", fmt(results["train"][key]["step_ms_at_50pct_mfu"])))
+    rows, train = [], results.get("train", {})
+    if "compile_warmup" in train:
+        w = train["compile_warmup"]
+        how = f"compiled, autocast {w['amp'] or 'off'}" if w["compiled"] else f"eager, autocast {w['amp'] or 'off'}"
+        rows.append(("train", "compile + warm-up (not step time)",
+                     f"{w['seconds']:.1f} s for {w['steps']} steps over states {' '.join(w['states']) or '-'} ({how})"))
+    for key, label in (("recur_off", "train, recurrence off"), ("recur_on", "train, recurrence on")):
+        if key in train:
+            rows += train_rows(label, train[key])
+    if "recur_cost_pct" in train:
+        rows.append(("train", "recurrence cost (on vs off)", f"{train['recur_cost_pct']:+.1f}% ms/step  "
+                     f"({train['recur_off']['passes']} -> {train['recur_on']['passes']} passes)"))
+    for key in RECUR_STATES:
+        if "step_ms_at_50pct_mfu" in train.get(key, {}):
+            rows.append(("train", f"ms/step at 50% MFU, 1 device ({key})", fmt(train[key]["step_ms_at_50pct_mfu"])))
     for name, e in results.get("eval", {}).items():
         label, n = f"eval {name}", PROJECTION_GPUS
         rows += [(label, "slice / windows", f"{e['slice_tokens']:,} tokens / {e['windows']:,} windows "
@@ -319,6 +355,8 @@ def table(results: dict) -> str:
                   f"{calib}{x['quantize_s']:.2f} s / {x['compress_s']:.2f} s"),
                  ("export", "artifact bytes", f"{x['artifact_bytes']:,} ({x['compressor']}; weights: {x['weights']})"),
                  ("export", "code + artifact bytes", f"{x['total_submission_bytes']:,} of {x['limit_bytes']:,}{over}")]
+    if not rows:
+        return "(no section finished)"
     widths = [max(len(r[i]) for r in rows) for i in range(2)]
     lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows]
     return "\n".join(lines + [f"note ({k}): {v}" for k, v in ASSUMPTIONS.items()])
@@ -339,11 +377,9 @@ def parse_args(argv, run: tg.Run) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Benchmark train_gpt.py (model settings: train_gpt's environment variables).",
                                 formatter_class=Help)
     p.add_argument("--sections", default="train,eval,export", help="comma list of train, eval, export")
-    p.add_argument("--steps", type=int, default=10 if cuda else 3, help="timed optimizer steps (median reported)")
-    p.add_argument("--warmup", type=int, default=3 if cuda else 1, help="untimed steps first (compilation on CUDA)")
-    p.add_argument("--recur-compare", default="4,5",
-                   help="also time the model with these RECUR_LAYERS (or with none, when the configuration has some); "
-                        "empty = skip")
+    p.add_argument("--steps", type=int, default=10 if cuda else 3, help="timed optimizer steps per recurrence state (median reported)")
+    p.add_argument("--warmup", type=int, default=3 if cuda else 1,
+                   help="compile_warmup's steps (WARMUP_STEPS; it runs at least one per switch state), untimed")
     p.add_argument("--eval-tokens", type=int, default=1_000_000 if cuda else 20_000, help="val tokens evaluated")
     p.add_argument("--peak-flops", type=float, default=800e12 if cuda else None,
                    help="peak FLOP/s for MFU; default 800e12 on CUDA (H100 dense bf16 as measured achievable; the "
@@ -367,29 +403,25 @@ def device_info(run: tg.Run) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
-def measure(cfg: tg.Config, run: tg.Run, args) -> dict:
-    """Train the configured model, export its EMA weights, evaluate its model; then train the other recurrence
-    setting (--recur-compare). Results are keyed "recur" (with recurrence) and "no_recur"."""
+def measure(cfg: tg.Config, run: tg.Run, args, save) -> dict:
+    """Train (both recurrence states), export the EMA weights, evaluate the model, in that order; save(results) after
+    each section. Without the train section the model keeps its initialisation."""
     results, model, state = {}, None, None
     if "train" in args.sections:
-        results["train"] = {}
-        key = "recur" if cfg.recur_layers else "no_recur"
-        results["train"][key], model, state = bench_train(cfg, run, args.steps, args.warmup, args.peak_flops)
+        results["train"], model, state = bench_train(cfg, run, args.steps, args.warmup, args.peak_flops)
+        save(results, "train")
     if model is None:
         model = tg.build_model(cfg, run)
     if "export" in args.sections:
-        weights = f"EMA after {args.steps} bench steps" if state is not None else "initialisation"
+        trained = sum(t["timed_steps"] + 1 for k, t in results.get("train", {}).items() if k in RECUR_STATES)
+        weights = f"EMA after {trained} bench steps" if state is not None else "initialisation"
         state = state if state is not None else {n: p.detach().float().cpu() for n, p in model.named_parameters()}
         hessians, calib_s = bench_calibration(cfg, run, model, state)
         results["export"] = bench_export(cfg, state, tg.param_labels(model), weights, hessians, calib_s)
+        save(results, "export")
     if "eval" in args.sections:
         results["eval"] = bench_eval(cfg, run, model, args.eval_tokens, args.peak_flops)
-    model = state = None
-    release_memory(run)
-    if "train" in args.sections and args.recur_compare:
-        other = () if cfg.recur_layers else tuple(int(x) for x in args.recur_compare.split(","))
-        results["train"]["recur" if other else "no_recur"], *_ = bench_train(dataclasses.replace(cfg, recur_layers=other),
-                                                                            run, args.steps, args.warmup, args.peak_flops)
+        save(results, "eval")
     return results
 
 
@@ -398,25 +430,44 @@ def main(argv=None) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) != 1:
             raise tg.RunError("run bench.py as one process (no torchrun): it measures one device and projects to 8")
         cfg, explicit = tg.config_from_env(os.environ)
-        run = tg.start_run({})
-        args = parse_args(argv, run)
-        stamp = time.strftime("%Y%m%d_%H%M%S")
-        dev = device_info(run)
-        slug = dev["name"].replace(" ", "_") if dev["type"] == "cuda" else "cpu"
-        name = args.name or f"{slug}_{stamp}"
-        path = Path(args.out) if args.out else Path(cfg.log_dir) / "bench" / f"{name}.json"
-        results = measure(cfg, run, args)
+        run = tg.start_run({}, cfg)   # COMPILE and AUTOCAST from the environment, as train_gpt.py resolves them
     except tg.RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    args = parse_args(argv, run)
+    dev = device_info(run)
+    slug = dev["name"].replace(" ", "_") if dev["type"] == "cuda" else "cpu"
+    name = args.name or f"{slug}_{time.strftime('%Y%m%d_%H%M%S')}"
+    path = Path(args.out) if args.out else Path(cfg.log_dir) / "bench" / f"{name}.json"
     report = {"name": name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__,
               "python": platform.python_version(), "device": dev, "argv": sys.argv[1:],
               "bench_args": {k: v for k, v in vars(args).items() if k not in ("name", "out")},
+              "compiled": run.compiled, "amp": str(run.amp).removeprefix("torch.") if run.amp else None,
               "config": dataclasses.asdict(cfg), "explicit_settings": sorted(explicit),
-              "assumptions": ASSUMPTIONS, "projection_gpus": PROJECTION_GPUS, **results}
-    tg.write_atomic(path, (json.dumps(report, indent=1) + "\n").encode())
+              "assumptions": ASSUMPTIONS, "projection_gpus": PROJECTION_GPUS, "sections_done": [], "complete": False}
+
+    def save(results: dict, section: str | None = None, **extra) -> None:
+        """The report so far, atomically: a run cut short (a time limit) keeps every section that finished."""
+        if section:
+            report["sections_done"].append(section)
+        report.update(results, **extra)
+        tg.write_atomic(path, (json.dumps(report, indent=1) + "\n").encode())
+        if section:   # a marker for readers of the output (gpu_check counts the recompiles between them)
+            print(f"bench_section_done:{section}", flush=True)
+
     print(f"bench: {dev['name']} ({dev['type']}), torch {torch.__version__}, {cfg.num_layers} layers x {cfg.model_dim}, "
-          f"recur {list(cfg.recur_layers)}, batch {cfg.train_batch_tokens:,} tokens of {cfg.train_seq_len}")
+          f"recur {list(cfg.recur_layers)}, batch {cfg.train_batch_tokens:,} tokens of {cfg.train_seq_len}, "
+          f"{'compiled' if run.compiled else 'eager'}, autocast {report['amp'] or 'off'}", flush=True)
+    results = {}
+    try:
+        results = measure(cfg, run, args, save)
+    except Exception as e:   # the sections done are on disk already; the report says what stopped the rest
+        save(results, error=str(e) if isinstance(e, tg.RunError) else f"{type(e).__name__}: {e}")
+        if not isinstance(e, tg.RunError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    save(results, complete=True)
     print(table(results))
     print(f"json: {path}")
     return 0
