@@ -134,8 +134,9 @@ def main(argv=None) -> int:
     ap.add_argument("--artifact", default="", help="also write the artifact of the configured export (GPTQ, INT6_CLIP_K, "
                                                  "EMBED_CLIP_K) here, as train_gpt.py would: the model for tools/slot_study.py")
     ap.add_argument("--held-batches", type=int, default=16)
-    ap.add_argument("--project", default="", help='settings of a full configuration ("VOCAB_SIZE=8192 MLP_MULT=4 ..."): '
-                                                  "each variant's model bytes projected to it from the measured entropies")
+    ap.add_argument("--project", default=None, help='settings of a full configuration ("VOCAB_SIZE=8192 MLP_MULT=4 ...";'
+                                                    ' "" = the defaults): each variant\'s model bytes projected to it from '
+                                                    "the measured entropies")
     ap.add_argument("--val-tokens", type=int, default=65_536)
     ap.add_argument("--held-out", type=int, default=131_072)
     ap.add_argument("--held-out-offset", type=int, default=262_144)
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
     pre = score(model, cache["state"], cfg, slices, val, tables)
     print(f"prequant val_bpb {pre}", flush=True)
     model_cfg = cache["model_cfg"]
-    counts = storage_counts(args.project) if args.project else None
+    counts = storage_counts(args.project) if args.project is not None else None
     rows = []
     for text, (spec, widen, quantizer) in specs:
         gptq = quantizer == "gptq"
