@@ -1,6 +1,6 @@
 """Tiny self-made data for the tests: a SentencePiece model, challenge-format shards, and a runner for train_gpt.py.
 
-Nothing here reads ../shared: anyone who clones the repository can run the suite.
+Nothing here reads data from outside the repository: anyone who clones it can run the suite.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Exact bits per byte: the byte count of every target must equal the UTF-8 length of the text it stands for."""
 import importlib.util
 import io
+import os
 import random
 import struct
 import sys
@@ -70,7 +71,7 @@ def test_missing_tokenizer_is_an_error(tmp_path):
 # test_decode_alone_cannot_see_issue_897), so it agrees with the very miscount #897 is about.
 
 SPACE = "\u2581"
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = Path(os.environ.get("REAL_DATA_DIR", "/nonexistent"))   # the real tokenizers/ and fineweb_proxy_sp*/ folders
 
 # The trainer and normalizer settings of the records' fineweb_8192_bpe.model, read from its ModelProto (the official
 # fineweb_1024_bpe.model has the same ones): BPE, byte fallback, 0.999 character coverage, digits split, nmt_nfkc,
@@ -417,13 +418,13 @@ def test_check_bytes_tool_catches_issue_897(tok_dir, tmp_path, capsys):
         assert rc == 2 and out.err.startswith("error:")
 
 
-# --- the real tokenizers, when ../shared holds them (skipped on a clean clone) -----------------------------------
+# --- the real tokenizers, when REAL_DATA_DIR names a folder that holds them (skipped otherwise) ----------------
 
 REAL = [("fineweb_8192_bpe.model", "fineweb_proxy_sp8192"), ("fineweb_1024_bpe.model", "fineweb_proxy_sp1024")]
 
 
 @pytest.mark.skipif(not all((SHARED / "tokenizers" / t).is_file() and (SHARED / d / "fineweb_val_000000.bin").is_file()
-                            for t, d in REAL), reason="no ../shared/data (the real tokenizers and proxy val)")
+                            for t, d in REAL), reason="REAL_DATA_DIR unset (a folder with tokenizers/ and fineweb_proxy_sp*/)")
 def test_real_tokenizers_count_the_proxy_val_exactly():
     tool = load_tool()
     reports = []

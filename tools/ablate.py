@@ -15,7 +15,8 @@ run's log and artifact to logs/ablate/<name>/.
 --seconds S trains every run, the baseline too, for S seconds of wall clock instead of a step count
 (MAX_WALLCLOCK_SECONDS=S, warm-down by the clock): the way to compare variants whose steps cost different amounts,
 such as recurrence on and off. Runs that share the machine (--jobs 2) share it alike, so the comparison stays fair.
-What a CPU-scale difference can and cannot tell about an 8 x H100 run: see the README ("Ablations").
+What a CPU-scale difference can and cannot tell about an 8 x H100 run: logs/ablate/README.md. Every row prints its
+training tokens per parameter beside the result (an 8 x H100 run sees about 190).
 """
 from __future__ import annotations
 
@@ -36,9 +37,8 @@ import train_gpt as T  # noqa: E402
 from study_io import run_tool, save_study  # noqa: E402
 from package_record import PackageError, read_log  # noqa: E402
 
-# The proxy configuration of the README's ablation table (issue 9): the defaults at width 128 (11 layers, 4 heads /
-# 2 KV, MLP 3x), seq 256, 8,192 tokens per step, 300 steps with the warm-down over the second half, eval 256 / 64.
-# (The first two studies ran it with RECUR_LAYERS=4,5, then the default; they say so in their JSON.)
+# The proxy configuration of the ablations (logs/ablate/README.md): the defaults at width 128 (11 layers, 4 heads /
+# 2 KV, MLP 3x), seq 256, 8,192 tokens per step, 300 steps, eval 256 / 64; each study's JSON keeps its settings.
 PRESETS = {
     "proxy_11x128": {
         "NUM_LAYERS": "11", "MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MLP_MULT": "3",

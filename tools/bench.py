@@ -14,10 +14,9 @@ RECUR_START_FRAC, the second passes skipped) and "recur_on" (after it). QAT is o
     # CPU, tiny model (what CI runs)
     VOCAB_SIZE=320 NUM_LAYERS=3 MODEL_DIM=32 ... python tools/bench.py --steps 3
     # one GPU, the real configuration on the proxy data
-    DATA_PATH=../shared/data/fineweb_proxy_sp1024 TOKENIZER_PATH=../shared/data/tokenizers/fineweb_1024_bpe.model \
-        python tools/bench.py
+    DATA_PATH=<shards folder> TOKENIZER_PATH=<its .model> python tools/bench.py
 
-FLOP model (the one of project issue 5), per trained token:
+FLOP model, per trained token:
     6 x (matmul weights, counting each pass of the layer schedule that runs, + tied LM head V*d + bigram and
          value-embedding projections)
   + 6 x model_dim x seq_len x passes   (causal QK^T and AV: d*T/2 multiply-adds each per token on average, x3 fwd+bwd)

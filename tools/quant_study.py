@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=str(ROOT / "logs" / "quant_study"))
     ap.add_argument("--cache", default="", help="the trained model and its Hessians (default <out-dir>/<name>.pt; made when missing)")
     ap.add_argument("--artifact", default="", help="also write the artifact of the configured export (GPTQ, INT6_CLIP_K, "
-                                                 "EMBED_CLIP_K) here, as train_gpt.py would: the model for tools/slot_study.py")
+                                                 "EMBED_CLIP_K) here, as train_gpt.py would: the model for tools/eval_study.py")
     ap.add_argument("--held-batches", type=int, default=16)
     ap.add_argument("--project", default=None, help='settings of a full configuration ("VOCAB_SIZE=8192 MLP_MULT=4 ...";'
                                                     ' "" = the defaults): each variant\'s model bytes projected to it from '
