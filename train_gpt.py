@@ -182,8 +182,8 @@ class Config:
         need(self.val_tokens == 0 or self.val_tokens >= 2, "VAL_TOKENS must be 0 (all) or >= 2")
         need(self.eval_stride <= self.eval_seq_len,
              f"EVAL_STRIDE={self.eval_stride} must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
-        need(self.warmdown_frac <= 1 and self.late_qat_frac <= 1 and self.recur_start_frac <= 1,
-             "WARMDOWN_FRAC, LATE_QAT_FRAC and RECUR_START_FRAC must be <= 1")
+        need(self.warmdown_frac <= 1 and self.late_qat_frac <= 1, "WARMDOWN_FRAC and LATE_QAT_FRAC must be <= 1")
+        need(self.recur_start_frac < 1, "RECUR_START_FRAC must be < 1: the second passes must train before the export")
         need(self.compile in DEVICE_CHOICES["compile"], f"COMPILE={self.compile!r} must be one of 1, 0, auto")
         need(self.autocast in DEVICE_CHOICES["autocast"], f"AUTOCAST={self.autocast!r} must be one of bf16, off, auto")
         need(self.ema_decay < 1, "EMA_DECAY must be < 1")
@@ -225,7 +225,7 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_he
                 "ve_dim", "ve_layers", "parallel_start", "ln_scale")
 
 # COMPILE and AUTOCAST: what each value means on (CUDA, CPU). "auto" is the device's default; a CPU run given
-# COMPILE=1 AUTOCAST=bf16 executes the GPU's graphs (compiled, bf16), minus the kernels.
+# COMPILE=1 AUTOCAST=bf16 traces and compiles what a GPU run does, with the CPU's kernels (SDPA, foreach AdamW).
 DEVICE_CHOICES = {"compile": {"auto": (True, False), "1": (True, True), "0": (False, False)},
                   "autocast": {"auto": (torch.bfloat16, None), "bf16": (torch.bfloat16,) * 2, "off": (None, None)}}
 
@@ -591,7 +591,7 @@ class GPT(nn.Module):
         ve = self.value_embed(idx) if self.value_embed is not None else None
         x0, v0, skips = x, None, []
         passes = self.schedule if self.recur_on else [p for p in self.schedule if p.repeat < 0]
-        n_enc = len(passes) // 2          # U-Net over the passes that run
+        n_enc = len(passes) // 2          # U-Net over the passes that run: the skips re-pair at the switch (#1394)
         for i, p in enumerate(passes):
             if p.repeat >= 0:   # second pass of a recurrent layer: per-pass conditioning
                 x = x + torch.sigmoid(self.iter_gate[p.repeat]).to(x.dtype) * self.iter_embed[p.repeat].to(x.dtype)
@@ -631,7 +631,7 @@ def param_labels(model: nn.Module) -> dict[str, str]:
 
 def build_model(cfg: Config, run: Run) -> GPT:
     """The seeded model on the run's device, with FlashAttention-3 where it works (a Hopper GPU), else SDPA."""
-    problem = flash_attention_problem(cfg, run.device)
+    problem = flash_attention_problem(cfg, run.device) or (None if run.amp else "AUTOCAST=off: it needs bf16 inputs")
     # rank agreement: every rank runs the same attention, so that every rank traces the same graphs
     sdpa = run.agree(problem is not None)
     if sdpa and run.device.type == "cuda":
@@ -916,6 +916,7 @@ def training_forward(model: GPT, run: Run, probe: tuple[torch.Tensor, torch.Tens
         if run.agree(bool(problem)):
             log(f"attention: FlashAttention-3 breaks the graph on some rank ({problem or 'not this one'}); "
                 "compiling with graph breaks (fullgraph=False)")
+            torch._dynamo.reset()      # no rank keeps the fullgraph graph it may have traced
             fwd = run.compile(model, fullgraph=False)
     if run.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -929,13 +930,14 @@ def training_forward(model: GPT, run: Run, probe: tuple[torch.Tensor, torch.Tens
 def switches(cfg: Config, progress: float) -> tuple[bool, bool]:
     """(recurrence on, late QAT on) at this fraction of the expected run. Every rank computes it from the agreed
     progress, so every rank flips at the same step."""
-    return progress >= cfg.recur_start_frac, cfg.late_qat_frac > 0 and progress >= 1 - cfg.late_qat_frac
+    recur = not cfg.recur_layers or progress >= cfg.recur_start_frac      # without recurrent layers: one graph
+    return recur, cfg.late_qat_frac > 0 and progress >= 1 - cfg.late_qat_frac
 
 
 def warmup_states(cfg: Config) -> list[tuple[bool, bool]]:
     """The switch states the run passes through, in order: compile_warmup compiles one graph for each."""
     marks = sorted({0.0, cfg.recur_start_frac, 1 - cfg.late_qat_frac})
-    return list(dict.fromkeys(switches(cfg, p) for p in marks if p <= 1))
+    return list(dict.fromkeys(switches(cfg, p) for p in marks if p < 1))
 
 
 def set_switches(model: GPT, cfg: Config, state: tuple[bool, bool]) -> None:
@@ -947,20 +949,23 @@ def compile_warmup(model: GPT, opts, cfg: Config, run: Run, grad_accum: int, loc
     """Build the training forward and run WARMUP_STEPS real steps (at least one in each switch state the run will
     pass through: recurrence off/on, QAT off/on), so that every graph is compiled before the clock starts; then
     restore model and optimizers. Returns the training forward."""
-    loader = TrainLoader(cfg, run, local_tokens)
-    batches = loader.next_step(grad_accum)
-    fwd = training_forward(model, run, probe=batches[0] if cfg.warmup_steps else None)
     if cfg.warmup_steps == 0:
-        return fwd
+        if run.compiled:
+            log("compile_warmup: WARNING WARMUP_STEPS=0: every graph compiles inside the clock")
+        return training_forward(model, run)
+    loader = TrainLoader(cfg, run, local_tokens)
     states = warmup_states(cfg)
     n_steps = max(cfg.warmup_steps, len(states))
     model_state = copy.deepcopy(model.state_dict())
     opt_states = [copy.deepcopy(o.state_dict()) for o in opts]
     with timed("compile_warmup", run):
+        batches = loader.next_step(grad_accum)
+        fwd = training_forward(model, run, probe=batches[0])
         for k in range(n_steps):
             set_switches(model, cfg, states[k * len(states) // n_steps])
             train_step(fwd, opts, batches, run, cfg.grad_clip_norm, list(model.parameters()))
-            batches = loader.next_step(grad_accum)
+            if k + 1 < n_steps:
+                batches = loader.next_step(grad_accum)
     run.barrier()   # every rank's graphs exist: what compiles after this line compiles inside the clock
     log(f"compile_warmup steps:{n_steps} states:{' '.join(f'recur{int(r)}_qat{int(q)}' for r, q in states)}")
     set_switches(model, cfg, states[0])
@@ -1046,7 +1051,7 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
             old, state = state, switches(cfg, progress)
             set_switches(model, cfg, state)
             for name, was, now in (("recurrence", old[0], state[0]), ("late_qat", old[1], state[1])):
-                if now != was and (name != "recurrence" or cfg.recur_layers):
+                if now != was:
                     log(f"{name}:{'on' if now else 'off'} step:{step} train_time:{1000 * clock.elapsed():.0f}ms")
         set_schedule(opts, cfg, step, progress)
         elapsed_before = clock.elapsed()
@@ -1083,6 +1088,9 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
             log(f"stopping_early: wallclock_cap train_time:{1000 * clock.elapsed():.0f}ms step:{step}/{cfg.iterations}")
             break
     log(f"train_done steps:{step} train_time:{1000 * clock.elapsed():.0f}ms step_avg:{1000 * step_avg_s:.2f}ms")
+    if not state[0]:
+        log(f"recurrence: WARNING the run ended before RECUR_START_FRAC={cfg.recur_start_frac}: the exported model "
+            "runs second passes that never trained")
     check_ranks_agree(model, run)
     if run.device.type == "cuda":
         log(f"peak_memory_allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB")
@@ -1101,7 +1109,7 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
 # Export: GPTQ, the artifact format, compression, the size limit
 # ==================================================================================================
 
-ARTIFACT_MAGIC = b"PGOLF-1\n"
+ARTIFACT_MAGIC = b"PGOLF-2\n"   # 2: LN_SCALE stored, PARALLEL_START counts physical layers
 CLIP_FRACTIONS = (1.0, 0.995, 0.99, 0.98, 0.97, 0.96, 0.94, 0.92, 0.9, 0.87, 0.84, 0.8)
 FP16_TINY = float(torch.finfo(torch.float16).tiny)   # the smallest normal fp16: the floor of a stored scale
 
@@ -1185,6 +1193,18 @@ def quantize_tensor(w: torch.Tensor, kind: str, spec: QuantSpec, H: torch.Tensor
     return q, scale.half()
 
 
+@contextlib.contextmanager
+def exact_fp32(device_type: str):
+    """Matmuls in full float32: no autocast, and no TF32 (which rounds float32 inputs to 10 bits of mantissa)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 @torch.no_grad()
 def collect_hessians(model: GPT, batches, run: Run) -> tuple[dict[str, torch.Tensor], int]:
     """H = X^T X of the inputs of every QLinear (both passes of a recurrent layer add to one H) and, for the tied
@@ -1203,24 +1223,23 @@ def collect_hessians(model: GPT, batches, run: Run) -> tuple[dict[str, torch.Ten
                 if alias[name] == last[1]:
                     return
             x = x.detach().reshape(-1, x.size(-1)).float()
-            with torch.autocast(x.device.type, enabled=False):   # the hooks run under autocast: keep X^T X in fp32
+            with exact_fp32(x.device.type):   # the hooks run under autocast
                 sums[name] = sums.get(name, 0) + x.T @ x
             last[0], last[1] = inputs[0], name
         return add
 
     handles = [m.register_forward_pre_hook(hook(f"{n}.weight")) for n, m in model.named_modules()
                if isinstance(m, QLinear)]
-    tokens, tf32 = 0, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False     # TF32 would round the fp32 head inputs to 10 bits
+    tokens = 0
     try:
         for x, _ in batches:
             with run.autocast():
                 h = model.hidden(x)
             hn = rms_norm(h.float()).reshape(-1, h.size(-1))
-            sums["tok_emb.weight"] = sums.get("tok_emb.weight", 0) + hn.T @ hn
+            with exact_fp32(hn.device.type):
+                sums["tok_emb.weight"] = sums.get("tok_emb.weight", 0) + hn.T @ hn
             tokens += x.numel()
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
         for handle in handles:
             handle.remove()
     names = sorted(sums)
@@ -1945,6 +1964,7 @@ def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path, t0: float)
     log(f"artifact_model params:{sum(p.numel() for p in model.parameters())} passes:{len(model.schedule)} "
         f"attention:{model.blocks[0].attn.backend} "
         + " ".join(f"{k}:{','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in model_cfg.items()))
+    log(f"eval_data data_path:{cfg.data_path} tokenizer_path:{cfg.tokenizer_path}")
     tokens = load_val_tokens(cfg)
     if run.compiled:   # a fresh model: compile its graphs anew, rather than as recompiles of the training model's
         torch._dynamo.reset()
@@ -2126,31 +2146,49 @@ class FailureWatch:
 
     def __init__(self, run: Run) -> None:
         self.run, self.store = run, dist.distributed_c10d._get_default_store()
-        self.failing, self.done = False, threading.Event()
+        self.failing, self.done, self.lock = False, threading.Event(), threading.Lock()
         self.thread = threading.Thread(target=self._poll, name="failure-watch", daemon=True)
         self.thread.start()
 
     def _poll(self) -> None:
         while not self.done.wait(0.2):
             try:
-                if not self.store.check([self.KEY]) or self.failing:
+                if not self.store.check([self.KEY]):
                     continue
                 reason = self.store.get(self.KEY).decode()
             except Exception:   # the store is gone: the process group is shutting down
                 return
-            log(f"error: {reason}")
-            if self.run.is_main:
-                self.store.set(self.LOGGED, "1")
-            else:
-                print(f"error (rank {self.run.rank}): ending because {reason}", file=sys.stderr, flush=True)
-            self.exit()
+            if not self.claim():   # this rank is failing itself and logs its own reason
+                return
+            try:
+                log(f"error: {reason}")
+                if not self.run.is_main:
+                    print(f"error (rank {self.run.rank}): ending because {reason}", file=sys.stderr, flush=True)
+                self.logged()
+            finally:
+                self.exit()
 
-    def fail(self, reason: str) -> None:
-        """Publish this rank's failure (the first one published wins) and wait a little for rank 0 to log it."""
-        self.failing = True
+    def claim(self) -> bool:
+        """One error line per rank: the first of the poll thread and the failing main thread to claim it writes it."""
+        with self.lock:
+            first, self.failing = not self.failing, True
+        return first
+
+    def publish(self, reason: str) -> str:
+        """Publish this rank's failure; returns the first one published (another rank's, when this failure may be
+        only its consequence), or this one where the store is gone."""
+        if not self.claim():     # the poll thread is already ending this process with another rank's reason
+            time.sleep(60)
         try:
-            self.store.compare_set(self.KEY, "", reason)
-            if self.run.is_main:   # rank 0 has logged its own error
+            return self.store.compare_set(self.KEY, "", reason).decode()
+        except Exception:
+            return reason
+
+    def logged(self) -> None:
+        """Rank 0 says the line is in its log; the others wait a little for that, since torchrun stops every worker
+        as soon as one exits, and rank 0 may not have polled yet."""
+        try:
+            if self.run.is_main:
                 self.store.set(self.LOGGED, "1")
             else:
                 self.store.wait([self.LOGGED], datetime.timedelta(seconds=5))
@@ -2301,12 +2339,15 @@ def main() -> int:
         if not isinstance(e, RunError):
             traceback.print_exc()
         if watch is not None:
-            watch.failing = True
+            mine = f"rank {run.rank} failed: {reason}"
+            first = watch.publish(mine)
+            if first != mine:    # another rank failed first: this failure may only be its consequence
+                reason += f" (first failure: {first})"
         log(f"error: {reason}")
         if not run.is_main:
             print(f"error (rank {run.rank}): {reason}", file=sys.stderr, flush=True)
         if watch is not None:
-            watch.fail(f"rank {run.rank} failed: {reason}")
+            watch.logged()
             watch.exit()
         return 1
     finally:

@@ -95,14 +95,16 @@ def test_redirects_name_real_settings():
         assert names <= ours, (key, names - ours)
 
 
-def test_readme_settings_table_documents_every_setting_with_its_default():
+def test_readme_settings_table_documents_every_setting_with_its_default_and_source():
     readme = (Path(T.__file__).parent / "README.md").read_text()
     table = readme.split("\n## Settings\n")[1].split("\n## ")[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| `")]
+    assert rows and all(len(row) == 4 and row[1] for row in rows), "every row: settings | source | CPU study | what"
     for f in dataclasses.fields(T.Config):
         name = f.name.upper()
         assert f"`{name}`" in table, f"the Settings table lacks {name}"
-        shown = re.search(rf"`{name}` ([0-9][0-9.,]*)", table)   # "`NAME` 1024" rows (the run row uses parentheses)
-        if shown and isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
+        shown = re.search(rf"`{name}` ([0-9][0-9.,]*)", table)   # "`NAME` 1024" (paths and lists in parentheses)
+        if shown and isinstance(f.default, (int, float)):
             assert float(shown.group(1).rstrip(",.")) == f.default, (name, shown.group(1), f.default)
 
 
@@ -122,3 +124,20 @@ def test_data_and_tokenizer_paths_follow_the_vocabulary():
     assert T.Config().data_path == "./data/datasets/fineweb10B_sp1024"
     cfg, _ = T.config_from_env({"VOCAB_SIZE": "4096", "DATA_PATH": "/d", "TOKENIZER_PATH": "/t.model"})
     assert (cfg.data_path, cfg.tokenizer_path) == ("/d", "/t.model")
+
+
+@pytest.mark.parametrize("env, states", [
+    ({}, [(False, False), (True, False), (True, True)]),                      # the default: off, on, on with QAT
+    ({"RECUR_START_FRAC": "0"}, [(True, False), (True, True)]),
+    ({"RECUR_LAYERS": ""}, [(True, False), (True, True)]),                    # nothing to switch: one graph less
+    ({"LATE_QAT_FRAC": "0"}, [(False, False), (True, False)]),
+    ({"RECUR_START_FRAC": "0.95", "LATE_QAT_FRAC": "0.1"}, [(False, False), (False, True), (True, True)]),
+])
+def test_the_warm_up_compiles_each_switch_state_the_run_passes_through(env, states):
+    cfg, _ = T.config_from_env(env)
+    assert T.warmup_states(cfg) == states
+
+
+def test_recurrence_must_switch_on_before_the_end():
+    with pytest.raises(T.RunError, match="RECUR_START_FRAC must be < 1"):
+        T.config_from_env({"RECUR_START_FRAC": "1"})
