@@ -1938,7 +1938,7 @@ def prequant_eval(cfg: Config, run: Run, model: GPT) -> None:
 
 
 def log_score(name: str, r: EvalResult, slot: Slot | None = None, ttt: Ttt | None = None) -> None:
-    """The final_<name>_exact line; the score of a run is its last such line (package_record.SCORE_LINES)."""
+    """The final_<name>_exact line; the run's score is the first of package_record.SCORE_LINES its log holds."""
     extra = f" slot_steps_mean:{r.slot_steps_mean:.2f} slot_steps_min:{r.slot_steps_min}" if slot else ""
     extra += f" ttt_epochs_mean:{r.ttt_epochs_mean:.2f} ttt_chunks_trained:{r.ttt_chunks_trained}" if ttt else ""
     extra += f" budget_cuts:{r.budget_cuts}" if slot or ttt else ""

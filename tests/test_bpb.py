@@ -20,16 +20,11 @@ def test_byte_count_matches_decoded_utf8(tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(model))
     tables = T.load_byte_tables(str(model), sp.vocab_size())
     docs = make_documents(200, seed=8) + ["  leading spaces", "tabs\tand\nnewlines", "日本語 😀 mixed é"]
-    stream = []
-    for ids in sp.encode(docs):
-        stream += [BOS] + ids
-    stream = torch.tensor(stream)
-    per_target = tables.count(stream[:-1], stream[1:])
     # each document's targets are the ids after its BOS: their bytes must add up to its decoded UTF-8 length
+    stream, counts, per_target = doc_counts(tables, sp, docs)
     starts = (stream == BOS).nonzero().flatten().tolist() + [len(stream)]
     assert any(sp.is_byte(int(i)) for i in stream), "the documents must exercise byte-fallback pieces"
-    for (a, b), doc_ids in zip(zip(starts[:-1], starts[1:]), sp.encode(docs)):
-        counted = int(per_target[a:b - 1].sum())
+    for counted, doc_ids in zip(counts, sp.encode(docs)):
         assert counted == len(sp.decode(doc_ids).encode("utf-8")), sp.decode(doc_ids)
     assert int(per_target[starts[1] - 1]) == 0   # a BOS target counts 0 bytes
 

@@ -31,6 +31,10 @@ def test_two_process_training_completes(artifact):
     assert lines["world_size"]["world_size"] == "2"
     assert lines["model_params"]["grad_accum"] == "4"
     assert lines["train_done"]["steps"] == "6" and "final_slot_exact" in lines
+    # the recurrence switch (RECUR_START_FRAC 0.35 of 6 steps) crossed with DDP intact: identical weights after it
+    assert lines["recurrence"]["recurrence"] == "on" and lines["recurrence"]["step"] == "3"
+    body = (work / "logs" / "two.txt").read_text().split("\n" + "=" * 100 + "\n", 1)[1]
+    assert "\nrank_sync: identical weights\n" in body
 
 
 def test_one_and_two_processes_score_the_same_artifact_alike(artifact):

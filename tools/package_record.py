@@ -81,8 +81,8 @@ OFFICIAL_VAL_TARGETS = 62_021_846 - 1  # every target of the fixed FineWeb val s
 MIN_IMPROVEMENT_NATS = 0.005          # a new record beats the last by >= 0.005 nats ...
 MAX_P_VALUE = 0.01                    # ... with p < 0.01
 HARNESS = "tests/test_slot_legality.py"
-# The submission's score: the first of these lines that a log holds (the SLOT eval when there is one).
-# the scored pass of a run (the plain sliding window is also the EVAL_COMPARE_PLAIN diagnostic: it comes last here)
+# The submission's score: the first of these lines that a log holds (the plain sliding window comes last: it is also
+# the EVAL_COMPARE_PLAIN diagnostic)
 SCORE_LINES = ("final_slot_ttt_exact", "final_ttt_exact", "final_slot_exact", "final_sliding_window_exact")
 # Config fields allowed to differ between the seeds of one submission.
 PER_RUN_FIELDS = {"seed", "run_id", "log_dir", "artifact_path", "nll_dump_path", "data_path", "tokenizer_path"}
