@@ -562,6 +562,7 @@ class GPT(nn.Module):
         self.smear = SmearGate(d)
         self.blocks = nn.ModuleList(Block(cfg, i, attention) for i in range(cfg.num_layers))
         self.schedule = layer_schedule(cfg)
+        self.first_passes = [p for p in self.schedule if p.repeat < 0]   # what runs before RECUR_START_FRAC
         n_ve = sum(p.ve >= 0 for p in self.schedule)
         self.value_embed = ValueEmbed(cfg, n_ve) if n_ve else None
         n_enc = len(self.schedule) // 2               # U-Net: the first half of the passes feed the second half
@@ -590,7 +591,7 @@ class GPT(nn.Module):
         x = self.embed(idx)
         ve = self.value_embed(idx) if self.value_embed is not None else None
         x0, v0, skips = x, None, []
-        passes = self.schedule if self.recur_on else [p for p in self.schedule if p.repeat < 0]
+        passes = self.schedule if self.recur_on else self.first_passes
         n_enc = len(passes) // 2          # U-Net over the passes that run: the skips re-pair at the switch (#1394)
         for i, p in enumerate(passes):
             if p.repeat >= 0:   # second pass of a recurrent layer: per-pass conditioning
@@ -1983,8 +1984,7 @@ def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path, t0: float)
                 f"off)")
     if slot:
         log(f"slot_settings steps:{slot.steps} lr:{slot.lr} lr_min:{slot.lr_min} focal:{slot.focal} "
-            f"bias:{int(slot.bias)} "
-            f"warm_start:{slot.warm_start}")
+            f"bias:{int(slot.bias)} warm_start:{slot.warm_start}")
     if ttt:
         log(f"ttt_settings epochs:{ttt.epochs} chunk_tokens:{ttt.chunk_tokens} lr:{ttt.lr} momentum:{ttt.momentum} "
             f"clip:{ttt.clip} reset:{ttt.reset}")
