@@ -15,6 +15,7 @@ Settings are environment variables named after the fields of `Config`; COMPILE a
 """
 from __future__ import annotations
 
+import base64
 import collections
 import concurrent.futures
 import contextlib
@@ -25,13 +26,13 @@ import difflib
 import gc
 import glob
 import importlib
-import inspect
 import io
 import json
 import lzma
 import math
 import os
 import platform
+import re
 import sys
 import threading
 import time
@@ -55,6 +56,8 @@ BOS_ID = 1                       # every document starts with BOS (id 1); there 
 ARTIFACT_LIMIT_BYTES = 16_000_000
 REFERENCE_GPUS = 8               # the batch is defined for 8 GPUs; fewer GPUs accumulate gradients
 CAP_SLACK_S = 0.25               # wall-clock slack for a hiccup the recent step times did not show (GC, I/O)
+RESERVE_MARGIN = 1.5             # the calibration reserve over its measured time (same device and shapes; 1.5x for
+                                 # data reads the warm-up's cache hid; calibrate's agreed early stop is the backstop)
 INT6_MAX, INT8_MAX = 31, 127
 PHASE_SETS = ({"train", "export", "eval"}, {"train", "export"}, {"eval"})
 
@@ -84,6 +87,7 @@ class Config:
     seed: int = 1337
     phases: str = "train,export,eval"
     log_dir: str = "logs"
+    watchdog_seconds: float = 300.0  # a rank computing this long without a collective (or waiting 2x) ends the run
     artifact_path: str = ""          # written by an export (default: beside its log); with PHASES=eval, read
     nll_dump_path: str = ""          # when set: per-target NLL of the final evaluation (.npy, float64)
     # ---- model
@@ -133,7 +137,7 @@ class Config:
     int6_clip_k: float = 6.0         # row clip = k x row std (SDClip, #1394), the size knob; 0 = per-row search
     embed_clip_k: float = 0.0        # the clip rule of the int8 embedding tables (0 = the search)
     gptq_calib_batches: int = 16     # training micro-batches (TRAIN_BATCH_TOKENS / 8 tokens each) for the Hessians
-    gptq_reserve_seconds: float = 10.0   # of MAX_WALLCLOCK_SECONDS, kept for the calibration (it reads training data)
+    gptq_reserve_seconds: float = 0.0    # of MAX_WALLCLOCK_SECONDS, kept for the calibration; 0 = measured (warm-up)
     gptq_damp: float = 0.01          # added to the Hessian diagonal, as a fraction of its mean
     eval_prequant: bool = False      # also score the EMA weights before quantization (prequant_exact)
     # ---- evaluation
@@ -355,6 +359,12 @@ class Rotary(nn.Module):
         cos, sin = freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype)
         x1, x2, rest = x[..., :self.dims // 2], x[..., self.dims // 2:self.dims], x[..., self.dims:]
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest), dim=-1)
+
+
+# How the records install FlashAttention-3 for the official image (torch 2.9.1, CUDA 12.8); PyPI's flash_attn_3 0.0.0
+# is an empty placeholder
+FA3_INSTALL = ("pip install flash_attn_3 --no-deps --find-links "
+               "https://windreamer.github.io/flash-attention3-wheels/cu128_torch291/")
 
 
 def flash_attention_problem(cfg: Config, device: torch.device) -> str | None:
@@ -602,8 +612,6 @@ class GPT(nn.Module):
             x, v0 = self.blocks[p.layer](x, x0, v0, p, ve_p)
             if i < n_enc:
                 skips.append(x)
-        if not self.recur_on and self.iter_embed is not None:   # DDP expects a gradient for every parameter: zeros
-            x = x + 0.0 * (self.iter_embed.sum() + self.iter_gate.sum()).to(x.dtype)
         return x
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -635,8 +643,11 @@ def build_model(cfg: Config, run: Run) -> GPT:
     problem = flash_attention_problem(cfg, run.device) or (None if run.amp else "AUTOCAST=off: it needs bf16 inputs")
     # rank agreement: every rank runs the same attention, so that every rank traces the same graphs
     sdpa = run.agree(problem is not None)
-    if sdpa and run.device.type == "cuda":
-        log(f"attention: SDPA, since FlashAttention-3 is unusable: {problem or 'on another rank'}")
+    log(f"attention_kernel:{'sdpa' if sdpa else 'fa3'} " + (f"(FlashAttention-3 unusable: {problem or 'on another rank'})"
+                                                           if sdpa else "(FlashAttention-3)"))
+    if sdpa and run.device.type == "cuda" and run.world_size == REFERENCE_GPUS and cfg.max_wallclock_seconds >= 600:
+        log("attention_kernel: WARNING a record-length run on SDPA: about 14% fewer steps than with FlashAttention-3 "
+            f"(PR #1006: 107 vs 92 ms/step on 8 x H100). Install it: {FA3_INSTALL}")
     torch.manual_seed(cfg.seed)
     return GPT(cfg, attention="sdpa" if sdpa else "fa3").to(run.device)
 
@@ -662,51 +673,113 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
 
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, row normalisation (MuonEq-R, arXiv 2603.28254), Newton-Schulz orthogonalisation and
-    decoupled weight decay. Matrices are grouped by shape and dealt round-robin to the ranks; each rank
-    orthogonalises its share of a group in one batched call, and one all-reduce shares the results."""
+    decoupled weight decay, sharded across the ranks without DDP (#1204, #2135). Same-shape matrices form a bank; a
+    bank's gradients are reduce-scattered in the compute dtype, so each rank holds the summed gradients of its
+    1/world of the bank, keeps momentum for those alone and orthogonalises them in one batched call; the updates are
+    all-gathered asynchronously while the next bank is orthogonalised."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, run: Run) -> None:
         super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.run = run
-        params = self.param_groups[0]["params"]
-        self.offsets = np.cumsum([0] + [p.numel() for p in params]).tolist()
-        by_shape: dict[tuple, list[int]] = {}
-        for i, p in enumerate(params):
-            by_shape.setdefault(tuple(p.shape), []).append(i)
-        order = [i for idx in by_shape.values() for i in idx]
-        mine = {i for k, i in enumerate(order) if k % run.world_size == run.rank}
-        self.shares = [[i for i in idx if i in mine] for idx in by_shape.values()]
-        self.shares = [share for share in self.shares if share]
-        if run.compiled:   # one graph per (share size, shape): more than dynamo's default limit of 8 on some ranks
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 + len(self.shares))
+        by_shape: dict[tuple, list[nn.Parameter]] = {}
+        for p in self.param_groups[0]["params"]:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        self.banks = list(by_shape.values())
+        # the exchange and the orthogonalisation run in the compute dtype (the weights' own without autocast)
+        self.dtype = run.amp or self.param_groups[0]["params"][0].dtype
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        if run.compiled:   # one graph per bank shape: more than dynamo's default limit of 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 + len(self.banks))
         self.ns = run.compile(newton_schulz)
-        self.dtype = run.amp or torch.float32   # the orthogonalisation and its exchange run in the compute dtype
-        self.flat = None
+        self.works: list = []
+
+    def _buffers(self):
+        """Per bank: its gradients padded to a multiple of world_size, this rank's shard, the gathered updates."""
+        if self.buffers is None:
+            world, self.buffers = self.run.world_size, []
+            for bank in self.banks:
+                rows = -(-len(bank) // world) * world
+                full = torch.zeros(rows, *bank[0].shape, device=bank[0].device, dtype=self.dtype)
+                shard = full if world == 1 else full.new_zeros(rows // world, *bank[0].shape)
+                self.buffers.append((full, shard, full if world == 1 else torch.zeros_like(full)))
+        return self.buffers
 
     @torch.no_grad()
-    def step(self) -> None:
+    def reduce_gradients(self) -> None:
+        """Start the reduce-scatter of every bank's gradients (summed over ranks: the caller scales by 1/world)."""
+        for bank, (full, shard, _) in zip(self.banks, self._buffers()):
+            grads = [p.grad for p in bank]
+            if any(g is None for g in grads):
+                full.zero_()
+            rows = [(row, g) for row, g in zip(full.unbind(0), grads) if g is not None]
+            torch._foreach_copy_([r for r, _ in rows], [g for _, g in rows])
+            self.works.append(self.run.start_reduce_scatter(shard, full))
+
+    @torch.no_grad()
+    def shard_square_norm(self) -> torch.Tensor:
+        """Wait for the reduce-scatters; the squared norm of this rank's summed gradient rows (for the global clip)."""
+        for work in self.works:
+            self.run.wait(work, "reduce_scatter")
+        self.works = []
+        return sum(shard.to(bank[0].dtype).square().sum() for bank, (_, shard, _) in zip(self.banks, self._buffers()))
+
+    @torch.no_grad()
+    def step(self, scale: torch.Tensor | float | None = None) -> None:
+        """Update every matrix from the reduced gradients times `scale` (1/world and the clip, on the device), as
+        optimizer_step calls it; called alone, it reduces and averages its own gradients first."""
+        if scale is None:
+            self.reduce_gradients()
+            self.shard_square_norm()
+            scale = 1.0 / self.run.world_size
         group = self.param_groups[0]
-        params, mom = group["params"], group["momentum"]
-        if self.flat is None:
-            self.flat = torch.zeros(self.offsets[-1], device=params[0].device, dtype=self.dtype)
-        self.flat.zero_()
-        for share in self.shares:
-            grads = [params[i].grad for i in share]
-            for i in share:
-                if "momentum" not in self.state[params[i]]:   # also after a warm-up restored an empty state
-                    self.state[params[i]]["momentum"] = torch.zeros_like(params[i])
-            bufs = [self.state[params[i]]["momentum"] for i in share]
-            torch._foreach_mul_(bufs, mom)
-            torch._foreach_add_(bufs, grads)
-            g = torch.stack(grads).add_(torch.stack(bufs), alpha=mom)     # Nesterov
-            g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-7)   # MuonEq-R (off trained 0.023 nats worse)
+        mom, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+        gathers = []
+        for bank, (full, shard, out) in zip(self.banks, self._buffers()):
+            g = shard.to(bank[0].dtype) * scale           # back to the weights' dtype for the momentum
+            state = self.state[bank[0]]
+            if "momentum" not in state:   # also after a warm-up restored an empty state
+                state["momentum"] = torch.zeros_like(g)
+            buf = state["momentum"]
+            buf.mul_(mom).add_(g)
+            g = g.add_(buf, alpha=mom)                                     # Nesterov
+            g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-7)           # MuonEq-R (off trained 0.023 nats worse)
             u = self.ns(g, dtype=self.dtype) * max(1.0, g.size(-2) / g.size(-1)) ** 0.5
-            for j, i in enumerate(share):
-                self.flat[self.offsets[i]:self.offsets[i + 1]] = u[j].reshape(-1)
-        self.run.all_reduce(self.flat)
-        for i, p in enumerate(params):
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(self.flat[self.offsets[i]:self.offsets[i + 1]].view_as(p).to(p.dtype), alpha=-group["lr"])
+            gathers.append(self.run.start_all_gather(out, u.to(self.dtype)))
+        for bank, (_, _, out), work in zip(self.banks, self._buffers(), gathers):
+            self.run.wait(work, "all_gather")
+            torch._foreach_mul_(bank, 1 - lr * wd)
+            torch._foreach_add_(bank, list(out[:len(bank)].to(bank[0].dtype).unbind(0)), alpha=-lr)
+
+
+def optimizer_step(opts: list[torch.optim.Optimizer], run: Run, clip_norm: float) -> None:
+    """One step of every optimizer, without DDP: the matrices' gradients are reduce-scattered by their Muon banks,
+    the other parameters' gradients go in one packed all-reduce, the global norm (of the mean gradient, as DDP's
+    clip saw it) scales both on the device, and no host sync happens."""
+    muons = [o for o in opts if isinstance(o, Muon)]
+    adams = [o for o in opts if not isinstance(o, Muon)]
+    for m in muons:
+        m.reduce_gradients()
+    small = [p for o in adams for g in o.param_groups for p in g["params"]]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in small]) \
+        if small else torch.zeros(0, device=run.device)
+    work = run.start_all_reduce(flat)          # in flight while the reduce-scatters finish
+    master = next(p.dtype for o in opts for g in o.param_groups for p in g["params"])   # the weights' dtype
+    square = sum((m.shard_square_norm() for m in muons), torch.zeros((), device=run.device, dtype=master))
+    scale = torch.full((), 1.0 / run.world_size, device=run.device, dtype=master)
+    run.wait(work, "all_reduce")
+    if clip_norm > 0:
+        square = run.all_reduce(square.view(1)).view(()) + flat.square().sum()
+        norm = square.sqrt() / run.world_size
+        scale = scale * (clip_norm / (norm + 1e-6)).clamp(max=1.0)   # torch's clip_grad_norm_ rule
+    flat.mul_(scale)
+    for p, g in zip(small, torch.split(flat, [p.numel() for p in small])):
+        p.grad = g.view_as(p)
+    for o in adams:
+        o.step()
+    for m in muons:
+        m.step(scale)
+    for o in opts:
+        o.zero_grad(set_to_none=True)
 
 
 def build_optimizers(model: GPT, cfg: Config, run: Run) -> list[torch.optim.Optimizer]:
@@ -841,22 +914,16 @@ class TrainLoader:
 # Training: the warm-up, the steps under the wall-clock cap, the switches, then GPTQ calibration inside the cap
 # ==================================================================================================
 
-def train_step(model, opts, batches, run: Run, clip_norm: float = 0.0, params=None) -> torch.Tensor:
-    """One optimizer step over the micro-batches; DDP all-reduces gradients on the last one only. The global gradient
-    norm is clipped at clip_norm (0 = off) on the device, without a host sync."""
+def train_step(model, opts, batches, run: Run, clip_norm: float = 0.0) -> torch.Tensor:
+    """One optimizer step over the micro-batches: gradients accumulate locally, then optimizer_step reduces them
+    across the ranks (no DDP), clips the global norm at clip_norm (0 = off) on the device and steps."""
     total = torch.zeros((), device=run.device)
-    for i, (x, y) in enumerate(batches):
-        sync = contextlib.nullcontext() if (not run.distributed or i == len(batches) - 1) else model.no_sync()
-        with sync:
-            with run.autocast():
-                loss = model(x, y)
-            (loss / len(batches)).backward()
+    for x, y in batches:
+        with run.autocast():
+            loss = model(x, y)
+        (loss / len(batches)).backward()
         total += loss.detach()
-    if clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
-    for opt in opts:
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    optimizer_step(opts, run, clip_norm)
     return total / len(batches)
 
 
@@ -886,6 +953,10 @@ class EMA:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - d)
 
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        torch._foreach_copy_(self.params, self.shadow)
+
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         by_id = {id(p): s for p, s in zip(self.params, self.shadow)}
         return {name: by_id[id(p)].cpu() for name, p in model.named_parameters()}
@@ -903,8 +974,9 @@ def check_ranks_agree(model: nn.Module, run: Run) -> None:
 
 def training_forward(model: GPT, run: Run, probe: tuple[torch.Tensor, torch.Tensor] | None = None):
     """The forward the training steps call: compiled when COMPILE (fullgraph: a graph break is an error, not a silent
-    slowdown), wrapped in DDP on several ranks. Where FlashAttention-3 does not trace in one graph (seen on the first
-    forward, `probe`, before DDP exists), every rank compiles with graph breaks instead, and the log says so."""
+    slowdown); the optimizers reduce the gradients, so there is no DDP wrapper. Where FlashAttention-3 does not trace
+    in one graph (seen on the first forward, `probe`), every rank compiles with graph breaks instead, and the log
+    says so."""
     fwd = run.compile(model, fullgraph=True)
     if run.compiled and probe is not None and model.blocks[0].attn.backend == "fa3":
         problem = ""
@@ -919,12 +991,6 @@ def training_forward(model: GPT, run: Run, probe: tuple[torch.Tensor, torch.Tens
                 "compiling with graph breaks (fullgraph=False)")
             torch._dynamo.reset()      # no rank keeps the fullgraph graph it may have traced
             fwd = run.compile(model, fullgraph=False)
-    if run.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        # our buffers (RoPE frequencies) are equal on every rank: never re-broadcast them per forward
-        newer = "forward_sync_buffers" in inspect.signature(DDP).parameters    # whichever name this torch uses
-        no_sync = "forward_sync_buffers" if newer else "broadcast_buffers"
-        fwd = DDP(fwd, device_ids=[run.local_rank] if run.device.type == "cuda" else None, **{no_sync: False})
     return fwd
 
 
@@ -948,13 +1014,14 @@ def set_switches(model: GPT, cfg: Config, state: tuple[bool, bool]) -> None:
 
 def compile_warmup(model: GPT, opts, cfg: Config, run: Run, grad_accum: int, local_tokens: int):
     """Build the training forward and run WARMUP_STEPS real steps (at least one in each switch state the run will
-    pass through: recurrence off/on, QAT off/on), so that every graph is compiled before the clock starts; then
-    restore model and optimizers. Returns the training forward."""
+    pass through: recurrence off/on, QAT off/on), so that every graph is compiled before the clock starts; time the
+    calibration (calibration_reserve); then restore model and optimizers. Returns (the training forward, the
+    seconds of the cap kept for the calibration)."""
+    loader = TrainLoader(cfg, run, local_tokens)
     if cfg.warmup_steps == 0:
         if run.compiled:
             log("compile_warmup: WARNING WARMUP_STEPS=0: every graph compiles inside the clock")
-        return training_forward(model, run)
-    loader = TrainLoader(cfg, run, local_tokens)
+        return training_forward(model, run), calibration_reserve(model, loader, cfg, run)
     states = warmup_states(cfg)
     n_steps = max(cfg.warmup_steps, len(states))
     model_state = copy.deepcopy(model.state_dict())
@@ -964,17 +1031,44 @@ def compile_warmup(model: GPT, opts, cfg: Config, run: Run, grad_accum: int, loc
         fwd = training_forward(model, run, probe=batches[0])
         for k in range(n_steps):
             set_switches(model, cfg, states[k * len(states) // n_steps])
-            train_step(fwd, opts, batches, run, cfg.grad_clip_norm, list(model.parameters()))
+            train_step(fwd, opts, batches, run, cfg.grad_clip_norm)
             if k + 1 < n_steps:
                 batches = loader.next_step(grad_accum)
     run.barrier()   # every rank's graphs exist: what compiles after this line compiles inside the clock
     log(f"compile_warmup steps:{n_steps} states:{' '.join(f'recur{int(r)}_qat{int(q)}' for r, q in states)}")
+    reserve = calibration_reserve(model, loader, cfg, run)
     set_switches(model, cfg, states[0])
+    model.train()
     model.load_state_dict(model_state)
     for o, s in zip(opts, opt_states):
         o.load_state_dict(s)
         o.zero_grad(set_to_none=True)
-    return fwd
+    return fwd, reserve
+
+
+def calibration_reserve(model: GPT, loader: TrainLoader, cfg: Config, run: Run) -> float:
+    """GPTQ_RESERVE_SECONDS, or (0) RESERVE_MARGIN x the calibration's batches per rank x the time of one, measured
+    here as calibrate runs it (recurrence on, QAT off, eval mode, all-reduce included; the slowest rank decides).
+    The first call pays one-time costs, so the second is timed. The weights do not change."""
+    if cfg.gptq_reserve_seconds > 0 or not cfg.max_wallclock_seconds:
+        return cfg.gptq_reserve_seconds
+    set_switches(model, cfg, (True, False))
+    model.eval()
+    batch = loader.next()
+    for _ in range(2):
+        run.sync()
+        t = time.perf_counter()
+        collect_hessians(model, [batch], run)
+        run.sync()
+        batch_s = time.perf_counter() - t
+    batch_s = run.all_reduce(torch.tensor([batch_s], device=run.device), dist.ReduceOp.MAX).item()
+    per_rank = max(1, math.ceil(cfg.gptq_calib_batches / run.world_size))
+    reserve = RESERVE_MARGIN * per_rank * batch_s
+    need(reserve < cfg.max_wallclock_seconds, f"the calibration's measured reserve {reserve:.1f}s leaves no "
+         f"training time of MAX_WALLCLOCK_SECONDS={cfg.max_wallclock_seconds}")
+    log(f"gptq_reserve measured_batch:{1000 * batch_s:.0f}ms batches_per_rank:{per_rank} margin:{RESERVE_MARGIN} "
+        f"reserve:{1000 * reserve:.0f}ms")
+    return reserve
 
 
 def batch_split(cfg: Config, run: Run) -> tuple[int, int]:
@@ -996,7 +1090,7 @@ class Calibration:
 
 def calibrate(model: GPT, loader: TrainLoader, cfg: Config, run: Run, clock: WallClock) -> Calibration:
     """GPTQ's Hessians, from the next training batches and with the EMA weights (what is exported; `model` holds
-    them), inside the training budget: the cap kept GPTQ_RESERVE_SECONDS for this. Batches stop early rather than
+    them), inside the training budget: the cap kept a measured reserve for this. Batches stop early rather than
     run past the cap."""
     t0, limit = clock.elapsed(), cfg.max_wallclock_seconds or float("inf")
     wanted = max(1, math.ceil(cfg.gptq_calib_batches / run.world_size))   # micro-batches per rank
@@ -1033,14 +1127,13 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
     log(f"model_params:{sum(p.numel() for p in model.parameters())} attention:{model.blocks[0].attn.backend} "
         f"passes:{len(model.schedule)} grad_accum:{grad_accum} local_batch_tokens:{local_tokens}")
     opts = build_optimizers(model, cfg, run)
-    params = list(model.parameters())
-    fwd = compile_warmup(model, opts, cfg, run, grad_accum, local_tokens)
+    fwd, reserve_s = compile_warmup(model, opts, cfg, run, grad_accum, local_tokens)
     val_tokens = load_val_tokens(cfg) if cfg.val_loss_every else None
     loader, ema = TrainLoader(cfg, run, local_tokens), EMA(model, cfg.ema_decay)
     host_flags = torch.zeros(2, pin_memory=run.device.type == "cuda")   # (cap hit, elapsed s): sent without a sync
     run.barrier()
     run.sync()
-    train_s = cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds if cfg.max_wallclock_seconds else 0.0
+    train_s = cfg.max_wallclock_seconds - reserve_s if cfg.max_wallclock_seconds else 0.0
     clock, step, step_avg_s, agreed_s = WallClock(train_s), 0, 0.0, 0.0
     state = switches(cfg, 0.0)
     set_switches(model, cfg, state)
@@ -1056,7 +1149,7 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
                     log(f"{name}:{'on' if now else 'off'} step:{step} train_time:{1000 * clock.elapsed():.0f}ms")
         set_schedule(opts, cfg, step, progress)
         elapsed_before = clock.elapsed()
-        loss = train_step(fwd, opts, batches, run, cfg.grad_clip_norm, params)
+        loss = train_step(fwd, opts, batches, run, cfg.grad_clip_norm)
         ema.update()
         batches = loader.next_step(grad_accum)   # the next step's batches, read while the device works on this one
         # Will one more step fit? Assume this step and the next each take as long as the slowest recent one, plus a
@@ -1095,15 +1188,12 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
     check_ranks_agree(model, run)
     if run.device.type == "cuda":
         log(f"peak_memory_allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB")
-    weights = ema.state_dict(model)
-    with torch.no_grad():   # from here on the model holds what is exported: recurrence on, QAT off
-        for name, p in model.named_parameters():
-            p.copy_(weights[name])
+    ema.copy_to_model()     # on the device: from here on the model holds what is exported, recurrence on, QAT off
     set_switches(model, cfg, (True, False))
     model.eval()
     clock.limit_s = cfg.max_wallclock_seconds
     calib = calibrate(model, loader, cfg, run, clock)
-    return weights, labels, calib, model
+    return ema.state_dict(model), labels, calib, model     # to the CPU only now, outside the clock
 
 
 # ==================================================================================================
@@ -1394,11 +1484,37 @@ def read_artifact(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise RunError(f"{path}: corrupt artifact ({type(e).__name__}: {e})") from None
 
 
+# The code as a records folder ships it (tools/package_record.py writes it with these functions): the readable source,
+# lzma-compressed and base85-encoded in a two-line wrapper that runs it unchanged. The artifact budget counts it.
+WRAP_HEAD = "# train_gpt.py, compressed by tools/package_record.py (lzma + base85); the readable source is in the "
+WRAP_LINE = 'import base64,lzma\nexec(compile(lzma.decompress(base64.b85decode("{}")),"train_gpt.py","exec"))\n'
+
+
+def wrap_source(source: str) -> str:
+    """A train_gpt.py that runs `source` unchanged: decompressed and exec'd in its own module namespace, so __name__,
+    __file__ (the wrapper: code_bytes counts what ran) and the log's source block (the wrapper too) behave alike."""
+    payload = base64.b85encode(lzma.compress(source.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME)).decode("ascii")
+    return WRAP_HEAD + "project's repository\n" + WRAP_LINE.format(payload)
+
+
+def unwrap_source(text: str) -> str | None:
+    """The readable source inside a wrapper made by wrap_source, or None when `text` is not one."""
+    m = re.fullmatch(re.escape(WRAP_HEAD) + r".*\n" + re.escape(WRAP_LINE).replace(r"\{\}", "([!-~]*)"), text,
+                     flags=re.S)
+    return lzma.decompress(base64.b85decode(m.group(1))).decode("utf-8") if m else None
+
+
+def shipped_code_bytes(source: str) -> int:
+    """The bytes of train_gpt.py in a records folder: `source` itself when it is a wrapper, else its wrapper."""
+    return len((source if unwrap_source(source) is not None else wrap_source(source)).encode("utf-8"))
+
+
 def export_phase(cfg: Config, run: Run, state: dict[str, torch.Tensor], labels: dict[str, str], path: Path,
                  calib: Calibration | None = None) -> None:
     """Quantize (GPTQ where there are Hessians), pack and write the artifact on rank 0, atomically; every rank gets
     its outcome, and an over-size artifact is never called a success."""
-    code_bytes = len(Path(__file__).read_bytes())
+    source = Path(__file__).read_text(encoding="utf-8")
+    code_bytes = shipped_code_bytes(source)   # what a records folder ships, not the readable source
     spec = QuantSpec.from_config(cfg)
 
     def export() -> int:
@@ -1412,7 +1528,7 @@ def export_phase(cfg: Config, run: Run, state: dict[str, torch.Tensor], labels: 
             f"embed_clip_k:{spec.embed_clip_k} int6_scale_widen:{widen:.4f} "
             + " ".join(f"{k}_bytes:{v}" for k, v in sizes.items()))
         log(f"code_bytes:{code_bytes} model_bytes:{len(blob)} total_submission_bytes:{code_bytes + len(blob)} "
-            f"compressor:{name}")
+            f"compressor:{name} source_bytes:{len(source.encode())}")
         return len(blob)
 
     total = code_bytes + run.main_only(export)
@@ -1838,6 +1954,21 @@ def ttt_train(model: GPT, opt, tokens: torch.Tensor, chunk: tuple, ttt: Ttt, epo
         opt.zero_grad(set_to_none=True)
 
 
+def eval_forward(model: GPT, windows: np.ndarray, batch_windows: int, run: Run):
+    """The scoring forward (model.hidden), compiled when COMPILE and then warmed up on one batch of random tokens at
+    the eval's shape (never on validation tokens), so that its compile time is logged apart from the scoring."""
+    fn = run.compile(model.hidden)
+    if run.compiled and len(windows):
+        t0 = time.perf_counter()
+        shape = (batch_windows, int(windows[0, 1] - windows[0, 0]))
+        x = torch.randint(0, model.tok_emb.weight.size(0), shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad(), run.autocast():
+            fn(x.to(run.device))
+        run.sync()
+        log(f"eval_compile forward_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    return fn
+
+
 def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq_len: int, stride: int,
              batch_windows: int, slot: Slot | None = None, ttt: Ttt | None = None, deadline: float | None = None,
              want_nll: bool = False) -> EvalResult:
@@ -1851,7 +1982,7 @@ def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq
     # per-document chunks the real counts would tell every chunk how many documents lie ahead.
     grid = eval_chunks(tokens, windows, dataclasses.replace(ttt, reset="never")) if ttt else chunks
     ranks, world = run.eval_shares()
-    hidden_fn = run.compile(model.hidden)
+    hidden_fn = eval_forward(model, windows, batch_windows, run)
 
     def share(chunk, r):   # rank r's contiguous part of the chunk's windows
         return chunk[0] + (chunk[1] - chunk[0]) * r // world, chunk[0] + (chunk[1] - chunk[0]) * (r + 1) // world
@@ -1866,7 +1997,10 @@ def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq
     opt = torch.optim.SGD(model.parameters(), lr=ttt.lr, momentum=ttt.momentum) if ttt else None
     # per-document resets would need a graph per chunk length: that mode's TTT stays eager
     compiled = run.compiled and ttt is not None and ttt.reset == "never"
+    t1 = time.perf_counter()
     train_fn = ttt_compiled(model, ttt, seq_len, ranks[0], world, run) if compiled else model
+    if compiled:
+        log(f"eval_compile ttt_time:{1000 * (time.perf_counter() - t1):.0f}ms")
     epochs_run = []
     for c, chunk in enumerate(chunks):
         if ttt and ttt.reset == "document" and c and tokens[chunk[2] - 1] == BOS_ID:
@@ -2016,6 +2150,8 @@ class Run:
     device: torch.device = torch.device("cpu")
     compiled: bool = False                 # COMPILE, resolved for this device
     amp: torch.dtype | None = None         # AUTOCAST, resolved for this device: the compute dtype, None = off
+    sent: dict[str, int] = dataclasses.field(default_factory=dict)   # bytes sent per collective kind (count())
+    watch: FailureWatch | None = None      # the stall watchdog, on several ranks
 
     @property
     def is_main(self) -> bool:
@@ -2027,12 +2163,69 @@ class Run:
 
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier()
+            with self.waiting("barrier"):
+                dist.barrier()
 
     def all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
         if self.distributed:
-            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+            self.count("all_reduce", t)
+            with self.waiting("all_reduce"):
+                dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
         return t
+
+    def start_all_reduce(self, t: torch.Tensor):
+        """Sum t over the ranks in place, asynchronously: pass the handle to wait()."""
+        if not self.distributed:
+            return None
+        self.count("all_reduce", t)
+        return dist.all_reduce(t, async_op=True)
+
+    def start_reduce_scatter(self, shard: torch.Tensor, full: torch.Tensor):
+        """shard <- this rank's 1/world of the rank-sum of full (split along dim 0), asynchronously."""
+        if not self.distributed:
+            if shard is not full:
+                shard.copy_(full)
+            return None
+        self.count("reduce_scatter", full)
+        return dist.reduce_scatter_tensor(shard, full, async_op=True)
+
+    def start_all_gather(self, full: torch.Tensor, shard: torch.Tensor):
+        """full <- every rank's shard, stacked along dim 0 in rank order, asynchronously."""
+        if not self.distributed:
+            if shard is not full:
+                full.copy_(shard)
+            return None
+        self.count("all_gather", full)
+        return dist.all_gather_into_tensor(full, shard, async_op=True)
+
+    def wait(self, work, what: str) -> None:
+        if work is not None:
+            with self.waiting(what):
+                work.wait()
+
+    def count(self, kind: str, t: torch.Tensor) -> None:
+        """Bytes this rank sends for a collective on t, as a ring algorithm moves them (NCCL's large-message case):
+        an all-reduce sends 2 (w-1)/w of the tensor, a reduce-scatter or an all-gather (w-1)/w of the full tensor."""
+        w = self.world_size
+        self.sent[kind] = self.sent.get(kind, 0) + t.numel() * t.element_size() * (w - 1) * (2 if kind.endswith("all_reduce") else 1) // w
+
+    @contextlib.contextmanager
+    def waiting(self, what: str):
+        """Mark this rank as waiting in a collective, for the stall watchdog (FailureWatch)."""
+        if self.watch is None:
+            yield
+            return
+        self.watch.enter(what)
+        try:
+            yield
+        finally:
+            self.watch.leave(what)
+
+    def broadcast_object(self, box: list) -> list:
+        if self.distributed:
+            with self.waiting("broadcast"):
+                dist.broadcast_object_list(box, src=0)
+        return box
 
     def main_only(self, fn):
         """Run fn on rank 0 alone and hand its outcome to every rank: its result, or its error raised everywhere, so no
@@ -2043,11 +2236,9 @@ class Run:
                 box[0] = fn()
             except Exception as e:   # every failure is shared, then re-raised here with its traceback
                 box[1] = str(e) if isinstance(e, RunError) else f"{type(e).__name__} on rank 0: {e}"
-                if self.distributed:
-                    dist.broadcast_object_list(box, src=0)
+                self.broadcast_object(box)
                 raise
-        if self.distributed:
-            dist.broadcast_object_list(box, src=0)
+        self.broadcast_object(box)
         if box[1] is not None:
             raise RunError(box[1])
         return box[0]
@@ -2102,6 +2293,7 @@ class Log:
     def __init__(self) -> None:
         self.file = None
         self.enabled = True
+        self.last = ""
 
     def open(self, log_dir: str, run_id: str, enabled: bool) -> str | None:
         """logs/<run_id>.txt, or <run_id>_2.txt ... when that exists (PHASES=eval reusing a RUN_ID): no log is ever
@@ -2120,6 +2312,7 @@ class Log:
         raise RunError(f"too many logs named {run_id}_N.txt in {log_dir}")
 
     def __call__(self, msg: str, console: bool = True) -> None:
+        self.last = msg[:80] if console else self.last   # where this rank got to (every rank, for the watchdog)
         if not self.enabled:
             return
         if console:
@@ -2141,24 +2334,48 @@ class FailureWatch:
     """Any exception on any rank ends every rank within a second, with the reason in rank 0's log. The failing rank
     writes one line into the process group's key-value store; a thread on every rank polls for it, and the other
     ranks, which may be waiting in a collective for the failed one, exit at once (rank 0 logs the line first)
-    instead of at the process group's timeout."""
+    instead of at the process group's timeout. The same thread is a watchdog for a rank stuck without an exception:
+    computing for WATCHDOG_SECONDS without reaching a collective (a hung compile, a deadlock), or waiting in one for
+    twice that (a peer that never arrives), fails the rank with the place it is stuck."""
     KEY, LOGGED = "pgolf/failure", "pgolf/failure_logged"
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, stall_s: float = 0.0) -> None:
         self.run, self.store = run, dist.distributed_c10d._get_default_store()
         self.failing, self.done, self.lock = False, threading.Event(), threading.Lock()
+        self.stall_s, self.doing = stall_s, ("computing", time.monotonic())   # what this rank does, and since when
         self.thread = threading.Thread(target=self._poll, name="failure-watch", daemon=True)
         self.thread.start()
+
+    def enter(self, collective: str) -> None:
+        self.doing = (f"waiting in {collective}", time.monotonic())
+
+    def leave(self, collective: str) -> None:
+        self.doing = ("computing", time.monotonic())
+
+    def stalled(self) -> str | None:
+        """Why this rank counts as stuck, or None."""
+        what, since = self.doing
+        idle = time.monotonic() - since
+        limit = self.stall_s * (1 if what == "computing" else 2)   # a computing rank is the one to name first
+        if self.stall_s <= 0 or idle <= limit:
+            return None
+        return (f"rank {self.run.rank} stalled: {what} for {idle:.0f}s (WATCHDOG_SECONDS={self.stall_s:g}) since "
+                f"the log line {log.last!r}")
 
     def _poll(self) -> None:
         while not self.done.wait(0.2):
             try:
                 if not self.store.check([self.KEY]):
-                    continue
-                reason = self.store.get(self.KEY).decode()
+                    stuck = self.stalled()
+                    if stuck is None:
+                        continue
+                    first = self.publish(stuck)
+                    reason = stuck if first == stuck else f"{stuck} (first failure: {first})"
+                else:
+                    reason = self.store.get(self.KEY).decode()
+                    if not self.claim():   # this rank is failing itself and logs its own reason
+                        return
             except Exception:   # the store is gone: the process group is shutting down
-                return
-            if not self.claim():   # this rank is failing itself and logs its own reason
                 return
             try:
                 log(f"error: {reason}")
@@ -2271,7 +2488,7 @@ def log_header(cfg: Config, run: Run) -> None:
     log("=" * 100, console=False)
     log(f"run_id:{cfg.run_id}")
     log(f"source_lines:{len(source.splitlines())} source_bytes:{len(source.encode())} "
-        "(counted in the artifact limit as is)")
+        "(the artifact limit counts its compressed wrapper: code_bytes)")
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         log(f"config.{f.name}:{','.join(map(str, v)) if isinstance(v, tuple) else v}", console=False)
@@ -2302,17 +2519,12 @@ def main() -> int:
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    watch = FailureWatch(run) if run.distributed else None
+    watch = run.watch = FailureWatch(run, cfg.watchdog_seconds) if run.distributed else None
     try:
         if not cfg.run_id:   # one timestamp for every rank
-            box = [time.strftime("%Y%m%d_%H%M%S") + f"_seed{cfg.seed}"]
-            if run.distributed:
-                dist.broadcast_object_list(box, src=0)
-            cfg.run_id = box[0]
+            cfg.run_id = run.broadcast_object([time.strftime("%Y%m%d_%H%M%S") + f"_seed{cfg.seed}"])[0]
         phases = cfg.phase_set()
-        box = [log.open(cfg.log_dir, cfg.run_id, enabled=run.is_main)]
-        if run.distributed:
-            dist.broadcast_object_list(box, src=0)
+        box = run.broadcast_object([log.open(cfg.log_dir, cfg.run_id, enabled=run.is_main)])
         # an exporting run writes the artifact beside its own log (never over an older run's); PHASES=eval reads
         # logs/<RUN_ID>.pgz, the artifact of the run that first used that RUN_ID
         stem = box[0] if "export" in phases else cfg.run_id

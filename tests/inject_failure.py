@@ -1,5 +1,6 @@
-"""train_gpt.main() with one of its functions made to raise an ordinary exception (not a RunError) on one rank, at
-its N-th call: the entry point of the failure tests. FAIL_AT=<function>@<rank>@<call>, e.g. train_step@1@3."""
+"""train_gpt.main() with one of its functions made to fail on one rank at its N-th call: the entry point of the
+failure tests. FAIL_AT=<function>@<rank>@<call>[@hang], e.g. train_step@1@3: an ordinary exception (not a
+RunError); with @hang the call blocks instead, without an exception and outside any collective."""
 import os
 import sys
 import time
@@ -8,7 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_gpt as T  # noqa: E402
 
-name, rank, call = os.environ.pop("FAIL_AT").split("@")
+name, rank, call, *mode = os.environ.pop("FAIL_AT").split("@")
 if int(os.environ.get("RANK", "0")) == int(rank):
     real, calls = getattr(T, name), [0]
 
@@ -16,6 +17,8 @@ if int(os.environ.get("RANK", "0")) == int(rank):
         calls[0] += 1
         if calls[0] == int(call):
             print(f"INJECTED {time.time():.3f}", file=sys.stderr, flush=True)
+            if mode == ["hang"]:
+                time.sleep(3600)
             raise ValueError(f"injected failure in {name}")
         return real(*args, **kwargs)
 

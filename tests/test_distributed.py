@@ -31,7 +31,7 @@ def test_two_process_training_completes(artifact):
     assert lines["world_size"]["world_size"] == "2"
     assert lines["model_params"]["grad_accum"] == "4"
     assert lines["train_done"]["steps"] == "6" and "final_slot_exact" in lines
-    # the recurrence switch (RECUR_START_FRAC 0.35 of 6 steps) crossed with DDP intact: identical weights after it
+    # the recurrence switch (RECUR_START_FRAC 0.35 of 6 steps) crossed by the sharded optimizer: identical weights
     assert lines["recurrence"]["recurrence"] == "on" and lines["recurrence"]["step"] == "3"
     body = (work / "logs" / "two.txt").read_text().split("\n" + "=" * 100 + "\n", 1)[1]
     assert "\nrank_sync: identical weights\n" in body
@@ -108,3 +108,25 @@ def test_an_ordinary_exception_on_one_rank_ends_every_rank_in_seconds(tiny_data,
     assert len(errors) == 1, errors
     assert f"injected failure in {name}" in errors[0] and "ValueError" in errors[0]
     assert rank == "0" or f"rank {rank}" in errors[0]
+
+
+@pytest.mark.parametrize("target", ["train_step@1@4@hang", "collect_hessians@1@1@hang"])
+def test_a_rank_that_blocks_without_an_exception_ends_every_rank(tiny_data, tmp_path, target):
+    """Rank 1 blocks (a sleep standing for a hung compile or kernel) in a training step or in the calibration, so
+    rank 0 waits in its next collective: the watchdog (WATCHDOG_SECONDS=5 here) names rank 1 in rank 0's log and
+    both processes end within seconds. Without it they would wait for the 30-minute process-group timeout (the
+    subprocess timeout below then fails the test)."""
+    data, tok = tiny_data
+    env = script_env(data, tok, tmp_path / "logs", RUN_ID="hang", FAIL_AT=target, TTT_EPOCHS="0", SLOT_STEPS="0",
+                     WATCHDOG_SECONDS="5")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).parent / "inject_failure.py")]
+    r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    ended = time.time()
+    injected = re.search(r"INJECTED (\d+\.\d+)", r.stderr)
+    assert injected, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.returncode != 0
+    assert ended - float(injected.group(1)) < 25, f"the ranks took {ended - float(injected.group(1)):.1f}s to end"
+    errors = [line for line in (tmp_path / "logs" / "hang.txt").read_text().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("error: rank 1 stalled: computing for"), errors[0]

@@ -41,12 +41,12 @@ def test_default_model_shape():
     assert n(m) - n(plain) == 2 * 2 * 512 + 512
 
 
-def test_recurrence_off_is_the_plain_model_and_gives_zero_gradients_to_the_conditioning():
+def test_recurrence_off_is_the_plain_model_and_leaves_the_conditioning_untouched():
     """Before RECUR_START_FRAC the recurrent model runs the plain model's 11 passes and U-Net (same function, given the
-    plain model's weights), while iter_embed / iter_gate get an exact zero gradient: DDP needs a gradient for every
-    parameter, and Adam with zero gradients from the start leaves them where they are."""
-    m = tiny_model(recur_layers="1", ve_layers="-1")
-    plain = tiny_model(recur_layers="", ve_layers="-1")
+    plain model's weights); iter_embed / iter_gate get no gradient, the optimizer step reduces that as zeros, and
+    Adam with zero gradients from the start (no weight decay on them) leaves them where they are."""
+    m = tiny_model(recur_layers="1", ve_layers="-1", dtype=torch.float32)
+    plain = tiny_model(recur_layers="", ve_layers="-1", dtype=torch.float32)
     with torch.no_grad():
         for name, p in plain.named_parameters():
             src = dict(m.named_parameters())[name]
@@ -54,8 +54,15 @@ def test_recurrence_off_is_the_plain_model_and_gives_zero_gradients_to_the_condi
     x = torch.randint(2, 320, (2, 16), generator=torch.Generator().manual_seed(0))
     m.recur_on = False
     torch.testing.assert_close(m(x, x), plain(x, x), rtol=0, atol=0)
+    cfg, _ = T.config_from_env(TINY_ENV)
+    opts = T.build_optimizers(m, cfg, T.Run())
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
     m(x, x).backward()
-    assert torch.all(m.iter_embed.grad == 0) and torch.all(m.iter_gate.grad == 0)
+    assert m.iter_embed.grad is None and m.iter_gate.grad is None
+    T.optimizer_step(opts, T.Run(), 0.3)
+    after = dict(m.named_parameters())
+    assert torch.equal(after["iter_embed"], before["iter_embed"]) and torch.equal(after["iter_gate"], before["iter_gate"])
+    assert not torch.equal(after["blocks.0.attn.c_q.weight"], before["blocks.0.attn.c_q.weight"]), "the others trained"
     m.recur_on = True
     assert not torch.equal(m(x, x), plain(x, x))
 
@@ -124,7 +131,7 @@ def test_newton_schulz_orthogonalises():
     assert s.min() > 0.5 and s.max() < 1.3   # the quintic iteration lands near 1, not exactly on it
 
 
-def test_muon_step_moves_weights_and_decays():
+def test_muon_with_a_zero_gradient_only_decays():
     p = torch.nn.Parameter(torch.randn(16, 32))
     p.label = "matrix"
     before = p.detach().clone()
@@ -140,13 +147,24 @@ def test_lr_schedule():
 
 
 def test_ema_ramps_then_follows_decay():
-    m = torch.nn.Linear(2, 2)
-    ema = T.EMA(m, decay=0.997)
+    """The EMA's decay is min(decay, (1+t)/(10+t)) at update t: exact values for a weight that jumps and then
+    stays, over the ramp and after it; copy_to_model puts the average into the model."""
+    m = torch.nn.Linear(1, 1, bias=False).double()
+    ema = T.EMA(m, decay=0.8)
     with torch.no_grad():
-        m.weight.fill_(1.0)
-    ema.update()   # first update: decay (1+1)/(10+1) = 0.18, so the average moves most of the way
-    w = ema.state_dict(m)["weight"]
-    assert torch.all(w > 0.5)
+        m.weight.fill_(0.0)
+    ema.shadow = [torch.zeros_like(s) for s in ema.shadow]
+    expect = 0.0
+    for t in range(1, 40):
+        with torch.no_grad():
+            m.weight.fill_(1.0)
+        ema.update()
+        d = min(0.8, (1 + t) / (10 + t))
+        expect = d * expect + (1 - d)
+        assert float(ema.state_dict(m)["weight"]) == pytest.approx(expect, rel=1e-6), t   # the shadow is float32
+    assert min(0.8, (1 + 39) / (10 + 39)) == 0.8, "the last updates ran at the full decay"
+    ema.copy_to_model()
+    assert float(m.weight) == pytest.approx(expect, rel=1e-6)
 
 
 def test_attention_inputs_share_the_compute_dtype(monkeypatch):

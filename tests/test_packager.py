@@ -115,7 +115,9 @@ def test_submission_numbers_match_the_logs(pipeline):
     assert sub["val_bpb_std"] == pytest.approx(statistics.stdev(bpbs), abs=1e-12) and sub["val_bpb_std"] > 0
     assert sub["val_loss_std"] == pytest.approx(statistics.stdev(losses), abs=1e-12)
     shipped = len((pipeline["folder"] / "train_gpt.py").read_bytes())
-    assert sub["bytes_code"] == shipped and sub["bytes_code_logged"] == int(parsed[0]["code_bytes"]["code_bytes"]) > shipped
+    # the run counted the wrapper the packager writes: the two agree to the byte
+    assert sub["bytes_code"] == shipped == sub["bytes_code_logged"] == int(parsed[0]["code_bytes"]["code_bytes"])
+    assert shipped < int(parsed[0]["code_bytes"]["source_bytes"])
     assert sub["bytes_total"] == shipped + max(int(p["code_bytes"]["model_bytes"]) for p in parsed)
     assert sub["compliance"]["max_bytes_total_logged"] == max(int(p["code_bytes"]["total_submission_bytes"]) for p in parsed)
     assert sub["code_compressed"] is True
@@ -217,14 +219,18 @@ def test_refuses_a_run_over_a_limit(capsys, tmp_path, copies, pattern, repl, mes
 
 
 def test_refuses_logs_of_different_code(capsys, tmp_path, copies):
-    edit(copies[2], "Parameter Golf", "Parameter_Golf", where="source")   # same length: code_bytes still agrees
+    edit(copies[2], "Parameter Golf", "Parameter_Golf", where="source")
+    # as a run of that code would have counted it: the compressed wrapper of the edited source
+    shipped = len(pr.shipped_code(copies[2].read_text().split(SEP)[0], readable=False).encode())
+    edit(copies[2], r"^code_bytes:\d+", f"code_bytes:{shipped}")
     refuse(capsys, tmp_path, copies, r"seed2025\.txt ran different code than .*seed1337\.txt \(train_gpt\.py differs at line 1\)",
            "--allow-non-record")
 
 
 def test_refuses_an_edited_source_block(capsys, tmp_path, copies):
     edit(copies[0], r"^import math$", "import math  # edited", where="source")
-    refuse(capsys, tmp_path, copies, r"seed1337\.txt: the source block is \d+ bytes but the run measured code_bytes",
+    refuse(capsys, tmp_path, copies, r"seed1337\.txt: the source block ships as \d+ bytes \(its compressed wrapper\) but "
+                                     r"the run counted code_bytes",
            "--allow-non-record")
 
 
@@ -514,3 +520,5 @@ def test_compressed_code_runs_identically(tiny_data, tmp_path):
     assert logs["wrapped"].split(SEP)[0] == wrapper.read_text()
     code_bytes = int(parse_log(tmp_path / "logs" / "wrapped.txt")["code_bytes"]["code_bytes"])
     assert code_bytes == wrapper.stat().st_size < (ROOT / "train_gpt.py").stat().st_size
+    # the readable run's artifact budget counted the wrapper a records folder ships, not its own bytes
+    assert int(parse_log(tmp_path / "logs" / "readable.txt")["code_bytes"]["code_bytes"]) == code_bytes

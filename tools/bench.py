@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import resource
@@ -43,9 +44,12 @@ import train_gpt as tg  # noqa: E402
 
 VAL_TOKENS_FULL = 62_021_846     # official FineWeb val stream: the target of the eval projection
 PROJECTION_GPUS = tg.REFERENCE_GPUS
+COMM_GBPS = 300                  # assumed NCCL bus bandwidth per H100 on NVLink (8 x H100 SXM); only the projection uses it
 ASSUMPTIONS = {
-    "train_8gpu": f"ms/step on {PROJECTION_GPUS} GPUs = one-GPU ms/step (grad accumulation {tg.REFERENCE_GPUS}) / "
-                  f"{PROJECTION_GPUS}: perfect data-parallel scaling, no communication cost",
+    "train_8gpu": f"ms/step on {PROJECTION_GPUS} GPUs = forward+backward ms of the {tg.REFERENCE_GPUS} micro-batches / "
+                  f"{PROJECTION_GPUS} (each GPU runs one) + the optimizer step's ms, not divided (every rank still "
+                  f"applies every update; sharding only splits the Newton-Schulz) + the bytes each rank sends per step "
+                  f"at {COMM_GBPS} GB/s (NCCL bus bandwidth on NVLink H100, an assumption; no overlap counted)",
     "eval_8gpu": f"full val ({VAL_TOKENS_FULL:,} tokens) time = measured seconds per window x windows of the full "
                  f"stream / {PROJECTION_GPUS} GPUs: every window has the same width, windows split evenly, no "
                  f"communication cost; compilation and model loading excluded",
@@ -135,7 +139,7 @@ def timed_compile_warmup(model: tg.GPT, opts, cfg: tg.Config, run: tg.Run, grad_
     """tg.compile_warmup, timed. Returns (the training forward, {"seconds", "steps", "states", "compiled", "amp"})."""
     run.sync()
     t0 = time.perf_counter()
-    fwd = tg.compile_warmup(model, opts, cfg, run, grad_accum, local_tokens)
+    fwd, _ = tg.compile_warmup(model, opts, cfg, run, grad_accum, local_tokens)
     run.sync()
     states = tg.warmup_states(cfg)
     return fwd, {"seconds": time.perf_counter() - t0,
@@ -144,55 +148,91 @@ def timed_compile_warmup(model: tg.GPT, opts, cfg: tg.Config, run: tg.Run, grad_
                  "compiled": run.compiled, "amp": str(run.amp).removeprefix("torch.") if run.amp else None}
 
 
-def time_steps(fwd, opts, loader: tg.TrainLoader, ema: tg.EMA, cfg: tg.Config, run: tg.Run, params, steps: range):
-    """Seconds and loss of each optimizer step, as train_phase's loop runs it (the device synchronized around each)."""
+def time_steps(fwd, opts, loader: tg.TrainLoader, ema: tg.EMA, cfg: tg.Config, run: tg.Run, steps: range):
+    """Per optimizer step, as train_phase's loop runs it (tg.train_step's two halves, the EMA update, the loss read
+    back): (forward+backward seconds, optimizer seconds incl. EMA, loss). The batches are read before the timer
+    starts (the real loop reads the next step's while the device works)."""
     grad_accum = tg.batch_split(cfg, run)[0]
-    times, losses = [], []
+    fb, opt, losses = [], [], []
     for step in steps:
+        batches = loader.next_step(grad_accum)
         run.sync()
         t0 = time.perf_counter()
         tg.set_schedule(opts, cfg, step, 0.0)
-        loss = tg.train_step(fwd, opts, loader.next_step(grad_accum), run, cfg.grad_clip_norm, params)
-        ema.update()
-        losses.append(float(loss))   # the real loop's one host sync per step
+        total = torch.zeros((), device=run.device)
+        for x, y in batches:   # tg.train_step's accumulation, written out so that its two halves time apart
+            with run.autocast():
+                loss = fwd(x, y)
+            (loss / len(batches)).backward()
+            total += loss.detach()
         run.sync()
-        times.append(time.perf_counter() - t0)
-    return times, losses
+        t1 = time.perf_counter()
+        tg.optimizer_step(opts, run, cfg.grad_clip_norm)
+        ema.update()
+        losses.append(float(total / len(batches)))   # the real loop's one host sync per step
+        run.sync()
+        fb.append(t1 - t0)
+        opt.append(time.perf_counter() - t1)
+    return fb, opt, losses
+
+
+def step_traffic(model: tg.GPT, cfg: tg.Config, world: int = PROJECTION_GPUS) -> dict:
+    """Bytes each rank sends per training step on `world` GPUs (ring collectives, compute dtype bf16), before (DDP's
+    float32 all-reduce of every gradient + the round-robin Muon's bf16 all-reduce of every update) and now (each
+    Muon bank's bf16 reduce-scatter and all-gather, padded to a multiple of world, and one float32 all-reduce of
+    the other gradients)."""
+    ring = (world - 1) / world
+    muon = [p for p in model.parameters() if tg.PARAM_TABLE[p.label][0] == "muon"]
+    small = sum(p.numel() for p in model.parameters() if tg.PARAM_TABLE[p.label][0] != "muon")
+    banks: dict[tuple, int] = {}
+    for p in muon:
+        banks[tuple(p.shape)] = banks.get(tuple(p.shape), 0) + 1
+    padded = sum(-(-n // world) * world * math.prod(shape) for shape, n in banks.items())
+    n_muon = sum(p.numel() for p in muon)
+    before = 2 * ring * 4 * (n_muon + small) + 2 * ring * 2 * n_muon
+    after = 2 * ring * 2 * padded + 2 * ring * 4 * small
+    return {"world": world, "muon_weights": n_muon, "muon_weights_padded": padded, "other_weights": small,
+            "bytes_before": int(before), "bytes_after": int(after)}
 
 
 def bench_train(cfg: tg.Config, run: tg.Run, steps: int, warmup: int, peak: float | None):
-    """Median time of one optimizer step exactly as train_phase runs it on one GPU (schedule, train_step over 8
-    micro-batches, EMA update, the loss read back to the host), in each recurrence state of one model. One
-    compile_warmup first compiles every switch state (timed apart: compile time is not step time) and restores the
-    weights and optimizer state, as in a real run; in each state one more untimed step settles the loader and the
-    allocator before the timed ones. Returns (figures, model in the exported state, EMA weights)."""
+    """Median times of one optimizer step as train_phase runs it on one device (schedule, 8 micro-batches, the
+    optimizer step, EMA update, the loss read back), forward+backward and optimizer apart, in each recurrence state
+    of one model. One compile_warmup first compiles every switch state (timed apart: compile time is not step
+    time) and restores the weights and optimizer state, as in a real run; in each state one more untimed step
+    settles the loader and the allocator before the timed ones. Returns (figures, model in the exported state, EMA
+    weights)."""
     grad_accum, local_tokens = tg.batch_split(cfg, run)
     model = tg.build_model(cfg, run)
     opts = tg.build_optimizers(model, cfg, run)
     fwd, warm = timed_compile_warmup(model, opts, dataclasses.replace(cfg, warmup_steps=warmup), run, grad_accum,
                                      local_tokens)
     loader, ema = tg.TrainLoader(cfg, run, local_tokens), tg.EMA(model, cfg.ema_decay)
-    params = list(model.parameters())
-    out, step = {"compile_warmup": warm}, 0
+    traffic = step_traffic(model, cfg)
+    comm_s = traffic["bytes_after"] / (COMM_GBPS * 1e9)
+    out, step = {"compile_warmup": warm, "traffic_8gpu": traffic}, 0
     states = RECUR_STATES if cfg.recur_layers else {"recur_off": False}   # no recurrent layer: one state
     for key, recur in states.items():
         tg.set_switches(model, cfg, (recur, False))
         reset_peak_memory(run)   # this state's steady-state steps only, not the compiler's own peak
-        times, losses = time_steps(fwd, opts, loader, ema, cfg, run, params, range(step, step + steps + 1))
+        fb, opt, losses = time_steps(fwd, opts, loader, ema, cfg, run, range(step, step + steps + 1))
         step += steps + 1
-        settle, times, losses = times[0], times[1:], losses[1:]
-        step_s = statistics.median(times)
+        settle, fb, opt, losses = fb[0] + opt[0], fb[1:], opt[1:], losses[1:]
+        fb_s, opt_s = statistics.median(fb), statistics.median(opt)
+        step_s = fb_s + opt_s
         flops = train_flops(model, cfg.train_seq_len, cfg.train_batch_tokens)
         out[key] = {"recur_on": recur, "recur_layers": list(cfg.recur_layers), "attention": model.blocks[0].attn.backend,
                     "params": sum(p.numel() for p in model.parameters()), "grad_accum": grad_accum,
                     "micro_batch_tokens": local_tokens, "batch_tokens": cfg.train_batch_tokens,
-                    "settle_step_ms": 1000 * settle, "timed_steps": steps, "step_times_ms": [1000 * t for t in times],
-                    "step_ms": 1000 * step_s, "step_ms_8gpu": 1000 * step_s / PROJECTION_GPUS,
+                    "settle_step_ms": 1000 * settle, "timed_steps": steps,
+                    "step_times_ms": [1000 * (a + b) for a, b in zip(fb, opt)], "step_ms": 1000 * step_s,
+                    "fwd_bwd_ms": 1000 * fb_s, "optimizer_ms": 1000 * opt_s, "comm_ms_8gpu": 1000 * comm_s,
+                    "step_ms_8gpu": 1000 * (fb_s / PROJECTION_GPUS + opt_s + comm_s),
                     "tokens_per_s": cfg.train_batch_tokens / step_s, "losses": losses, **flops,
                     **rates(flops["flop_per_step"], step_s, peak), **peak_memory(run)}
         if peak:
             out[key]["step_ms_at_50pct_mfu"] = 1000 * flops["flop_per_step"] / (0.5 * peak)
-    if len(out) == 3:
+    if "recur_on" in out and "recur_off" in out:
         out["recur_cost_pct"] = 100 * (out["recur_on"]["step_ms"] / out["recur_off"]["step_ms"] - 1)
     tg.set_switches(model, cfg, (True, False))   # what is exported and evaluated: recurrence on, QAT off
     return out, model, ema.state_dict(model)
@@ -286,7 +326,7 @@ def bench_export(cfg: tg.Config, state: dict[str, torch.Tensor], labels: dict[st
     t1 = time.perf_counter()
     blob, compressor, sizes = tg.pack_artifact(payload)
     t2 = time.perf_counter()
-    code_bytes = len(Path(tg.__file__).read_bytes())
+    code_bytes = tg.shipped_code_bytes(Path(tg.__file__).read_text(encoding="utf-8"))   # as export_phase counts it
     return {"weights": weights, "quantizer": "gptq" if hessians else "rtn", "calib_s": calib_s,
             "calib_batches": cfg.gptq_calib_batches if hessians else 0, "quantize_s": t1 - t0, "compress_s": t2 - t1, "export_s": t2 - t0,
             "payload_bytes": len(payload), "compressor": compressor, "compressed_bytes": sizes,
@@ -310,7 +350,9 @@ def train_rows(label: str, t: dict) -> list[tuple[str, str, str]]:
     return [(label, "passes / params", f"{t['passes']} / {t['params']:,}"),
             (label, "model FLOP per step", f"{t['flop_per_step']:.3e}"),
             (label, "ms/step, 1 device (median)", f"{t['step_ms']:,.1f}  (accum {t['grad_accum']}, {t['timed_steps']} steps)"),
-            (label, f"ms/step, {PROJECTION_GPUS} GPUs (projected)", f"{t['step_ms_8gpu']:,.1f}  (1 device / {PROJECTION_GPUS})"),
+            (label, "forward+backward / optimizer ms, 1 device", f"{t['fwd_bwd_ms']:,.1f} / {t['optimizer_ms']:,.1f}"),
+            (label, f"ms/step, {PROJECTION_GPUS} GPUs (projected)",
+             f"{t['step_ms_8gpu']:,.1f}  (fwd+bwd / {PROJECTION_GPUS} + optimizer + {t['comm_ms_8gpu']:.2f} ms comm)"),
             (label, "tokens/s, 1 device", fmt(t["tokens_per_s"], digits=0)),
             (label, "achieved TFLOP/s", fmt(t["tflops"], digits=3)),
             (label, "MFU", "n/a" if t["mfu"] is None else f"{100 * t['mfu']:.1f}%"),

@@ -69,6 +69,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train_gpt as tg  # noqa: E402  (the shipped code's wrapper format)
 
 SEPARATOR = "=" * 100                 # train_gpt.py writes it between the source block and the key:value lines
 TRACK = "10min_16mb"
@@ -190,21 +192,8 @@ def score_line(log: RunLog) -> tuple[str, dict[str, str]]:
 # The shipped code: the readable train_gpt.py, compressed mechanically (its bytes count against the 16 MB)
 # ==================================================================================================
 
-WRAP_HEAD = "# train_gpt.py, compressed by tools/package_record.py (lzma + base85); the readable source is in the "
-WRAP_LINE = 'import base64,lzma\nexec(compile(lzma.decompress(base64.b85decode("{}")),"train_gpt.py","exec"))\n'
-
-
-def wrap_source(source: str) -> str:
-    """A train_gpt.py that runs `source` unchanged: decompressed and exec'd in its own module namespace, so __name__,
-    __file__ (this file: code_bytes counts what ran) and the log's source block (this file too) behave as before."""
-    payload = base64.b85encode(lzma.compress(source.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME)).decode("ascii")
-    return WRAP_HEAD + "project's repository\n" + WRAP_LINE.format(payload)
-
-
-def unwrap_source(text: str) -> str | None:
-    """The readable source inside a wrapper made by wrap_source, or None when `text` is not one."""
-    m = re.fullmatch(re.escape(WRAP_HEAD) + r".*\n" + re.escape(WRAP_LINE).replace(r"\{\}", "([!-~]*)"), text, flags=re.S)
-    return lzma.decompress(base64.b85decode(m.group(1))).decode("utf-8") if m else None
+# the wrapper's format lives in train_gpt.py, whose export counts its bytes: both sides agree by construction
+WRAP_HEAD, WRAP_LINE, wrap_source, unwrap_source = tg.WRAP_HEAD, tg.WRAP_LINE, tg.wrap_source, tg.unwrap_source
 
 
 def shipped_code(source: str, readable: bool) -> str:
@@ -224,9 +213,11 @@ def check_complete(log: RunLog) -> None:
     score_line(log)
     log.need("eval_done", " (evaluation did not finish)")
     code_bytes = int(log.number("code_bytes", "code_bytes"))
-    if len(log.source.encode("utf-8")) != code_bytes:
-        raise PackageError(f"{log.path}: the source block is {len(log.source.encode('utf-8'))} bytes but the run "
-                           f"measured code_bytes:{code_bytes}; the log was edited or is not byte-exact")
+    shipped = len(shipped_code(log.source, readable=False).encode("utf-8"))
+    if shipped != code_bytes:
+        raise PackageError(f"{log.path}: the source block ships as {shipped} bytes (its compressed wrapper) but the "
+                           f"run counted code_bytes:{code_bytes}; the log was edited, is not byte-exact, or ran another "
+                           "version of the wrapper")
 
 
 def train_time_ms(log: RunLog) -> float:
@@ -771,6 +762,10 @@ def run(args) -> str:
         raise PackageError(f"the causality harness failed on the logged train_gpt.py: {harness['detail']} "
                            f"(run `python -m pytest -q {HARNESS}`)")
     code = shipped_code(logs[0].source, args.readable_code)
+    model_bytes = max(int(log.number("code_bytes", "model_bytes")) for log in logs)
+    if len(code.encode("utf-8")) + model_bytes > ARTIFACT_LIMIT_BYTES:   # the runs counted the wrapper's bytes
+        raise PackageError(f"--readable-code: {len(code.encode('utf-8')):,} bytes of code + {model_bytes:,} of model "
+                           f"exceed the {ARTIFACT_LIMIT_BYTES:,}-byte limit; ship the compressed wrapper")
     sub = make_submission(logs, reasons, meta, args.date, harness, comparison, code)
     if args.summary_only is not None:
         write_atomic(args.summary_only, json.dumps(sub, indent=2) + "\n")
