@@ -1099,7 +1099,7 @@ def calibrate(model: GPT, loader: TrainLoader, cfg: Config, run: Run, clock: Wal
     def batches():
         for k in range(wanted):
             # the ranks agree on the decision (the slowest rank's pace decides), so no rank is left waiting
-            late = float(bool(k) and t0 + (k + 1) * max(times) > limit)
+            late = float(bool(k) and clock.elapsed() + max(times) > limit)   # one more batch, at the slowest pace
             if run.all_reduce(torch.tensor([late], device=run.device), dist.ReduceOp.MAX).item():
                 log(f"gptq_calib: WARNING stopped after {k} of {wanted} batches per rank to stay inside the cap")
                 return

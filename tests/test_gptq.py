@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 import torch
 
 import train_gpt as T
@@ -152,3 +153,26 @@ def test_prequant_score_is_logged_before_the_final_one(tiny_data, tmp_path):
     lines = parse_log(tmp_path / "logs" / "pq.txt")
     pre, post = lines["prequant_exact"], lines["final_sliding_window_exact"]
     assert pre["scored_tokens"] == post["scored_tokens"] and float(pre["val_bpb"]) != float(post["val_bpb"])
+
+
+def test_the_default_reserve_is_measured_in_the_warm_up(tiny_data, tmp_path):
+    """GPTQ_RESERVE_SECONDS=0 (the default): the warm-up times one calibration batch (its second run) and the cap
+    keeps RESERVE_MARGIN x batches per rank x that time; training stops by the cap less it, and the calibration's
+    own time is logged beside it."""
+    data, tok = tiny_data
+    env = script_env(data, tok, tmp_path / "logs", RUN_ID="measured", PHASES="train,export", ITERATIONS="100000",
+                     MAX_WALLCLOCK_SECONDS="3", GPTQ_RESERVE_SECONDS="0", GPTQ_CALIB_BATCHES="200")
+    r = run_script(env, tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = parse_log(tmp_path / "logs" / "measured.txt")
+    ms = lambda v: float(v.removesuffix("ms"))  # noqa: E731
+    res = lines["gptq_reserve"]
+    assert int(res["batches_per_rank"]) == 200 and float(res["margin"]) == T.RESERVE_MARGIN
+    reserve = ms(res["reserve"])
+    # the log rounds measured_batch to whole ms: +-0.5 ms x 200 batches x the margin
+    assert reserve == pytest.approx(T.RESERVE_MARGIN * 200 * ms(res["measured_batch"]), abs=T.RESERVE_MARGIN * 200 * 0.5)
+    assert 600 < reserve < 3000, "200 batches: a reserve large enough that the cap check below can tell"
+    step_ms = ms(lines["train_done"]["step_avg"])
+    assert ms(lines["train_done"]["train_time"]) <= 3000 - reserve + 2 * step_ms, "the cap less the measured reserve"
+    calib = lines["gptq_calib"]
+    assert int(calib["calib_batches"]) > 0 and ms(calib["train_time_with_calib"]) <= 3000
