@@ -53,6 +53,8 @@ import torch.nn.functional as F
 # ==================================================================================================
 
 BOS_ID = 1                       # every document starts with BOS (id 1); there is no EOS
+CASEOPS_SUFFIX = "_lossless_caps_caseops_v1_reserved"   # the CaseOps export's folder and tokenizer names (#1729)
+CASEOPS_OPERATORS = ("\ue001", "\ue002", "\ue003", "\ue004")   # TitleCase, ALLCAPS, next capital, literal
 ARTIFACT_LIMIT_BYTES = 16_000_000
 REFERENCE_GPUS = 8               # the batch is defined for 8 GPUs; fewer GPUs accumulate gradients
 CAP_SLACK_S = 0.25               # wall-clock slack for a hiccup the recent step times did not show (GC, I/O)
@@ -90,6 +92,7 @@ class Config:
     watchdog_seconds: float = 300.0  # a rank computing this long without a collective (or waiting 2x) ends the run
     artifact_path: str = ""          # written by an export (default: beside its log); with PHASES=eval, read
     nll_dump_path: str = ""          # when set: per-target NLL of the final evaluation (.npy, float64)
+    caseops: bool = False            # the CaseOps data (#1729): default paths of data/download.py --variant sp8192_caseops
     # ---- model
     vocab_size: int = 1024
     num_layers: int = 11
@@ -163,8 +166,9 @@ class Config:
     slot_warm_start: float = 0.5     # alpha: start from alpha x the previous batch's mean delta and bias; 0 = off
 
     def __post_init__(self) -> None:
-        self.data_path = self.data_path or f"./data/datasets/fineweb10B_sp{self.vocab_size}"
-        self.tokenizer_path = self.tokenizer_path or f"./data/tokenizers/fineweb_{self.vocab_size}_bpe.model"
+        variant = CASEOPS_SUFFIX if self.caseops else ""
+        self.data_path = self.data_path or f"./data/datasets/fineweb10B_sp{self.vocab_size}{variant}"
+        self.tokenizer_path = self.tokenizer_path or f"./data/tokenizers/fineweb_{self.vocab_size}_bpe{variant}.model"
 
     def phase_set(self) -> set[str]:
         return {p.strip() for p in self.phases.split(",") if p.strip()}
@@ -223,10 +227,11 @@ class Config:
              f"PARALLEL_START={self.parallel_start} must be < NUM_LAYERS={self.num_layers} (0 = off)")
 
 
-# Fields that describe the network: stored in the artifact so PHASES=eval rebuilds exactly what was trained.
+# Fields that describe the network (and the text it reads: CaseOps): stored in the artifact so PHASES=eval rebuilds
+# exactly what was trained and scores it with the tokenizer and byte rule it was trained for.
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
                 "rope_base", "qk_gain_init", "logit_softcap", "bigram_vocab_size", "bigram_dim", "recur_layers",
-                "ve_dim", "ve_layers", "parallel_start", "ln_scale")
+                "ve_dim", "ve_layers", "parallel_start", "ln_scale", "caseops")
 
 # COMPILE and AUTOCAST: what each value means on (CUDA, CPU). "auto" is the device's default; a CPU run given
 # COMPILE=1 AUTOCAST=bf16 traces and compiles what a GPU run does, with the CPU's kernels (SDPA, foreach AdamW).
@@ -849,8 +854,9 @@ def read_shard(path: str | Path, vocab_size: int) -> np.ndarray:
 
 
 def shard_files(data_path: str, split: str) -> list[str]:
+    """The shards of a split in name order ("bytes": the CaseOps val byte sidecar, which is not a val shard)."""
     pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
-    files = sorted(glob.glob(pattern))
+    files = sorted(f for f in glob.glob(pattern) if split != "val" or not os.path.basename(f).startswith("fineweb_val_bytes_"))
     if not files:
         raise RunError(f"DATA_PATH={data_path!r}: no {split} shards match {pattern}")
     return files
@@ -1548,12 +1554,23 @@ class ByteTables:
                              # byte-fallback pieces count 1
     space: torch.Tensor      # bool [V]: the piece starts with "▁"
     boundary: torch.Tensor   # bool [V]: control / unknown / unused (BOS): counts 0 and swallows the next space
+    sidecar: torch.Tensor | None = None   # int16 [val tokens]: each token's original UTF-8 bytes (CaseOps); when
+                                          # set it alone counts, by stream position
 
-    def count(self, prev: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def count(self, prev: torch.Tensor, target: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Bytes of the targets at stream indices `positions` (prev: the tokens before them)."""
+        if self.sidecar is not None:
+            assert positions is not None, "the sidecar counts by stream position"
+            return self.sidecar[positions].long()
         return self.base[target] + (self.space[target] & ~self.boundary[prev]).long()
 
+    def slice(self, a: int, b: int) -> "ByteTables":
+        """The rule for the val tokens a..b-1 scored as a stream of their own (a study's val slice)."""
+        return self if self.sidecar is None else dataclasses.replace(self, sidecar=self.sidecar[a:b])
+
     def to(self, device) -> "ByteTables":
-        return ByteTables(self.base.to(device), self.space.to(device), self.boundary.to(device))
+        return dataclasses.replace(self, **{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                                            for f in dataclasses.fields(self)})
 
 
 def load_byte_tables(path: str, vocab_size: int) -> ByteTables:
@@ -1578,6 +1595,27 @@ def load_byte_tables(path: str, vocab_size: int) -> ByteTables:
             # a "▁" elsewhere (whitespace-only pieces "▁▁", suffix pieces "the▁") is one space byte, not three
             base[i] = len(piece.removeprefix("\u2581").replace("\u2581", " ").encode("utf-8"))
     return ByteTables(base, space, boundary)
+
+
+def eval_byte_tables(cfg: Config) -> ByteTables:
+    """The byte rule of the run's tokenizer; with a CaseOps tokenizer (its pieces hold the case operators) the bytes
+    come from the val byte sidecar, never from the pieces: an operator is 0 bytes of the original text, and a
+    capital letter is written lowercase in the piece."""
+    import sentencepiece as spm
+    tables = load_byte_tables(cfg.tokenizer_path, cfg.vocab_size)
+    sp = spm.SentencePieceProcessor(model_file=cfg.tokenizer_path)
+    if not any(sp.piece_to_id(op) != sp.unk_id() for op in CASEOPS_OPERATORS):
+        return tables
+    files = shard_files(cfg.data_path, "val")
+    sidecars = sorted(glob.glob(os.path.join(cfg.data_path, "fineweb_val_bytes_*.bin")))
+    need(bool(sidecars), f"TOKENIZER_PATH={cfg.tokenizer_path!r} is a CaseOps tokenizer: its bytes come from the val "
+         f"byte sidecar fineweb_val_bytes_*.bin, and DATA_PATH={cfg.data_path!r} has none (data/download.py --variant "
+         "sp8192_caseops fetches it)")
+    n_val = sum(shard_tokens(f) for f in files)
+    side = np.concatenate([read_shard(f, 65536) for f in sidecars])
+    need(len(side) == n_val, f"{sidecars[0]}: the val byte sidecar has {len(side)} entries but the val stream "
+         f"{files[0]}{' ...' if len(files) > 1 else ''} has {n_val} tokens")
+    return dataclasses.replace(tables, sidecar=torch.from_numpy(side.astype(np.int16)))
 
 
 def check_countable(sp, path: str) -> None:
@@ -1856,7 +1894,7 @@ def eval_shard(model: GPT, tokens: torch.Tensor, windows: np.ndarray, tables: By
         nll = -logp.gather(1, target[:, None])[:, 0].double()
         out.nll_sum += float(nll.sum())
         out.tokens += nll.numel()
-        out.bytes += int(tables.count(x[mask], target).sum())
+        out.bytes += int(tables.count(x[mask], target, target_pos).sum())
         if want_nll:
             out.nll.append(nll.cpu())
             out.pos.append(target_pos.cpu())
@@ -2092,7 +2130,7 @@ def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path, t0: float)
     # the data and tokenizer follow the artifact's VOCAB_SIZE unless they were given
     cfg = dataclasses.replace(cfg, **model_cfg, **{k: "" for k in ("data_path", "tokenizer_path") if k not in explicit})
     cfg.validate_model()
-    tables = load_byte_tables(cfg.tokenizer_path, cfg.vocab_size)
+    tables = eval_byte_tables(cfg)
     model = build_model(cfg, run)
     model.load_state_dict(state, strict=True)
     model.eval()
@@ -2537,7 +2575,7 @@ def main() -> int:
         if "train" in phases:
             # check the tokenizer now, not after 600 s of training
             needed = "eval" in phases or cfg.val_loss_every
-            tables = load_byte_tables(cfg.tokenizer_path, cfg.vocab_size) if needed else None
+            tables = eval_byte_tables(cfg) if needed else None
             state, labels, calib, model = train_phase(cfg, run, tables)
             if cfg.eval_prequant:
                 prequant_eval(cfg, run, model)

@@ -110,7 +110,7 @@ def score(artifact: Path, settings: dict[str, str], args, slices: list[tuple[int
     model = T.GPT(cfg)
     model.load_state_dict(state)
     model.eval()
-    tables = T.load_byte_tables(cfg.tokenizer_path, cfg.vocab_size)
+    tables = T.eval_byte_tables(cfg)
     val = T.load_val_tokens(dataclasses.replace(cfg, val_tokens=0))
     out = []
     for offset, n in slices:
@@ -118,7 +118,7 @@ def score(artifact: Path, settings: dict[str, str], args, slices: list[tuple[int
             offset, n = doc_slice(val, offset, n)
         if offset + n > len(val):
             raise T.RunError(f"val slice {offset}..{offset + n} is past the {len(val)} val tokens")
-        r = T.evaluate(model, val[offset:offset + n], tables, T.Run(), cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows)
+        r = T.evaluate(model, val[offset:offset + n], tables.slice(offset, offset + n), T.Run(), cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows)
         out.append(r.bpb)
     return out
 

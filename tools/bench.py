@@ -255,7 +255,7 @@ def bench_eval(cfg: tg.Config, run: tg.Run, model: tg.GPT, n_tokens: int, peak: 
     if len(val) <= cfg.eval_seq_len + 1:
         raise tg.RunError(f"the eval slice ({len(val)} tokens) must be longer than EVAL_SEQ_LEN={cfg.eval_seq_len} "
                           f"+ 1, or its windows are narrower than the real ones")
-    tables = tg.load_byte_tables(cfg.tokenizer_path, cfg.vocab_size)
+    tables = tg.eval_byte_tables(cfg)
     model.eval()
     if run.compiled:   # as eval_phase: the eval's graphs compile anew, not as recompiles of the training forward's
         torch._dynamo.reset()

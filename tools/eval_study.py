@@ -107,11 +107,12 @@ def main() -> int:
     model = T.GPT(cfg).to(run.device)
     model.load_state_dict(state)
     model.eval()
-    tables = T.load_byte_tables(cfg.tokenizer_path, cfg.vocab_size)
+    tables = T.eval_byte_tables(cfg)
     tokens = T.load_val_tokens(cfg)
     if not 0 <= args.offset < len(tokens) - 1:
         raise T.RunError(f"--offset {args.offset} is outside the {len(tokens)} val tokens")
-    tokens = tokens[args.offset:args.offset + args.tokens] if args.tokens else tokens[args.offset:]
+    end = args.offset + args.tokens if args.tokens else len(tokens)
+    tokens, tables = tokens[args.offset:end], tables.slice(args.offset, end)
     rows = []
     for text, kind, slot, ttt in variants:
         with leaky(kind):

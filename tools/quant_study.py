@@ -121,7 +121,7 @@ def projected_bytes(counts: dict[str, int], bits6: float | None, bits8: float | 
 
 def score(model: T.GPT, state: dict, cfg: T.Config, slices, val, tables) -> list[float]:
     model.load_state_dict(state)
-    return [T.evaluate(model, val[a:a + n], tables, T.Run(), cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows).bpb
+    return [T.evaluate(model, val[a:a + n], tables.slice(a, a + n), T.Run(), cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows).bpb
             for a, n in slices]
 
 
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     run = T.start_run({})
     cache = train_or_load(cfg, run, Path(args.cache) if args.cache else out_dir / f"{args.name}.pt", args.held_batches)
     cfg = dataclasses.replace(cfg, **cache["model_cfg"])
-    tables = T.load_byte_tables(cfg.tokenizer_path, cfg.vocab_size)
+    tables = T.eval_byte_tables(cfg)
     val = T.load_val_tokens(dataclasses.replace(cfg, val_tokens=0))
     slices = [(0, args.val_tokens)] + ([(args.held_out_offset, args.held_out)] if args.held_out else [])
     if args.artifact:
