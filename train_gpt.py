@@ -1700,6 +1700,7 @@ class EvalResult:
     ttt_epochs_mean: float = 0.0    # TTT steps actually run, per chunk that could train (all but the last)
     ttt_chunks_trained: int = 0
     budget_cuts: int = 0            # times the budget guard lowered SLOT steps or TTT epochs (on any rank)
+    ttt_seconds: float = 0.0        # of `seconds`: the TTT steps (this rank's)
 
 
 @dataclass
@@ -2039,7 +2040,7 @@ def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq
     train_fn = ttt_compiled(model, ttt, seq_len, ranks[0], world, run) if compiled else model
     if compiled:
         log(f"eval_compile ttt_time:{1000 * (time.perf_counter() - t1):.0f}ms")
-    epochs_run = []
+    epochs_run, ttt_s = [], 0.0
     for c, chunk in enumerate(chunks):
         if ttt and ttt.reset == "document" and c and tokens[chunk[2] - 1] == BOS_ID:
             restore_weights(model, base)      # a new document: back to the artifact's weights, no momentum
@@ -2060,10 +2061,11 @@ def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq
         run.sync()
         for r in ranks:
             states[r].budget.observe_chunk(time.perf_counter() - t1, epochs, chunk[3] - chunk[2])
+        ttt_s += time.perf_counter() - t1
         epochs_run.append(epochs)
     if base is not None:       # the artifact's weights come back: nothing trained here outlives the evaluation
         restore_weights(model, base)
-    return gather_result(states, ranks, run, slot, epochs_run, want_nll, t0)
+    return dataclasses.replace(gather_result(states, ranks, run, slot, epochs_run, want_nll, t0), ttt_seconds=ttt_s)
 
 
 @torch.no_grad()

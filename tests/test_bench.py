@@ -122,9 +122,9 @@ def test_bench_runs_every_section_on_cpu(tiny_data, tmp_path):
     assert slot["slot"]["steps"] == tg.Config().slot_steps and slot["scored_tokens"] == 1999
     assert slot["seconds"] > 0 and slot["val_bpb"] != e["val_bpb"]
 
-    both = r["eval"]["slot_ttt"]   # TTT on (with SLOT): its seconds over SLOT's, per trained chunk, for the full val
+    both = r["eval"]["slot_ttt"]   # TTT on (with SLOT): its own seconds per trained chunk, for the full val
     assert both["ttt"]["epochs"] == 1 and both["ttt_chunks_trained"] == 3 and both["val_bpb"] != slot["val_bpb"]
-    assert both["ttt_s_per_chunk"] == pytest.approx(max(0.0, both["seconds"] - slot["seconds"]) / 3)
+    assert 0 < both["ttt_s_per_chunk"] < both["seconds"] / 3   # timed around the TTT steps, a part of the whole
     assert both["full_val_ttt_chunks"] == -(-62_021_846 // 600) - 1
     assert both["projected_full_val_s_8gpu"] == pytest.approx(
         (slot["seconds"] / slot["windows"] * slot["full_val_windows"] + both["ttt_s_per_chunk"] * both["full_val_ttt_chunks"]) / 8)

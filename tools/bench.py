@@ -53,7 +53,7 @@ ASSUMPTIONS = {
     "eval_8gpu": f"full val ({VAL_TOKENS_FULL:,} tokens) time = measured seconds per window x windows of the full "
                  f"stream / {PROJECTION_GPUS} GPUs: every window has the same width, windows split evenly, no "
                  f"communication cost; compilation and model loading excluded",
-    "ttt_8gpu": "with TTT: its seconds over the same mode without it, per trained chunk, x the full val's chunks / "
+    "ttt_8gpu": "with TTT: the seconds of its steps (timed inside evaluate), per trained chunk, x the full val's chunks / "
                 f"{PROJECTION_GPUS} GPUs (each chunk's sequences split evenly; optimistic: each rank still runs the whole SGD "
                 "step and clipping, and the per-epoch gradient all-reduce and the TTT compilation are not counted)",
     "flop_model": "6 x (matmul weights x passes + tied head V*d + bigram and value-embedding projections) + 6 x d x seq_len x passes "
@@ -275,7 +275,7 @@ def bench_eval(cfg: tg.Config, run: tg.Run, model: tg.GPT, n_tokens: int, peak: 
         per_window = r.seconds / len(windows)
         ttt = {}
         if kwargs.get("ttt"):
-            ttt = ttt_projection(kwargs["ttt"], r, out["slot" if kwargs.get("slot") else "sliding"], len(val))
+            ttt = ttt_projection(kwargs["ttt"], r, len(val))
             per_window = out["slot" if kwargs.get("slot") else "sliding"]["seconds"] / len(windows)
         out[name] = {"slice_tokens": len(val), "scored_tokens": r.tokens, "windows": len(windows),
                      "seq_len": cfg.eval_seq_len, "stride": cfg.eval_stride, "batch_windows": cfg.eval_batch_windows,
@@ -290,14 +290,14 @@ def bench_eval(cfg: tg.Config, run: tg.Run, model: tg.GPT, n_tokens: int, peak: 
     return out
 
 
-def ttt_projection(ttt: tg.Ttt, r: tg.EvalResult, without: dict, n_tokens: int) -> dict:
-    """TTT's share of an evaluation: its seconds over the same mode without TTT, per trained chunk, and for the
-    full val's chunks (each chunk's training split across the GPUs like its windows)."""
+def ttt_projection(ttt: tg.Ttt, r: tg.EvalResult, n_tokens: int) -> dict:
+    """TTT's share of an evaluation: the seconds evaluate() timed around its TTT steps, per trained chunk, and for
+    the full val's chunks (each chunk's training split across the GPUs like its windows)."""
     need_chunks = -(-VAL_TOKENS_FULL // ttt.chunk_tokens) - 1
     if r.ttt_chunks_trained == 0:
         raise tg.RunError(f"the eval slice ({n_tokens} tokens) holds one TTT chunk ({ttt.chunk_tokens} tokens), so "
                           f"nothing trains: raise --eval-tokens above TTT_CHUNK_TOKENS")
-    per_chunk = max(0.0, r.seconds - without["seconds"]) / r.ttt_chunks_trained
+    per_chunk = r.ttt_seconds / r.ttt_chunks_trained
     return {"ttt": dataclasses.asdict(ttt), "ttt_chunks_trained": r.ttt_chunks_trained, "ttt_s_per_chunk": per_chunk,
             "full_val_ttt_chunks": need_chunks, "full_val_ttt_s_1gpu": per_chunk * need_chunks}
 
