@@ -89,7 +89,7 @@ class Config:
     seed: int = 1337
     phases: str = "train,export,eval"
     log_dir: str = "logs"
-    watchdog_seconds: float = 300.0  # a rank computing this long without a collective (or waiting 2x) ends the run
+    watchdog_seconds: float = 300.0  # a rank this long without progress (or waiting 2x in a collective) ends the run
     artifact_path: str = ""          # written by an export (default: beside its log); with PHASES=eval, read
     nll_dump_path: str = ""          # when set: per-target NLL of the final evaluation (.npy, float64)
     caseops: bool = False            # the CaseOps data (#1729): default paths of data/download.py --variant sp8192_caseops
@@ -1554,7 +1554,7 @@ class ByteTables:
                              # byte-fallback pieces count 1
     space: torch.Tensor      # bool [V]: the piece starts with "▁"
     boundary: torch.Tensor   # bool [V]: control / unknown / unused (BOS): counts 0 and swallows the next space
-    sidecar: torch.Tensor | None = None   # int16 [val tokens]: each token's original UTF-8 bytes (CaseOps); when
+    sidecar: torch.Tensor | None = None   # int32 [val tokens]: each token's original UTF-8 bytes (CaseOps); when
                                           # set it alone counts, by stream position
 
     def count(self, prev: torch.Tensor, target: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -1615,7 +1615,7 @@ def eval_byte_tables(cfg: Config) -> ByteTables:
     side = np.concatenate([read_shard(f, 65536) for f in sidecars])
     need(len(side) == n_val, f"{sidecars[0]}: the val byte sidecar has {len(side)} entries but the val stream "
          f"{files[0]}{' ...' if len(files) > 1 else ''} has {n_val} tokens")
-    return dataclasses.replace(tables, sidecar=torch.from_numpy(side.astype(np.int16)))
+    return dataclasses.replace(tables, sidecar=torch.from_numpy(side.astype(np.int32)))
 
 
 def check_countable(sp, path: str) -> None:
@@ -1904,6 +1904,7 @@ def eval_shard(model: GPT, tokens: torch.Tensor, windows: np.ndarray, tables: By
             out.slot_step_sum += steps * len(w)
             out.slot_steps_min = min(out.slot_steps_min, steps)
         state.budget.observe_batch(len(w), (t1 - t0) + (time.perf_counter() - t2), t2 - t1, steps)
+        log.mark()
     return out
 
 
@@ -2333,7 +2334,7 @@ class Log:
     def __init__(self) -> None:
         self.file = None
         self.enabled = True
-        self.last = ""
+        self.last, self.marked = "", time.monotonic()
 
     def open(self, log_dir: str, run_id: str, enabled: bool) -> str | None:
         """logs/<run_id>.txt, or <run_id>_2.txt ... when that exists (PHASES=eval reusing a RUN_ID): no log is ever
@@ -2353,6 +2354,7 @@ class Log:
 
     def __call__(self, msg: str, console: bool = True) -> None:
         self.last = msg[:80] if console else self.last   # where this rank got to (every rank, for the watchdog)
+        self.mark()
         if not self.enabled:
             return
         if console:
@@ -2360,6 +2362,10 @@ class Log:
         if self.file is not None:
             self.file.write(msg + "\n")
             self.file.flush()
+
+    def mark(self) -> None:
+        """Progress without a line (an eval batch, a pack): the stall watchdog counts from the latest mark."""
+        self.marked = time.monotonic()
 
     def close(self) -> None:
         if self.file is not None:
@@ -2375,8 +2381,9 @@ class FailureWatch:
     writes one line into the process group's key-value store; a thread on every rank polls for it, and the other
     ranks, which may be waiting in a collective for the failed one, exit at once (rank 0 logs the line first)
     instead of at the process group's timeout. The same thread is a watchdog for a rank stuck without an exception:
-    computing for WATCHDOG_SECONDS without reaching a collective (a hung compile, a deadlock), or waiting in one for
-    twice that (a peer that never arrives), fails the rank with the place it is stuck."""
+    computing for WATCHDOG_SECONDS without reaching a collective, writing a log line or marking progress (log.mark:
+    each eval batch), as in a hung compile or a deadlock, or waiting in a collective for twice that (a peer that
+    never arrives), fails the rank with the place it is stuck."""
     KEY, LOGGED = "pgolf/failure", "pgolf/failure_logged"
 
     def __init__(self, run: Run, stall_s: float = 0.0) -> None:
@@ -2395,6 +2402,8 @@ class FailureWatch:
     def stalled(self) -> str | None:
         """Why this rank counts as stuck, or None."""
         what, since = self.doing
+        if what == "computing":   # a log line or a mark is progress too (rank 0's export, a long evaluation)
+            since = max(since, log.marked)
         idle = time.monotonic() - since
         limit = self.stall_s * (1 if what == "computing" else 2)   # a computing rank is the one to name first
         if self.stall_s <= 0 or idle <= limit:

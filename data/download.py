@@ -2,12 +2,21 @@
 
     python data/download.py --variant sp1024 --train-shards 80
     python data/download.py --variant sp8192 --train-shards 128
+    python data/download.py --variant sp8192_caseops --train-shards 80
 
 writes the layout train_gpt.py reads by default for VOCAB_SIZE=V (variant spV):
 
     data/tokenizers/fineweb_V_bpe.model (+ .vocab)
     data/datasets/fineweb10B_spV/fineweb_val_000000.bin ...     (validation: always all of it)
     data/datasets/fineweb10B_spV/fineweb_train_000000.bin ...   (the first --train-shards train shards)
+
+and for sp8192_caseops (the CaseOps export of records #1729 onward; train_gpt.py's defaults with CASEOPS=1):
+
+    data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model
+    data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved/fineweb_val_000000.bin, fineweb_train_*.bin
+    data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved/fineweb_val_bytes_000000.bin ...
+        (the val byte sidecar: one uint16 per val token, its bytes of the original text; one per val shard, each
+        checked to match its val shard token for token: as many entries, and 0 at every BOS)
 
 Each variant has a default dataset repo (REPOS; --repo-id names another). The export lives under `datasets/` in the
 repo and `datasets/manifest.json` describes it: `datasets[]` entries (name `fineweb10B_<variant>`, `tokenizer_name`,
@@ -32,15 +41,21 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+
 # Where each variant's export lives: sp1024 is the official one; sp4096 and sp8192 are the export that the SP4096 and
-# SP8192 records of openai/parameter-golf download (records/track_10min_16mb/2026-04-05_SP8192_*/README.md).
+# SP8192 records of openai/parameter-golf download (records/track_10min_16mb/2026-04-05_SP8192_*/README.md);
+# sp8192_caseops the CaseOps export of #1729 (records/track_10min_16mb/2026-04-18_PR1626_CaseOps_Taper/README.md).
 REPOS = {"sp1024": "willdepueoai/parameter-golf",
          "sp4096": "kevclark/parameter-golf",
-         "sp8192": "kevclark/parameter-golf"}
+         "sp8192": "kevclark/parameter-golf",
+         "sp8192_caseops": "romeerp/parameter-golf-caseops-v1"}
+DATASET_NAMES = {"sp8192_caseops": "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"}   # else fineweb10B_<variant>
 REMOTE_ROOT = "datasets"              # the export lives under this folder of the dataset repo
 DEFAULT_TRAIN_SHARDS = 80             # 8B tokens: more than one 600 s run on 8 x H100 can read
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = 4 * HEADER_INTS
+BOS_ID = 1                            # every document of a shard starts with it
 
 
 class DownloadError(Exception):
@@ -63,6 +78,19 @@ def check_shard(path: Path) -> str | None:
         return f"bad header (magic {magic}, version {version}; expected {SHARD_MAGIC}, {SHARD_VERSION})"
     if count < 0 or size != HEADER_BYTES + 2 * count:
         return f"header says {count} tokens ({HEADER_BYTES + 2 * count} bytes) but the file has {size} bytes"
+    return None
+
+
+def check_sidecar(val: Path, sidecar: Path) -> str | None:
+    """Why `sidecar` is not the byte sidecar of the val shard `val` (both whole shards), or None: one entry per val
+    token, and 0 at every BOS (a document boundary has no bytes of text)."""
+    tokens = np.fromfile(val, dtype="<u2", offset=HEADER_BYTES)
+    counts = np.fromfile(sidecar, dtype="<u2", offset=HEADER_BYTES)
+    if len(counts) != len(tokens):
+        return f"{len(counts)} entries, but its val shard {val.name} has {len(tokens)} tokens"
+    bos = np.flatnonzero((tokens == BOS_ID) & (counts != 0))
+    if len(bos):
+        return f"{int(counts[bos[0]])} bytes at token {int(bos[0])}, a BOS of {val.name} (it must count 0)"
     return None
 
 
@@ -181,12 +209,27 @@ def load_manifest(repo_id: str, remote_root: str, revision: str) -> tuple[dict, 
     return manifest, f"{repo_id}:{where}"
 
 
+def dataset_name(variant: str) -> str:
+    return DATASET_NAMES.get(variant, f"fineweb10B_{variant}")
+
+
+def has_sidecar(variant: str) -> bool:
+    """CaseOps data is scored by its val byte sidecar (its pieces hold operators and lowercased capitals)."""
+    return "caseops" in dataset_name(variant)
+
+
+def sidecar_path(val_path: str) -> str:
+    return val_path.replace("/fineweb_val_", "/fineweb_val_bytes_")
+
+
 def plan(manifest: dict, where: str, variant: str, train_shards: int | None) -> list[str]:
-    """Paths (relative to the export root) to fetch: tokenizer files, every val shard, the first N train shards."""
+    """Paths (relative to the export root) to fetch: tokenizer files, every val shard (and for CaseOps its byte
+    sidecar), the first N train shards."""
     datasets = {d.get("name"): d for d in manifest.get("datasets", []) if isinstance(d, dict)}
-    name = f"fineweb10B_{variant}"
+    name = dataset_name(variant)
     if name not in datasets:
-        known = sorted(n.removeprefix("fineweb10B_") for n in datasets if str(n).startswith("fineweb10B_"))
+        variants = {n: v for v, n in DATASET_NAMES.items()}
+        known = sorted(variants.get(n, n.removeprefix("fineweb10B_")) for n in datasets if str(n).startswith("fineweb10B_"))
         raise DownloadError(f"--variant {variant}: {where} lists no dataset {name}; available: {', '.join(known) or 'none'}")
     entry = datasets[name]
     stats = entry.get("stats") or {}
@@ -206,6 +249,8 @@ def plan(manifest: dict, where: str, variant: str, train_shards: int | None) -> 
     if not tok_files:
         raise DownloadError(f"{where}: tokenizer {tok_name!r} names no file (model_path / vocab_path / path)")
     shards = [f"datasets/{name}/fineweb_val_{i:06d}.bin" for i in range(n_val)]
+    if has_sidecar(variant):
+        shards += [sidecar_path(f) for f in shards]
     shards += [f"datasets/{name}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
     return tok_files + shards
 
@@ -250,6 +295,18 @@ def check_args(args) -> str:
     return args.repo_id or REPOS[args.variant]
 
 
+def check_sidecars(files: list[str], dests: list[Path], repo_id: str, root: str) -> None:
+    """Each downloaded val byte sidecar against its val shard; a wrong one is deleted, so no run can read it."""
+    where = dict(zip(files, dests))
+    for rel in files:
+        if (side := sidecar_path(rel)) != rel and side in where:
+            problem = check_sidecar(where[rel], where[side])
+            if problem is not None:
+                where[side].unlink()
+                path = "/".join(p for p in (root, side) if p)
+                raise DownloadError(f"{repo_id}:{path}: not the byte sidecar of its val shard: {problem}; deleted it")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -263,16 +320,17 @@ def main(argv: list[str] | None = None) -> int:
             how = fetch(repo_id, "/".join(p for p in (root, rel) if p), args.revision, dest, rel.endswith(".bin"))
             counts[how] += 1
             print(f"[{i}/{len(files)}] {rel} {how.replace('copied', 'downloaded')}", file=sys.stderr, flush=True)
+        check_sidecars(files, dests, repo_id, root)
     except DownloadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command; finished files are kept", file=sys.stderr)
         return 130
-    name = f"fineweb10B_{args.variant}"
+    name = dataset_name(args.variant)
     tokenizers = [f for f in files if not f.endswith(".bin")]
     model = safe_local(args.out, next((f for f in tokenizers if f.endswith(".model")), tokenizers[0]))
-    vocab = f"VOCAB_SIZE={args.variant[2:]} " if re.fullmatch(r"sp\d+", args.variant) else ""
+    vocab = f"VOCAB_SIZE={m.group(1)} " if (m := re.fullmatch(r"sp(\d+)(_caseops)?", args.variant)) else ""
     print(f"{len(files)} files ready in {args.out} from {repo_id} ({counts['downloaded'] + counts['copied']} "
           f"downloaded, {counts['already complete']} already complete)")
     if counts["copied"]:

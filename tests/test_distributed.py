@@ -128,3 +128,16 @@ def test_a_rank_that_blocks_without_an_exception_ends_every_rank(tiny_data, tmp_
     120 s timeout of run_injected then fails the test; tried 2026-12-07)."""
     errors = run_injected(tiny_data, tmp_path, target, timeout=120, within=25, WATCHDOG_SECONDS="5")
     assert errors[0].startswith("error: rank 1 stalled: computing for"), errors[0]
+
+
+def test_a_long_evaluation_is_not_a_stall(artifact):
+    """Scoring runs for seconds without a collective (one chunk, SLOT on every batch): each batch marks progress, so
+    a watchdog of 2 s does not fire (without the marks it does: tried 2026-12-07)."""
+    work, env = artifact
+    e = dict(env, PHASES="eval", RUN_ID="long", ARTIFACT_PATH=str(work / "logs" / "two.pgz"), WATCHDOG_SECONDS="2",
+             SLOT_STEPS="8", TTT_EPOCHS="0", EVAL_COMPARE_PLAIN="0", EVAL_STRIDE="4")
+    e.pop("NLL_DUMP_PATH")
+    r = run_script(e, work, nproc=2)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = parse_log(work / "logs" / "long.txt")
+    assert float(lines["final_slot_exact"]["eval_time"].removesuffix("ms")) > 4000, "long enough to mean something"

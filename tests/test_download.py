@@ -322,3 +322,59 @@ def test_files_are_hard_links_into_the_cache_or_copies_with_a_note(hub, exports,
     assert r.returncode == 0, r.stderr
     assert "so 4 files were copied and take twice the space; HF_HUB_CACHE=data/.hub-cache keeps one copy" in r.stderr
     assert shard.stat().st_nlink == 1 and shard.read_bytes() == exports[OFFICIAL][path]
+
+
+# ==================================================================================================
+# The CaseOps variant: its own repo and folder names, and the val byte sidecar as part of the data
+# ==================================================================================================
+
+ROMEERP = "romeerp/parameter-golf-caseops-v1"
+CASEOPS_NAME = "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+CASEOPS_TOKENIZER = "tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved"
+
+
+def caseops_files(root: Path, sidecar: list[int] | None = None) -> dict[str, bytes]:
+    """A tiny export laid out as romeerp/parameter-golf-caseops-v1 (the #1729 exporter's manifest: the dataset
+    entry names a val_bytes_glob; one sidecar per val shard). The tokenizer is placeholder bytes: never read."""
+    val = [1, 9, 4, 10, 11, 1, 12, 5, 13]                        # two documents; 4, 5 are operators (0 bytes)
+    side = [0, 2, 0, 3, 1, 0, 4, 0, 2] if sidecar is None else sidecar
+    prefix = f"datasets/datasets/{CASEOPS_NAME}"
+    files = {f"{prefix}/fineweb_val_000000.bin": write_shard(root / "val.bin", val).read_bytes(),
+             f"{prefix}/fineweb_val_bytes_000000.bin": write_shard(root / "side.bin", side).read_bytes(),
+             f"datasets/{CASEOPS_TOKENIZER}.model": b"caseops model", f"datasets/{CASEOPS_TOKENIZER}.vocab": b"vocab"}
+    for i in range(2):
+        files[f"{prefix}/fineweb_train_{i:06d}.bin"] = write_shard(root / f"t{i}.bin", np.arange(1, 50 + i)).read_bytes()
+    tok = "sp_bpe_8192_lossless_caps_caseops_v1_reserved"
+    manifest = {"datasets": [{"name": CASEOPS_NAME, "tokenizer_name": tok, "stats": {"files_train": 2, "files_val": 1},
+                              "val_bytes_glob": f"datasets/{CASEOPS_NAME}/fineweb_val_bytes_*.bin"}],
+                "tokenizers": [{"name": tok, "model_path": f"{CASEOPS_TOKENIZER}.model",
+                                "vocab_path": f"{CASEOPS_TOKENIZER}.vocab", "text_transform": "lossless_caps_caseops_v1"}]}
+    files["datasets/manifest.json"] = json.dumps(manifest).encode()
+    return files
+
+
+def test_caseops_variant_lands_where_a_caseops_run_looks_with_its_checked_sidecar(tmp_path):
+    files = caseops_files(tmp_path)
+    with FakeHub(files, repo=ROMEERP) as hub:
+        r = download(tmp_path, "--variant", "sp8192_caseops", "--train-shards", "1")
+        assert r.returncode == 0, r.stderr
+        # train_gpt.py's defaults with its CaseOps setting on
+        data, tok = f"data/datasets/{CASEOPS_NAME}", f"data/{CASEOPS_TOKENIZER}.model"
+        wanted = {f"{data}/fineweb_val_000000.bin", f"{data}/fineweb_val_bytes_000000.bin",
+                  f"{data}/fineweb_train_000000.bin", tok, tok.replace(".model", ".vocab")}
+        assert finished_files(tmp_path / "data") == {w.removeprefix("data/") for w in wanted}
+        for w in wanted:
+            assert (tmp_path / w).read_bytes() == files["datasets/" + w.removeprefix("data/")], w
+        assert f"VOCAB_SIZE=8192 DATA_PATH={data} TOKENIZER_PATH={tok}" in r.stdout
+        side = f"datasets/datasets/{CASEOPS_NAME}/fineweb_val_bytes_000000.bin"   # its path in the repo
+        bad = {"8 entries, but its val shard fineweb_val_000000.bin has 9 tokens": [0, 2, 0, 3, 1, 0, 4, 0],
+               "3 bytes at token 5, a BOS of fineweb_val_000000.bin (it must count 0)": [0, 2, 0, 3, 1, 3, 4, 0, 2]}
+        for i, (message, counts) in enumerate(bad.items()):
+            hub.update(ROMEERP, side, write_shard(tmp_path / "bad.bin", counts).read_bytes())
+            (tmp_path / f"fresh{i}").mkdir()                        # no finished files: the sidecar is downloaded
+            err = one_line_error(download(tmp_path / f"fresh{i}", "--variant", "sp8192_caseops", "--train-shards", "0"))
+            assert f"{ROMEERP}:{side}: not the byte sidecar of its val shard: {message}; deleted it" in err, err
+            assert not (tmp_path / f"fresh{i}" / data / "fineweb_val_bytes_000000.bin").exists()
+        hub.update(ROMEERP, side, None)
+        err = one_line_error(download(tmp_path / "fresh0", "--variant", "sp8192_caseops", "--train-shards", "0"))
+        assert f"{ROMEERP}:{side}: not found (HTTP 404)" in err
