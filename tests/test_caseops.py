@@ -229,3 +229,26 @@ def test_proxy_val_documents_give_the_proxy_caseops_val_and_sidecar_exactly(tmp_
     side = C.read_sidecar(proxy / "fineweb_val_bytes_000000.bin")
     assert C.check_sidecar(read_tokens(proxy / "fineweb_val_000000.bin"), side, sp) is None
     assert int(side.sum()) == sum(len(d.encode("utf-8")) for d in docs) == 2_504_867
+
+
+def test_a_caseops_run_finds_its_data_by_default_and_scores_the_original_bytes(sp, tmp_path):
+    """Shards built with --caseops where data/download.py --variant sp8192_caseops puts them (at this tokenizer's
+    vocabulary), then train_gpt.py with VOCAB_SIZE and CASEOPS=1 alone: it trains, exports, and its SLOT + TTT score
+    counts exactly the val documents' UTF-8 bytes, from the sidecar."""
+    from helpers import parse_log, run_script, script_env
+    v = sp.vocab_size()
+    data = tmp_path / "data" / "datasets" / f"fineweb10B_sp{v}_lossless_caps_caseops_v1_reserved"
+    tok = tmp_path / "data" / "tokenizers" / f"fineweb_{v}_bpe_lossless_caps_caseops_v1_reserved.model"
+    tok.parent.mkdir(parents=True)
+    tok.write_bytes(sp.serialized_model_proto())
+    docs = make_documents(600, seed=11)
+    assert build(write_jsonl(tmp_path / "in.jsonl", docs), "--tokenizer", tok, "--out", data, "--caseops",
+                 "--val-docs", 60) == 0
+    env = script_env(data, tok, tmp_path / "logs", RUN_ID="co", VOCAB_SIZE=str(v), CASEOPS="1", SLOT_STEPS="2",
+                     TTT_EPOCHS="1")
+    del env["DATA_PATH"], env["TOKENIZER_PATH"]          # the defaults must find them
+    r = run_script(env, tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    final = parse_log(tmp_path / "logs" / "co.txt")["final_slot_ttt_exact"]
+    original = sum(len(C.canonical_text(sp, d).encode("utf-8")) for d in docs[:60])
+    assert int(final["scored_bytes"]) == original
