@@ -252,3 +252,31 @@ def test_a_caseops_run_finds_its_data_by_default_and_scores_the_original_bytes(s
     final = parse_log(tmp_path / "logs" / "co.txt")["final_slot_ttt_exact"]
     original = sum(len(C.canonical_text(sp, d).encode("utf-8")) for d in docs[:60])
     assert int(final["scored_bytes"]) == original
+
+
+def test_check_bytes_proves_a_sidecar_and_names_the_first_wrong_document(sp, tmp_path, capsys):
+    """tools/check_bytes.py on a CaseOps val shard checks its sidecar (exit 0), and a sidecar with one value moved
+    from one token to another document's fails (exit 1) naming that document; with the proxy data, the proxy's."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import check_bytes
+    model = tmp_path / "tok.model"
+    model.write_bytes(sp.serialized_model_proto())
+    out = tmp_path / "out"
+    assert build(write_jsonl(tmp_path / "in.jsonl", make_documents(40, seed=12)), "--tokenizer", model, "--out", out,
+                 "--caseops", "--val-docs", 20) == 0
+    shard, side = out / "fineweb_val_000000.bin", out / "fineweb_val_bytes_000000.bin"
+    assert check_bytes.main(["--tokenizer", str(model), "--shard", str(shard)]) == 0
+    assert "mismatches=0" in capsys.readouterr().out
+    values = C.read_sidecar(side).astype(np.int64)
+    tokens = read_tokens(shard)
+    starts = np.flatnonzero(tokens == 1)
+    values[starts[7] + 2] += 1                      # document 7 gains a byte ...
+    values[starts[12] + 1] -= 1 if values[starts[12] + 1] else -1   # ... and document 12 changes too
+    bad = tmp_path / "bad_sidecar.bin"
+    bad.write_bytes(side.read_bytes()[:1024] + values.astype("<u2").tobytes())
+    assert check_bytes.main(["--tokenizer", str(model), "--shard", str(shard), "--sidecar", str(bad)]) == 1
+    assert "mismatch: document 7:" in capsys.readouterr().out
+    if PROXY_TOKENIZER.is_file():
+        proxy = SHARED / "fineweb_proxy_sp8192_caseops" / "fineweb_val_000000.bin"
+        assert check_bytes.main(["--tokenizer", str(PROXY_TOKENIZER), "--shard", str(proxy)]) == 0
+        assert "bytes=2504867 decoded_bytes=2504867 mismatches=0" in capsys.readouterr().out

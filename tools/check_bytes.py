@@ -14,6 +14,11 @@ instead of the space it escapes. The reference here reads every such "▁" as th
 as the dummy prefix, which is no text), so a tokenizer without a standalone "▁" piece shows up as mismatches instead
 of agreeing with itself. `fallback_spaces` counts them; it is 0 for tokenizers that have the piece.
 
+A CaseOps tokenizer (its pieces hold the case operators U+E001..U+E004) is scored from the val byte sidecar, not
+from its pieces, so for it the sidecar is what is checked: per document, the sidecar's sum must equal the UTF-8
+length of the original text, the inverse transform (data/caseops.py) of the decoded tokens. --sidecar names it
+(default: fineweb_val_bytes_<N>.bin beside fineweb_val_<N>.bin); the first mismatching document is printed.
+
 Prints the mismatching documents (at most --show), then one summary line. Exit code: 0 exact, 1 mismatches, 2 bad input.
 """
 from __future__ import annotations
@@ -99,17 +104,54 @@ def check(tokenizer: str, shard: str, docs: int | None = None) -> Report:
     return rep
 
 
+def is_caseops(sp) -> bool:
+    return any(sp.piece_to_id(op) != sp.unk_id() for op in T.CASEOPS_OPERATORS)
+
+
+def check_caseops(sp, shard: str, sidecar: str | None, docs: int | None) -> tuple[Report, object]:
+    """(the report, the first mismatch or None) of a CaseOps val shard against its byte sidecar."""
+    sys.path.insert(0, str(ROOT / "data"))
+    import caseops
+    path = Path(sidecar) if sidecar else Path(shard).with_name(Path(shard).name.replace("fineweb_val_", "fineweb_val_bytes_"))
+    if not path.is_file():
+        raise T.RunError(f"--sidecar {str(path)!r}: file not found (a CaseOps shard is checked against its sidecar)")
+    stream = T.read_shard(shard, sp.vocab_size()).astype(np.int64)
+    side = caseops.read_sidecar(path).astype(np.int64)
+    if len(side) != len(stream):
+        raise T.RunError(f"{path}: {len(side)} entries but {shard} has {len(stream)} tokens")
+    starts, end = document_starts(stream, docs)
+    try:
+        first = caseops.check_sidecar(stream[:end], side[:end], sp)
+    except caseops.CaseOpsError as e:
+        raise T.RunError(f"{shard}: {e}") from None
+    rep = Report(documents=len(starts), tokens=end, bytes=int(side[:end].sum()))
+    if first is None:
+        rep.decoded_bytes = rep.bytes
+    else:
+        rep.mismatches.append((first.document, first.found, first.expected, f"first differing token at stream index "
+                                                                           f"{first.position}"))
+    return rep, first
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", required=True, help="the SentencePiece .model the shard was encoded with")
     ap.add_argument("--shard", required=True, help="a challenge-format shard (fineweb_val_*.bin)")
     ap.add_argument("--docs", type=int, default=None, help="check the first N documents only (default: all)")
     ap.add_argument("--show", type=int, default=5, help="mismatching documents to print (default: 5)")
+    ap.add_argument("--sidecar", help="CaseOps: the val byte sidecar (default: fineweb_val_bytes_N.bin beside the shard)")
     args = ap.parse_args(argv)
     if args.docs is not None and args.docs < 1:
         ap.error("--docs must be at least 1")
     try:
-        rep = check(args.tokenizer, args.shard, args.docs)
+        import sentencepiece as spm
+        if not Path(args.tokenizer).is_file():
+            raise T.RunError(f"--tokenizer {args.tokenizer!r}: file not found")
+        sp = spm.SentencePieceProcessor(model_file=args.tokenizer)
+        if is_caseops(sp):
+            rep, _ = check_caseops(sp, args.shard, args.sidecar, args.docs)
+        else:
+            rep = check(args.tokenizer, args.shard, args.docs)
     except T.RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
