@@ -3,6 +3,7 @@ import importlib.util
 import io
 import os
 import random
+import re
 import struct
 import sys
 from pathlib import Path
@@ -66,7 +67,9 @@ def test_missing_tokenizer_is_an_error(tmp_path):
 # test_decode_alone_cannot_see_issue_897), so it agrees with the very miscount #897 is about.
 
 SPACE = "\u2581"
-SHARED = Path(os.environ.get("REAL_DATA_DIR", "/nonexistent"))   # the real tokenizers/ and fineweb_proxy_sp*/ folders
+# The real tokenizers/ and fineweb_proxy_sp*/ folders: REAL_DATA_DIR, else ../shared/data beside the checkout (where CI
+# has it); test_real_tokenizers_count_the_proxy_val_exactly skips when neither holds them.
+SHARED = Path(os.environ.get("REAL_DATA_DIR") or ROOT.parent / "shared" / "data")
 
 # The trainer and normalizer settings of the records' fineweb_8192_bpe.model, read from its ModelProto (the official
 # fineweb_1024_bpe.model has the same ones): BPE, byte fallback, 0.999 character coverage, digits split, nmt_nfkc,
@@ -342,34 +345,31 @@ def test_decode_alone_cannot_see_issue_897(tok_dir):
     assert int(rule.count(x[:-1], x[1:]).sum()) == len(decoded.encode()) == text_bytes(sp, "the  2 cats , 😀") + 4
 
 
-# Until load_byte_tables gets its check_countable (the proposed fix), these tokenizers are miscounted: expected failures
-# then, and strict, so a fix under another name shows up as an unexpected pass.
-NOT_YET = pytest.mark.xfail(not hasattr(T, "check_countable"), strict=True,
-                            reason="load_byte_tables neither refuses nor counts this tokenizer exactly (issue #897 family)")
-
-
-@pytest.mark.parametrize("layout, drop_space", [
-    pytest.param("sp_like", True, id="897-bpe-no-space-piece", marks=NOT_YET),
-    pytest.param("helper_like", True, id="897-dummy-prefix-no-space-piece", marks=NOT_YET),
-    pytest.param("unigram", True, id="897-unigram-no-space-piece", marks=NOT_YET),
-    pytest.param("whitespace_only_pieces", False, id="whitespace-only-pieces", marks=NOT_YET),
-    pytest.param("kept_leading_whitespace", False, id="kept-leading-whitespace", marks=NOT_YET),
-    pytest.param("whitespace_suffix", False, id="whitespace-suffix", marks=NOT_YET),
-    pytest.param("whitespace_suffix_dummy", False, id="whitespace-suffix-dummy", marks=NOT_YET),
-    pytest.param("no_split_by_whitespace", False, id="no-split-by-whitespace"),
+@pytest.mark.parametrize("layout, drop_space, refusal", [
+    pytest.param("sp_like", True, "no standalone '\u2581' piece", id="897-bpe-no-space-piece"),
+    pytest.param("helper_like", True, "no standalone '\u2581' piece", id="897-dummy-prefix-no-space-piece"),
+    pytest.param("unigram", True, "no standalone '\u2581' piece", id="897-unigram-no-space-piece"),
+    pytest.param("kept_leading_whitespace", False, "keeps a document's leading whitespace", id="kept-leading-whitespace"),
+    pytest.param("whitespace_suffix_dummy", False, "dummy whitespace suffix", id="whitespace-suffix-dummy"),
+    pytest.param("whitespace_only_pieces", False, None, id="whitespace-only-pieces"),
+    pytest.param("whitespace_suffix", False, None, id="whitespace-suffix"),
+    pytest.param("no_split_by_whitespace", False, None, id="no-split-by-whitespace"),
 ])
-def test_other_tokenizers_are_counted_exactly_or_refused(tok_dir, layout, drop_space):
-    """A score must never rest on a miscount: load_byte_tables either counts every document's text exactly or refuses
-    the tokenizer with a RunError that says why."""
+def test_other_tokenizers_are_counted_exactly_or_refused(tok_dir, layout, drop_space, refusal, monkeypatch):
+    """A score must never rest on a miscount: load_byte_tables counts every document's text exactly, or refuses the
+    tokenizer with a RunError that names it and says why; each refused one is one the per-token rule would miscount."""
     path, sp = tokenizer(tok_dir, layout, 1024, drop_space)
-    try:
-        tables = T.load_byte_tables(str(path), sp.vocab_size())
-    except T.RunError as e:
-        assert str(path) in str(e) and (SPACE in str(e) or "whitespace" in str(e)), e
+    miscounted = lambda tables: [(d, n, text_bytes(sp, d)) for d, n in zip(TEST_DOCS, doc_counts(tables, sp, TEST_DOCS)[1])
+                                 if n != text_bytes(sp, d)]
+    if refusal is None:
+        wrong = miscounted(T.load_byte_tables(str(path), sp.vocab_size()))
+        assert not wrong, f"{len(wrong)} documents miscounted, e.g. {wrong[0]}"
         return
-    _, counted, _ = doc_counts(tables, sp, TEST_DOCS)
-    wrong = [(d, n, text_bytes(sp, d)) for d, n in zip(TEST_DOCS, counted) if n != text_bytes(sp, d)]
-    assert not wrong, f"{len(wrong)} documents miscounted, e.g. {wrong[0]}"
+    with pytest.raises(T.RunError, match=re.escape(refusal)) as refused:
+        T.load_byte_tables(str(path), sp.vocab_size())
+    assert str(path) in str(refused.value)
+    monkeypatch.setattr(T, "check_countable", lambda sp, path: None)     # the refusal taken out: a real miscount
+    assert len(miscounted(T.load_byte_tables(str(path), sp.vocab_size()))) > 10
 
 
 # --- tools/check_bytes.py ------------------------------------------------------------------------------------------
@@ -400,17 +400,21 @@ def test_check_bytes_tool_on_tiny_data(tok_dir, tmp_path, capsys):
     assert "must start with BOS" in capsys.readouterr().err
 
 
-def test_check_bytes_tool_catches_issue_897(tok_dir, tmp_path, capsys):
-    """A tokenizer without a standalone "▁": mismatches (exit 1) while load_byte_tables counts it, or refused (2)."""
+def test_check_bytes_tool_catches_issue_897(tok_dir, tmp_path, capsys, monkeypatch):
+    """A tokenizer without a standalone "▁": load_byte_tables refuses it (exit 2); with that refusal taken out, the
+    tool's own check, each document against its decoded text, finds the miscount (exit 1)."""
     path, sp = tokenizer(tok_dir, "sp_like", 1024, drop_space=True)
     shard, _ = _shard(tmp_path, sp, TEST_DOCS[:40])
-    rc = load_tool().main(["--tokenizer", str(path), "--shard", str(shard)])
-    out = capsys.readouterr()
-    if rc == 1:
-        last = out.out.splitlines()[-1]
-        assert "mismatch: document" in out.out and " mismatches=0 " not in last and "fallback_spaces=0" not in last
-    else:
-        assert rc == 2 and out.err.startswith("error:")
+    tool = load_tool()
+    assert tool.main(["--tokenizer", str(path), "--shard", str(shard)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no standalone" in err and "#897" in err
+    monkeypatch.setattr(T, "check_countable", lambda sp, path: None)
+    assert tool.main(["--tokenizer", str(path), "--shard", str(shard)]) == 1
+    out = capsys.readouterr().out
+    summary = dict(field.split("=") for field in out.splitlines()[-1].split()[1:])
+    assert "mismatch: document" in out and int(summary["mismatches"]) > 0 and int(summary["fallback_spaces"]) > 0
+    assert int(summary["bytes"]) > int(summary["decoded_bytes"])      # 3 bytes counted for each fallen-back space
 
 
 # --- the real tokenizers, when REAL_DATA_DIR names a folder that holds them (skipped otherwise) ----------------
@@ -419,7 +423,7 @@ REAL = [("fineweb_8192_bpe.model", "fineweb_proxy_sp8192"), ("fineweb_1024_bpe.m
 
 
 @pytest.mark.skipif(not all((SHARED / "tokenizers" / t).is_file() and (SHARED / d / "fineweb_val_000000.bin").is_file()
-                            for t, d in REAL), reason="REAL_DATA_DIR unset (a folder with tokenizers/ and fineweb_proxy_sp*/)")
+                            for t, d in REAL), reason=f"no tokenizers/ and fineweb_proxy_sp*/ in {SHARED} (REAL_DATA_DIR)")
 def test_real_tokenizers_count_the_proxy_val_exactly():
     tool = load_tool()
     reports = []

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 
 import train_gpt as T
 from helpers import parse_log, ROOT, BOS, run_script, script_env
@@ -151,8 +153,9 @@ def test_builder_refuses_existing_output_and_tokenizer_without_bos(tokenizer, tm
     assert "BOS id is -1" in capsys.readouterr().err
 
 
-def test_train_gpt_trains_on_built_shards(tokenizer, tmp_path):
-    """The pipeline on your own data: text -> build_shards.py -> train_gpt.py (tiny model, CPU)."""
+def test_train_gpt_trains_on_built_shards_and_scores_their_val_exactly(tokenizer, tmp_path):
+    """The pipeline on your own data: text -> build_shards.py -> train_gpt.py (tiny model, CPU), which scores every
+    target of the built val split, its bytes those of the 100 documents' text."""
     from helpers import make_documents
     src = tmp_path / "corpus.jsonl"
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(700, seed=11)), encoding="utf-8")
@@ -165,4 +168,10 @@ def test_train_gpt_trains_on_built_shards(tokenizer, tmp_path):
     run = run_script(env, tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     final = parse_log(tmp_path / "logs/own.txt")["final_slot_ttt_exact"]   # the log body, not the source block above it
-    assert int(final["scored_tokens"]) > 0 and float(final["val_bpb"]) > 0
+    _, val = read_split(tmp_path / "shards", "val")
+    docs = split_docs(val)
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    text_bytes = sum(len(sp.decode(d).encode("utf-8")) for d in docs)
+    assert len(docs) == 100 and int(final["scored_tokens"]) == len(val) - 1 and int(final["scored_bytes"]) == text_bytes
+    bpb = float(final["val_loss"]) / math.log(2) * (len(val) - 1) / text_bytes
+    assert float(final["val_bpb"]) == pytest.approx(bpb, abs=2e-8)
