@@ -294,7 +294,7 @@ def train_summary(text: str) -> dict:
                                "states": next((l.split("states:", 1)[1].split() for l in text.splitlines()
                                                if l.startswith("compile_warmup steps:")), None)},
             "peak_memory_allocated": key_values(text, "peak_memory_allocated").get("peak_memory_allocated"),
-            "model": key_values(text, "model_params"), "attention_log": [l for l in text.splitlines() if l.startswith("attention:")],
+            "model": key_values(text, "model_params"), "attention_log": [l for l in text.splitlines() if l.startswith(("attention:", "attention_kernel"))],
             "gptq_calib": key_values(text, "gptq_calib "), "export": key_values(text, "code_bytes"),
             "artifact": key_values(text, "artifact:"), "export_time": key_values(text, "export_time").get("export_time"),
             "prequant": key_values(text, "prequant_exact"), "plain": key_values(text, "final_sliding_window_exact"),
