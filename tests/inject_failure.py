@@ -1,6 +1,7 @@
 """train_gpt.main() with one of its functions made to fail on one rank at its N-th call: the entry point of the
 failure tests. FAIL_AT=<function>@<rank>@<call>[@hang], e.g. train_step@1@3: an ordinary exception (not a
-RunError); with @hang the call blocks instead, without an exception and outside any collective."""
+RunError); with @hang the call blocks instead, without an exception and outside any collective. SLOW_AT=<function>:
+<seconds> makes every call of a function on every rank sleep first."""
 import os
 import sys
 import time
@@ -9,7 +10,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_gpt as T  # noqa: E402
 
-name, rank, call, *mode = os.environ.pop("FAIL_AT").split("@")
+if "SLOW_AT" in os.environ:     # <function>:<seconds>: every call on every rank sleeps first (a slow device)
+    slow_name, seconds = os.environ.pop("SLOW_AT").split(":")
+    slow_real = getattr(T, slow_name)
+
+    def slow(*args, **kwargs):
+        time.sleep(float(seconds))
+        return slow_real(*args, **kwargs)
+
+    setattr(T, slow_name, slow)
+name, rank, call, *mode = os.environ.pop("FAIL_AT", "none@-1@0").split("@")
 if int(os.environ.get("RANK", "0")) == int(rank):
     real, calls = getattr(T, name), [0]
 

@@ -1,6 +1,7 @@
 """Run under torchrun (gloo, CPU): the sharded, DDP-free training step against the step it replaced
 (tests/reference_ddp_muon.py), from the same weights on the same batches, across the recurrence and QAT switches.
 Rank 0 writes a JSON to PARITY_OUT: the largest weight difference of each comparison and the bytes sent per step."""
+import gc
 import json
 import os
 import sys
@@ -72,7 +73,9 @@ def main() -> None:
         Path(os.environ["PARITY_OUT"]).write_text(json.dumps(dict(
             world=run.world_size, sharded_vs_reference=gap(new, ref), unclipped_vs_reference=gap(unclipped, ref),
             rank_spread=spread, sent_per_step=sent, reference_sent_per_step=dict(sent_ref, ddp_all_reduce=ddp_bytes))))
-    dist.destroy_process_group()
+    del new, ref, unclipped
+    gc.collect()     # the reference's DDP sits in reference cycles that hold the process group: free it first, or
+    dist.destroy_process_group()   # gloo can abort a rank at exit ("terminate called without an active exception")
 
 
 if __name__ == "__main__":

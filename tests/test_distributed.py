@@ -131,13 +131,17 @@ def test_a_rank_that_blocks_without_an_exception_ends_every_rank(tiny_data, tmp_
 
 
 def test_a_long_evaluation_is_not_a_stall(artifact):
-    """Scoring runs for seconds without a collective (one chunk, SLOT on every batch): each batch marks progress, so
-    a watchdog of 2 s does not fire (without the marks it does: tried 2026-12-07)."""
+    """Scoring runs for seconds without a collective (one chunk, no TTT): here every batch is made 0.25 s slower
+    (SLOW_AT), so each rank scores for several watchdog periods, and each batch marks progress: a watchdog of 2 s
+    does not fire (without the marks it does: tried 2026-12-07)."""
     work, env = artifact
     e = dict(env, PHASES="eval", RUN_ID="long", ARTIFACT_PATH=str(work / "logs" / "two.pgz"), WATCHDOG_SECONDS="2",
-             SLOT_STEPS="8", TTT_EPOCHS="0", EVAL_COMPARE_PLAIN="0", EVAL_STRIDE="4")
+             SLOT_STEPS="0", TTT_EPOCHS="0", EVAL_COMPARE_PLAIN="0", EVAL_BATCH_WINDOWS="32",
+             SLOW_AT="scored_log_probs:0.25")
     e.pop("NLL_DUMP_PATH")
-    r = run_script(e, work, nproc=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).parent / "inject_failure.py")]
+    r = subprocess.run(cmd, env=e, cwd=work, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     lines = parse_log(work / "logs" / "long.txt")
-    assert float(lines["final_slot_exact"]["eval_time"].removesuffix("ms")) > 4000, "long enough to mean something"
+    assert float(lines["final_sliding_window_exact"]["eval_time"].removesuffix("ms")) > 4000, "2 watchdog periods"

@@ -161,18 +161,18 @@ def test_the_default_reserve_is_measured_in_the_warm_up(tiny_data, tmp_path):
     own time is logged beside it."""
     data, tok = tiny_data
     env = script_env(data, tok, tmp_path / "logs", RUN_ID="measured", PHASES="train,export", ITERATIONS="100000",
-                     MAX_WALLCLOCK_SECONDS="3", GPTQ_RESERVE_SECONDS="0", GPTQ_CALIB_BATCHES="200")
+                     MAX_WALLCLOCK_SECONDS="4", GPTQ_RESERVE_SECONDS="0", GPTQ_CALIB_BATCHES="100")
     r = run_script(env, tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     lines = parse_log(tmp_path / "logs" / "measured.txt")
     ms = lambda v: float(v.removesuffix("ms"))  # noqa: E731
     res = lines["gptq_reserve"]
-    assert int(res["batches_per_rank"]) == 200 and float(res["margin"]) == T.RESERVE_MARGIN
+    assert int(res["batches_per_rank"]) == 100 and float(res["margin"]) == T.RESERVE_MARGIN
     reserve = ms(res["reserve"])
-    # the log rounds measured_batch to whole ms: +-0.5 ms x 200 batches x the margin
-    assert reserve == pytest.approx(T.RESERVE_MARGIN * 200 * ms(res["measured_batch"]), abs=T.RESERVE_MARGIN * 200 * 0.5)
-    assert 600 < reserve < 3000, "200 batches: a reserve large enough that the cap check below can tell"
+    # the log rounds measured_batch to whole ms: +-0.5 ms x 100 batches x the margin
+    assert reserve == pytest.approx(T.RESERVE_MARGIN * 100 * ms(res["measured_batch"]), abs=T.RESERVE_MARGIN * 100 * 0.5)
     step_ms = ms(lines["train_done"]["step_avg"])
-    assert ms(lines["train_done"]["train_time"]) <= 3000 - reserve + 2 * step_ms, "the cap less the measured reserve"
+    assert reserve > 3 * step_ms, "100 batches: a reserve the cap check below can tell from the steps' own slack"
+    assert ms(lines["train_done"]["train_time"]) <= 4000 - reserve + 2 * step_ms, "the cap less the measured reserve"
     calib = lines["gptq_calib"]
-    assert int(calib["calib_batches"]) > 0 and ms(calib["train_time_with_calib"]) <= 3000
+    assert int(calib["calib_batches"]) > 0 and ms(calib["train_time_with_calib"]) <= 4000
