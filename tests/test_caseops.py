@@ -208,7 +208,7 @@ def test_builder_takes_the_split_from_the_docs_export_manifest(sp, tmp_path, cap
 
 
 # ==================================================================================================
-# The shared proxy data (skipped where /work/shared/data is absent)
+# The shared proxy data (skipped where ../shared/data, beside the repository, is absent)
 # ==================================================================================================
 
 @pytest.mark.skipif(not PROXY_TOKENIZER.is_file(), reason=f"no shared proxy data at {SHARED}")
