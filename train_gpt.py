@@ -92,7 +92,7 @@ class Config:
     watchdog_seconds: float = 300.0  # a rank this long without progress (or waiting 2x in a collective) ends the run
     artifact_path: str = ""          # written by an export (default: beside its log); with PHASES=eval, read
     nll_dump_path: str = ""          # when set: per-target NLL of the final evaluation (.npy, float64)
-    caseops: bool = False            # the CaseOps data (#1729): default paths of data/download.py --variant sp8192_caseops
+    caseops: bool = False            # the CaseOps data (#1729): the paths of data/download.py --variant sp8192_caseops
     # ---- model
     vocab_size: int = 1024
     num_layers: int = 11
@@ -648,8 +648,8 @@ def build_model(cfg: Config, run: Run) -> GPT:
     problem = flash_attention_problem(cfg, run.device) or (None if run.amp else "AUTOCAST=off: it needs bf16 inputs")
     # rank agreement: every rank runs the same attention, so that every rank traces the same graphs
     sdpa = run.agree(problem is not None)
-    log(f"attention_kernel:{'sdpa' if sdpa else 'fa3'} " + (f"(FlashAttention-3 unusable: {problem or 'on another rank'})"
-                                                           if sdpa else "(FlashAttention-3)"))
+    why = f"(FlashAttention-3 unusable: {problem or 'on another rank'})" if sdpa else "(FlashAttention-3)"
+    log(f"attention_kernel:{'sdpa' if sdpa else 'fa3'} {why}")
     if sdpa and run.device.type == "cuda" and run.world_size == REFERENCE_GPUS and cfg.max_wallclock_seconds >= 600:
         log("attention_kernel: WARNING a record-length run on SDPA: about 14% fewer steps than with FlashAttention-3 "
             f"(PR #1006: 107 vs 92 ms/step on 8 x H100). Install it: {FA3_INSTALL}")
@@ -695,7 +695,7 @@ class Muon(torch.optim.Optimizer):
         self.buffers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         if run.compiled:   # one graph per bank shape: more than dynamo's default limit of 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 + len(self.banks))
-        self.ns = run.compile(newton_schulz)
+        self.ns = run.compile(newton_schulz, fullgraph=True)   # a graph break is an error, not a silent slowdown
         self.works: list = []
 
     def _buffers(self):
@@ -856,7 +856,8 @@ def read_shard(path: str | Path, vocab_size: int) -> np.ndarray:
 def shard_files(data_path: str, split: str) -> list[str]:
     """The shards of a split in name order ("bytes": the CaseOps val byte sidecar, which is not a val shard)."""
     pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
-    files = sorted(f for f in glob.glob(pattern) if split != "val" or not os.path.basename(f).startswith("fineweb_val_bytes_"))
+    sidecar = lambda f: split == "val" and os.path.basename(f).startswith("fineweb_val_bytes_")  # noqa: E731
+    files = sorted(f for f in glob.glob(pattern) if not sidecar(f))
     if not files:
         raise RunError(f"DATA_PATH={data_path!r}: no {split} shards match {pattern}")
     return files
@@ -1569,8 +1570,8 @@ class ByteTables:
         return self if self.sidecar is None else dataclasses.replace(self, sidecar=self.sidecar[a:b])
 
     def to(self, device) -> "ByteTables":
-        return dataclasses.replace(self, **{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
-                                            for f in dataclasses.fields(self)})
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **{k: None if t is None else t.to(device) for k, t in moved.items()})
 
 
 def load_byte_tables(path: str, vocab_size: int) -> ByteTables:
@@ -2248,7 +2249,8 @@ class Run:
         """Bytes this rank sends for a collective on t, as a ring algorithm moves them (NCCL's large-message case):
         an all-reduce sends 2 (w-1)/w of the tensor, a reduce-scatter or an all-gather (w-1)/w of the full tensor."""
         w = self.world_size
-        self.sent[kind] = self.sent.get(kind, 0) + t.numel() * t.element_size() * (w - 1) * (2 if kind.endswith("all_reduce") else 1) // w
+        hops = 2 if kind.endswith("all_reduce") else 1
+        self.sent[kind] = self.sent.get(kind, 0) + t.numel() * t.element_size() * (w - 1) * hops // w
 
     @contextlib.contextmanager
     def waiting(self, what: str):
