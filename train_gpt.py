@@ -2224,21 +2224,19 @@ class Run:
 
     def start_reduce_scatter(self, shard: torch.Tensor, full: torch.Tensor):
         """shard <- this rank's 1/world of the rank-sum of full (split along dim 0), asynchronously."""
-        if not self.distributed:
-            if shard is not full:
-                shard.copy_(full)
-            return None
-        self.count("reduce_scatter", full)
-        return dist.reduce_scatter_tensor(shard, full, async_op=True)
+        return self._start_sharded("reduce_scatter", dist.reduce_scatter_tensor, shard, full, full)
 
     def start_all_gather(self, full: torch.Tensor, shard: torch.Tensor):
         """full <- every rank's shard, stacked along dim 0 in rank order, asynchronously."""
-        if not self.distributed:
-            if shard is not full:
-                full.copy_(shard)
+        return self._start_sharded("all_gather", dist.all_gather_into_tensor, full, shard, full)
+
+    def _start_sharded(self, kind: str, collective, out: torch.Tensor, inp: torch.Tensor, counted: torch.Tensor):
+        if not self.distributed:   # one rank: the shard is the whole
+            if out is not inp:
+                out.copy_(inp)
             return None
-        self.count("all_gather", full)
-        return dist.all_gather_into_tensor(full, shard, async_op=True)
+        self.count(kind, counted)
+        return collective(out, inp, async_op=True)
 
     def wait(self, work, what: str) -> None:
         if work is not None:
