@@ -150,6 +150,7 @@ class Config:
     eval_batch_windows: int = 32     # windows per forward (and per SLOT batch), per rank
     eval_budget_seconds: float = 520.0   # 600 s less 10% and a margin: TTT epochs, then SLOT steps, are cut to fit
     eval_compare_plain: bool = False # also run the plain sliding eval first (final_sliding_window_exact)
+    eval_mode: str = "stream"        # stream: windows over the stream | document: each document alone (#1530-#2135)
     # ---- TTT (score-first test-time training; see Ttt)
     ttt_epochs: int = 3              # SGD steps on each scored chunk but the last; 0 = off
     ttt_chunk_tokens: int = 32768    # as #549 and #1413 (16,384 is the smallest that fills every 8-GPU scoring batch)
@@ -157,6 +158,20 @@ class Config:
     ttt_momentum: float = 0.9
     ttt_clip: float = 1.0            # global gradient norm
     ttt_reset: str = "never"         # or "document": a chunk also starts after every BOS, from the artifact's weights
+    # ---- document mode: per-document LoRA TTT (see Lora) and phased global SGD (see Phases); #1855's values
+    lora_rank: int = 96              # 0 = off (the document mode then only scores)
+    lora_alpha: float = 144.0        # delta = (x A^T) B^T x alpha / rank (#1767)
+    lora_lr: float = 1e-4
+    lora_weight_decay: float = 1.0
+    lora_beta2: float = 0.999        # Adam without momentum (beta1 0), eps 1e-10
+    lora_batch: int = 64             # documents per forward (rows), per rank
+    lora_carry: bool = True          # A carried from batch to batch (#1767; B and the Adam state restart per batch)
+    phase_docs: int = 2000           # the first documents in stream order that the phases train on (#1626: 2000)
+    phase_count: int = 1             # global SGD pauses within them (0 = off; #1626: 1-3, 6+ overfit)
+    phase_lr: float = 0.001          # SGD, cosine over the phase's steps (#1626)
+    phase_momentum: float = 0.9
+    phase_clip: float = 1.0
+    phase_tokens: int = 32768        # targets per global SGD step, shared by all ranks (#1626)
     # ---- SLOT (causal, context-only; see Slot)
     slot_steps: int = 8              # 0 = plain sliding-window eval
     slot_lr: float = 0.05
@@ -197,6 +212,10 @@ class Config:
         need(self.ema_decay < 1, "EMA_DECAY must be < 1")
         need(self.slot_steps == 0 or self.slot_lr > 0, "SLOT_LR must be > 0 when SLOT_STEPS > 0")
         need(self.ttt_reset in ("never", "document"), f"TTT_RESET={self.ttt_reset!r} must be never or document")
+        need(self.eval_mode in ("stream", "document"), f"EVAL_MODE={self.eval_mode!r} must be stream or document")
+        need(self.lora_batch > 0 and self.phase_tokens > 0, "LORA_BATCH and PHASE_TOKENS must be > 0")
+        need(self.lora_rank == 0 or self.lora_lr > 0, "LORA_LR must be > 0 when LORA_RANK > 0")
+        need(self.lora_beta2 < 1, "LORA_BETA2 must be < 1")
         need(self.ttt_epochs == 0 or (self.ttt_lr > 0 and self.ttt_chunk_tokens > 0),
              "TTT_LR and TTT_CHUNK_TOKENS must be > 0 when TTT_EPOCHS > 0")
         need(self.gptq_damp > 0, "GPTQ_DAMP must be > 0")
@@ -247,9 +266,11 @@ NOT_OURS = {"WARMDOWN_ITERS": "use WARMDOWN_FRAC (a fraction of the expected run
             "LATE_QAT_THRESHOLD": "use LATE_QAT_FRAC", "QAT_ENABLED": "use LATE_QAT_FRAC (0 = off)",
             "SLOT_ENABLED": "use SLOT_STEPS (0 = plain sliding window; SLOT is on by default)",
             "TTT_ENABLED": "use TTT_EPOCHS (0 = off; score-first TTT)", "TTT_STEPS": "use TTT_EPOCHS",
-            "TTT_CHUNK_SIZE": "use TTT_CHUNK_TOKENS",
-            "TTT_LORA": "this script's TTT trains all weights (see logs/eval_study/README.md)",
-            "TTT_LORA_RANK": "this script's TTT trains all weights (see logs/eval_study/README.md)",
+            "TTT_LORA": "use EVAL_MODE=document (per-document LoRA TTT; LORA_RANK=0 turns it off)",
+            "TTT_LORA_RANK": "use LORA_RANK (EVAL_MODE=document)", "TTT_LORA_LR": "use LORA_LR (EVAL_MODE=document)",
+            "TTT_CHUNK_SIZE": "use EVAL_STRIDE in EVAL_MODE=document (the chunk), TTT_CHUNK_TOKENS in stream mode",
+            "PHASED_TTT_PREFIX_DOCS": "use PHASE_DOCS", "PHASED_TTT_NUM_PHASES": "use PHASE_COUNT",
+            "GLOBAL_TTT_LR": "use PHASE_LR", "TTT_BATCH_SIZE": "use LORA_BATCH",
             "QUANTIZER": "the export is always GPTQ (tools/quant_study.py keeps round to nearest as its reference)",
             "EMBED_BITS": "the embedding tables are int8 (see logs/quant_study/README.md)",
             "SWA_ENABLED": "this script has no SWA; it exports the EMA weights (EMA_DECAY)",
@@ -426,12 +447,13 @@ class Attention(nn.Module):
         # (#1278). Layer 0 has none (it would be unused)
         self.vr = labelled(torch.full((1,), -1.5), "scalar") if value_residual else None
 
-    def forward(self, x: torch.Tensor, v0: torch.Tensor | None,
-                ve: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, v0: torch.Tensor | None, ve: torch.Tensor | None,
+                ad: "PassAdapters | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.h, self.hd)
-        k = self.c_k(x).view(B, T, self.hkv, self.hd)
-        v = self.c_v(x)
+        q = self.c_q(x) + ad("q", x) if ad else self.c_q(x)
+        k = self.c_k(x) + ad("k", x) if ad else self.c_k(x)
+        v = self.c_v(x) + ad("v", x) if ad else self.c_v(x)
+        q, k = q.view(B, T, self.h, self.hd), k.view(B, T, self.hkv, self.hd)
         v = (v if ve is None else v + ve).view(B, T, self.hkv, self.hd)
         if self.vr is None:
             v0 = v
@@ -447,7 +469,7 @@ class Attention(nn.Module):
         g = y.view(B, T, self.hkv, self.h // self.hkv, self.hd)
         vn = F.normalize(v, dim=-1).unsqueeze(3)
         y = (g - (g * vn).sum(-1, keepdim=True) * vn).reshape(B, T, self.h * self.hd)
-        return self.proj(y), v0
+        return (self.proj(y) + ad("o", x) if ad else self.proj(y)), v0   # the output adapter reads the block's input
 
 
 class MLP(nn.Module):
@@ -480,16 +502,18 @@ class Block(nn.Module):
         self.mlp_scale = labelled(torch.ones(d), "scalar")
         self.resid_mix = labelled(torch.stack((torch.ones(d), torch.zeros(d))), "scalar")   # x <- a x + b x0
 
-    def forward(self, x, x0, v0, p: Pass, ve):
+    def forward(self, x, x0, v0, p: Pass, ve, ad: "PassAdapters | None" = None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         n = rms_norm(x) * p.ln
-        a, v0 = self.attn(n, v0, ve)
+        a, v0 = self.attn(n, v0, ve, ad)
         if p.parallel:
-            return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * self.mlp(n), v0
+            m = self.mlp(n) + ad("m", n) if ad else self.mlp(n)
+            return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * m, v0
         x = x + self.attn_scale.to(x.dtype) * a
-        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * p.ln)
-        return x, v0
+        n = rms_norm(x) * p.ln
+        m = self.mlp(n) + ad("m", n) if ad else self.mlp(n)
+        return x + self.mlp_scale.to(x.dtype) * m, v0
 
 
 def doc_continues(idx: torch.Tensor) -> torch.Tensor:
@@ -600,9 +624,9 @@ class GPT(nn.Module):
         device = idx.device.type
         return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, lora: "Adapters | None" = None) -> torch.Tensor:
         """Token ids [B, T] -> final residual stream [B, T, d] (before the final norm): the one block loop of
-        training, evaluation, SLOT and TTT."""
+        training, evaluation, SLOT and TTT; `lora`: per-document adapters (one per row) of the document eval."""
         x = self.embed(idx)
         ve = self.value_embed(idx) if self.value_embed is not None else None
         x0, v0, skips = x, None, []
@@ -614,14 +638,16 @@ class GPT(nn.Module):
             if 0 <= i - n_enc < min(n_enc, len(passes) - n_enc):
                 x = x + self.skip_weights[i - n_enc].to(x.dtype) * skips.pop()
             ve_p = ve * self.value_embed.scales[p.ve].to(ve.dtype) if p.ve >= 0 else None
-            x, v0 = self.blocks[p.layer](x, x0, v0, p, ve_p)
+            x, v0 = self.blocks[p.layer](x, x0, v0, p, ve_p, lora.at(i) if lora is not None else None)
             if i < n_enc:
                 skips.append(x)
         return x
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm, tied LM head and logit soft-cap, in float32."""
-        logits = F.linear(rms_norm(h), self.tok_emb.weight.to(h.dtype))
+    def head(self, h: torch.Tensor, lora: "Adapters | None" = None) -> torch.Tensor:
+        """Final norm, tied LM head (plus the document adapters' head term) and logit soft-cap, in float32."""
+        n = rms_norm(h)
+        logits = F.linear(n, self.tok_emb.weight.to(h.dtype))
+        logits = logits + lora.head(n) if lora is not None else logits
         logits = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits   # float64 stays
         return self.softcap * torch.tanh(logits / self.softcap)
 
@@ -1180,8 +1206,8 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
         if cfg.val_loss_every and step % cfg.val_loss_every == 0:
             with clock.paused():
                 model.eval()
-                r = evaluate(model, val_tokens, tables, run, cfg.train_seq_len, cfg.train_seq_len,
-                             cfg.eval_batch_windows)
+                r = evaluate(model, val_tokens, tables, run,
+                             Geometry(cfg.train_seq_len, cfg.train_seq_len, cfg.eval_batch_windows))
                 model.train()
             log(f"step:{step}/{cfg.iterations} val_loss:{r.loss:.4f} val_bpb:{r.bpb:.4f} "
                 f"train_time:{1000 * clock.elapsed():.0f}ms")
@@ -1688,6 +1714,71 @@ class Ttt:
         return settings_view(cls, cfg, "ttt_") if cfg.ttt_epochs else None
 
 
+@dataclass(frozen=True)
+class Lora:
+    """Per-document LoRA TTT (document mode; #1530, #1767, #1855): each row of a batch is one document with its own
+    adapters (see Adapters), walked in chunks of EVAL_STRIDE targets: score the chunk, then one Adam step (beta1 0)
+    on that chunk's mean loss, except after the document's last chunk."""
+    rank: int = Config.lora_rank
+    alpha: float = Config.lora_alpha
+    lr: float = Config.lora_lr
+    weight_decay: float = Config.lora_weight_decay
+    beta2: float = Config.lora_beta2
+    batch: int = Config.lora_batch
+    carry: bool = Config.lora_carry
+
+    @classmethod
+    def from_config(cls, cfg: "Config") -> "Lora | None":
+        return settings_view(cls, cfg, "lora_") if cfg.lora_rank else None
+
+
+@dataclass(frozen=True)
+class Phases:
+    """Phased global SGD (#1626, #1855): the first `docs` documents of the stream are scored in `count` groups; after
+    each group every rank pauses and trains all weights for one epoch on that group's documents (each document its own
+    rows, so the loss never crosses a document), then the adapters restart."""
+    docs: int = Config.phase_docs
+    count: int = Config.phase_count
+    lr: float = Config.phase_lr
+    momentum: float = Config.phase_momentum
+    clip: float = Config.phase_clip
+    tokens: int = Config.phase_tokens
+
+    @classmethod
+    def from_config(cls, cfg: "Config") -> "Phases | None":
+        return settings_view(cls, cfg, "phase_") if cfg.phase_count and cfg.phase_docs else None
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the windows fall: at most `seq_len` tokens of context, a new window (stream mode) or chunk (document
+    mode) every `stride` targets, `batch_windows` windows per forward (stream mode; document mode: Lora.batch)."""
+    seq_len: int = Config.eval_seq_len
+    stride: int = Config.eval_stride
+    batch_windows: int = Config.eval_batch_windows
+
+    @classmethod
+    def from_config(cls, cfg: "Config") -> "Geometry":
+        return settings_view(cls, cfg, "eval_")
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """What adapts while the evaluation scores, and its deadline (None: no budget guard)."""
+    mode: str = "stream"
+    slot: Slot | None = None
+    ttt: Ttt | None = None          # stream mode's chunked all-weight SGD
+    lora: Lora | None = None        # document mode's per-document adapters
+    phases: Phases | None = None    # document mode's global SGD pauses
+    deadline: float | None = None
+
+    @classmethod
+    def from_config(cls, cfg: "Config", deadline: float | None) -> "Adaptation":
+        doc = cfg.eval_mode == "document"
+        return cls(cfg.eval_mode, Slot.from_config(cfg), None if doc else Ttt.from_config(cfg),
+                   Lora.from_config(cfg) if doc else None, Phases.from_config(cfg) if doc else None, deadline)
+
+
 @dataclass
 class EvalResult:
     loss: float            # mean NLL per scored target, nats
@@ -1710,6 +1801,7 @@ class RankEval:
     its budget, SLOT's warm start, and its sums before the all-reduce."""
     budget: "EvalBudget"
     hidden: typing.Callable | None = None   # the model's hidden(), compiled or not (None: model.hidden)
+    want_nll: bool = False           # keep every NLL and its target index (NLL_DUMP_PATH, the tests)
     prev: tuple | None = None        # the previous batch's mean final (delta, bias): the warm start
     nll_sum: float = 0.0
     tokens: int = 0
@@ -1719,6 +1811,9 @@ class RankEval:
     windows: int = 0
     slot_step_sum: int = 0          # sum over windows of the SLOT steps used
     slot_steps_min: int = 1 << 30
+    plans: list = dataclasses.field(default_factory=list)   # the agreed (SLOT steps, TTT epochs) of every round
+    adapters: typing.Any = None     # document mode: the per-document LoRA (Adapters) and its Adam second moments
+    second: list = dataclasses.field(default_factory=list)
 
 
 def slot_context_weights(first: torch.Tensor, width: int, focal: int) -> torch.Tensor:
@@ -1743,14 +1838,15 @@ def slot_init(n: int, d: int, vocab: int, prev: tuple | None, alpha: float,
     return delta, bias
 
 
-def slot_logits(model: GPT, h: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def slot_logits(model: GPT, h: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None,
+                lora: "Adapters | None" = None) -> torch.Tensor:
     """Logits of h [B, C, d] (a column range of B windows): softcap(head(h + delta)) + bias, with delta [B, 1, d]
     and bias [B, 1, V]. Broadcasting keeps each window's parameters to itself; the backward is a plain reduction."""
-    logits = model.head(h + delta)
+    logits = model.head(h + delta, lora)
     return logits + bias if bias is not None else logits
 
 
-def slot_adamw(model, h, y, w, delta, bias, slot: Slot, steps: int):
+def slot_adamw(model, h, y, w, delta, bias, slot: Slot, steps: int, lora: "Adapters | None" = None):
     """`steps` AdamW steps (no weight decay, no clipping) with a cosine learning rate. AdamW is element-wise and the
     loss is a sum of per-window means, so this is B independent optimizations run side by side."""
     params = [delta.requires_grad_()] + ([bias.requires_grad_()] if bias is not None else [])
@@ -1759,7 +1855,7 @@ def slot_adamw(model, h, y, w, delta, bias, slot: Slot, steps: int):
     b1, b2, eps = 0.9, 0.999, 1e-8
     for k in range(steps):
         lr = slot.lr_min + 0.5 * (slot.lr - slot.lr_min) * (1 + math.cos(math.pi * k / steps))
-        logits = slot_logits(model, h, delta, bias)
+        logits = slot_logits(model, h, delta, bias, lora)
         loss = (F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none") * w.flatten()).sum()
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
@@ -1770,7 +1866,7 @@ def slot_adamw(model, h, y, w, delta, bias, slot: Slot, steps: int):
     return delta.detach(), bias.detach() if bias is not None else None
 
 
-def slot_fit(model: GPT, h, y, first, slot: Slot, steps: int, prev):
+def slot_fit(model: GPT, h, y, first, slot: Slot, steps: int, prev, lora: "Adapters | None" = None):
     """One batch's per-window delta and bias: a warm or zero start, then AdamW on the columns that hold context.
     Returns (delta, bias, the warm start for the next batch); (None, None, prev) when the budget cut the steps to
     0: the batch is then scored plain, never with a stale warm start."""
@@ -1783,7 +1879,8 @@ def slot_fit(model: GPT, h, y, first, slot: Slot, steps: int, prev):
     if len(cols):
         c0, c1 = int(cols[0]), int(cols[-1]) + 1
         with torch.enable_grad():
-            delta, bias = slot_adamw(model, h[:, c0:c1], y[:, c0:c1], weights[:, c0:c1], delta, bias, slot, steps)
+            delta, bias = slot_adamw(model, h[:, c0:c1], y[:, c0:c1], weights[:, c0:c1], delta, bias, slot, steps,
+                                     lora)
         has_ctx = weights.sum(1) > 0
         prev = (delta[has_ctx].mean(0), bias[has_ctx].mean(0) if bias is not None else 0.0)
     return delta, bias, prev
@@ -1801,6 +1898,7 @@ class EvalBudget:
 
     def __init__(self, deadline: float | None, steps: int, epochs: int, windows: int, tokens: int) -> None:
         self.deadline, self.steps, self.epochs = deadline, steps, epochs
+        self.configured = (steps, epochs)
         self.windows_left, self.tokens_left = windows, tokens   # this rank's windows to score, targets to train on
         self.fwd = self.step = self.epoch = None               # s per window, per window and step, per epoch and token
         self.batches = self.trained = self.cuts = 0
@@ -1843,13 +1941,31 @@ class EvalBudget:
             else:
                 break
         if (self.steps, self.epochs) != before:
-            self.cuts += 1
-            log(f"eval_budget: WARNING cut SLOT steps {before[0]} -> {self.steps}, TTT epochs {before[1]} -> "
-                f"{self.epochs} at {where} ({left:.1f}s left, {self.windows_left} windows and {self.tokens_left} TTT "
-                f"targets "
-                f"to go; per window {1000 * (self.fwd or 0):.2f}ms + {1000 * (self.step or 0):.3f}ms per step, "
-                f"{1e6 * (self.epoch or 0):.2f}us per epoch and target)")
+            log(f"eval_budget: rank {where} proposes SLOT steps {before[0]} -> {self.steps}, TTT epochs {before[1]} -> "
+                f"{self.epochs} ({left:.1f}s left, {self.windows_left} windows and {self.tokens_left} TTT targets to "
+                f"go; per window {1000 * (self.fwd or 0):.2f}ms + {1000 * (self.step or 0):.3f}ms per step, "
+                f"{1e6 * (self.epoch or 0):.2f}us per epoch and target)", console=False)
         return self.steps, self.epochs
+
+
+def agree_plan(states: dict, run: Run, where: str) -> tuple[int, int]:
+    """The (SLOT steps, TTT epochs) every rank uses for the next round: each rank's budget proposes what fits its
+    own share, the smallest proposal wins everywhere (no rank scores with other settings than its peers), and every
+    budget then counts with the agreed values. Called at the same points on every rank (the rounds are computed from
+    the static shares), so the all-reduce always pairs up."""
+    first = next(iter(states.values()))
+    before = first.plans[-1] if first.plans else first.budget.configured
+    proposals = [states[r].budget.plan(f"{r} at {where}") for r in states]
+    local = torch.tensor([min(p[0] for p in proposals), min(p[1] for p in proposals)], device=run.device)
+    agreed = tuple(int(v) for v in run.all_reduce(local, dist.ReduceOp.MIN).tolist())
+    if agreed != before:
+        log(f"eval_budget: WARNING cut SLOT steps {before[0]} -> {agreed[0]}, TTT epochs {before[1]} -> {agreed[1]} "
+            f"at {where}, agreed by all ranks")
+    for state in states.values():
+        state.budget.steps, state.budget.epochs = agreed
+        state.budget.cuts += agreed != before
+        state.plans.append(agreed)
+    return agreed
 
 
 def scored_log_probs(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -1860,9 +1976,9 @@ def scored_log_probs(logits: torch.Tensor, positions: torch.Tensor) -> torch.Ten
 
 @torch.no_grad()
 def eval_shard(model: GPT, tokens: torch.Tensor, windows: np.ndarray, tables: ByteTables, run: Run,
-               batch_windows: int, slot: Slot | None, state: RankEval, want_nll: bool = False) -> RankEval:
-    """Score `windows` (one rank's contiguous share, in stream order), adding to `state`, which carries the budget,
-    the warm start and the sums on to the next call."""
+               batch_windows: int, slot: Slot | None, state: RankEval) -> RankEval:
+    """Score `windows` (one rank's contiguous share, in stream order) with the agreed SLOT steps, adding to `state`,
+    which carries the budget, the warm start and the sums on to the next call."""
     hidden_fn, device, out = state.hidden or model.hidden, run.device, state
     tables = tables.to(device)
     n_batches = (len(windows) + batch_windows - 1) // batch_windows
@@ -1875,7 +1991,7 @@ def eval_shard(model: GPT, tokens: torch.Tensor, windows: np.ndarray, tables: By
         first = torch.as_tensor(first_np, device=device)
         pos = torch.arange(width, device=device)[None, :]
         mask = pos >= first[:, None]
-        steps = state.budget.plan(f"batch {i}")[0] if slot else 0
+        steps = state.budget.steps if slot else 0
         t0 = time.perf_counter()
         pad = batch_windows - len(w)   # keep one batch shape: a compiled forward would recompile for a short batch
         with run.autocast():
@@ -1893,13 +2009,7 @@ def eval_shard(model: GPT, tokens: torch.Tensor, windows: np.ndarray, tables: By
         target_pos = (torch.as_tensor(w[:, 0], device=device)[:, None] + 1 + pos)[mask]
         logp = scored_log_probs(logits[mask[:, f0:]], target_pos)
         target = y[mask]
-        nll = -logp.gather(1, target[:, None])[:, 0].double()
-        out.nll_sum += float(nll.sum())
-        out.tokens += nll.numel()
-        out.bytes += int(tables.count(x[mask], target, target_pos).sum())
-        if want_nll:
-            out.nll.append(nll.cpu())
-            out.pos.append(target_pos.cpu())
+        add_scores(out, logp, target, target_pos, tables.count(x[mask], target, target_pos))
         out.windows += len(w)
         if slot is not None:
             out.slot_step_sum += steps * len(w)
@@ -1907,6 +2017,18 @@ def eval_shard(model: GPT, tokens: torch.Tensor, windows: np.ndarray, tables: By
         state.budget.observe_batch(len(w), (t1 - t0) + (time.perf_counter() - t2), t2 - t1, steps)
         log.mark()
     return out
+
+
+def add_scores(out: RankEval, logp: torch.Tensor, target: torch.Tensor, positions: torch.Tensor,
+               n_bytes: torch.Tensor) -> None:
+    """Add scored rows (full log-probabilities from scored_log_probs) to a rank's sums."""
+    nll = -logp.gather(1, target[:, None])[:, 0].double()
+    out.nll_sum += float(nll.sum())
+    out.tokens += nll.numel()
+    out.bytes += int(n_bytes.sum())
+    if out.want_nll:
+        out.nll.append(nll.cpu())
+        out.pos.append(positions.cpu())
 
 
 def eval_chunks(tokens: torch.Tensor, windows: np.ndarray, ttt: Ttt | None) -> list[tuple[int, int, int, int]]:
@@ -2010,20 +2132,28 @@ def eval_forward(model: GPT, windows: np.ndarray, batch_windows: int, run: Run):
     return fn
 
 
-def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq_len: int, stride: int,
-             batch_windows: int, slot: Slot | None = None, ttt: Ttt | None = None, deadline: float | None = None,
-             want_nll: bool = False) -> EvalResult:
-    """Score every target of `tokens` once, chunk by chunk in stream order (one chunk without TTT); each chunk's
-    windows are split across the ranks' shares (Run.eval_shares) in contiguous order, and with TTT each chunk but
-    the last is trained on after it is scored. The forwards are compiled when the run compiles (COMPILE)."""
+# Batches each rank scores between two budget agreements (a tiny all-reduce): small enough to react within seconds
+BUDGET_ROUND_BATCHES = 8
+
+
+def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, geo: Geometry,
+             adapt: Adaptation = Adaptation(), want_nll: bool = False) -> EvalResult:
+    """Score every target of `tokens` once, in the stream mode (below) or the document mode (evaluate_documents).
+    Stream mode: chunk by chunk in stream order (one chunk without TTT); each chunk's windows are split across the
+    ranks' shares (Run.eval_shares) in contiguous order, scored in rounds of BUDGET_ROUND_BATCHES batches with SLOT
+    steps agreed before each round, and with TTT each chunk but the last is trained on after it is scored. The
+    forwards are compiled when the run compiles (COMPILE)."""
+    if adapt.mode == "document":
+        return evaluate_documents(model, tokens, tables, run, geo, adapt, want_nll)
     t0 = time.perf_counter()
-    windows = build_windows(len(tokens), seq_len, stride)
+    slot, ttt = adapt.slot, adapt.ttt
+    windows = build_windows(len(tokens), geo.seq_len, geo.stride)
     chunks = eval_chunks(tokens, windows, ttt)
     # The budget's counts come from the fixed grid of chunk_tokens, which depends on the stream's length alone: with
     # per-document chunks the real counts would tell every chunk how many documents lie ahead.
     grid = eval_chunks(tokens, windows, dataclasses.replace(ttt, reset="never")) if ttt else chunks
     ranks, world = run.eval_shares()
-    hidden_fn = eval_forward(model, windows, batch_windows, run)
+    hidden_fn = eval_forward(model, windows, geo.batch_windows, run)
 
     def share(chunk, r):   # rank r's contiguous part of the chunk's windows
         return chunk[0] + (chunk[1] - chunk[0]) * r // world, chunk[0] + (chunk[1] - chunk[0]) * (r + 1) // world
@@ -2031,35 +2161,40 @@ def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq
     states = {}
     for r in ranks:
         windows_r = sum(hi - lo for lo, hi in (share(c, r) for c in grid))
-        budget = EvalBudget(deadline, slot.steps if slot else 0, ttt.epochs if ttt else 0, windows_r, grid[-1][2] - 1)
-        states[r] = RankEval(budget, hidden_fn)
+        budget = EvalBudget(adapt.deadline, slot.steps if slot else 0, ttt.epochs if ttt else 0, windows_r,
+                            grid[-1][2] - 1)
+        states[r] = RankEval(budget, hidden_fn, want_nll)
     progress_end = grid[-1][2]      # where the last grid chunk starts: the end of the cosine, by position
     base = {n: p.detach().clone() for n, p in model.named_parameters()} if ttt else None
     opt = torch.optim.SGD(model.parameters(), lr=ttt.lr, momentum=ttt.momentum) if ttt else None
     # per-document resets would need a graph per chunk length: that mode's TTT stays eager
     compiled = run.compiled and ttt is not None and ttt.reset == "never"
     t1 = time.perf_counter()
-    train_fn = ttt_compiled(model, ttt, seq_len, ranks[0], world, run) if compiled else model
+    train_fn = ttt_compiled(model, ttt, geo.seq_len, ranks[0], world, run) if compiled else model
     if compiled:
         log(f"eval_compile ttt_time:{1000 * (time.perf_counter() - t1):.0f}ms")
-    epochs_run, ttt_s = [], 0.0
+    epochs_run, ttt_s, per_round = [], 0.0, BUDGET_ROUND_BATCHES * geo.batch_windows
     for c, chunk in enumerate(chunks):
         if ttt and ttt.reset == "document" and c and tokens[chunk[2] - 1] == BOS_ID:
             restore_weights(model, base)      # a new document: back to the artifact's weights, no momentum
             opt.state.clear()
-        for r in ranks:
-            lo, hi = share(chunk, r)
-            eval_shard(model, tokens, windows[lo:hi], tables, run, batch_windows, slot, states[r], want_nll)
+        # every rank knows every share, so every rank runs the same number of rounds (and agreements)
+        longest = max(np.diff(share(chunk, r))[0] for r in range(world))
+        for k in range(0, max(longest, 1), per_round):
+            agree_plan(states, run, f"chunk {c} window {k}")
+            for r in ranks:
+                lo, hi = share(chunk, r)
+                eval_shard(model, tokens, windows[min(lo + k, hi):min(lo + k + per_round, hi)], tables, run,
+                           geo.batch_windows, slot, states[r])
         if ttt is None or c == len(chunks) - 1:
             continue
-        planned = min(states[r].budget.plan(f"chunk {c}")[1] for r in ranks)
-        epochs = int(run.all_reduce(torch.tensor([planned], device=run.device), dist.ReduceOp.MIN).item())
+        epochs = agree_plan(states, run, f"chunk {c}")[1]
         run.sync()
         t1 = time.perf_counter()
         progress = min(1.0, (chunk[2] if c else 0) / progress_end)     # c / (chunks - 1) on the grid
         lr = ttt.lr * 0.5 * (1 + math.cos(math.pi * progress))
         if epochs:
-            ttt_train(train_fn, opt, tokens, chunk, ttt, epochs, lr, seq_len, ranks, world, run)
+            ttt_train(train_fn, opt, tokens, chunk, ttt, epochs, lr, geo.seq_len, ranks, world, run)
         run.sync()
         for r in ranks:
             states[r].budget.observe_chunk(time.perf_counter() - t1, epochs, chunk[3] - chunk[2])
@@ -2067,7 +2202,330 @@ def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, seq
         epochs_run.append(epochs)
     if base is not None:       # the artifact's weights come back: nothing trained here outlives the evaluation
         restore_weights(model, base)
-    return dataclasses.replace(gather_result(states, ranks, run, slot, epochs_run, want_nll, t0), ttt_seconds=ttt_s)
+    return dataclasses.replace(gather_result(states, ranks, run, slot, epochs_run, t0), ttt_seconds=ttt_s)
+
+
+# ---- document mode: each document alone, per-document LoRA, phased global SGD ------------------------------------
+
+class Adapters(nn.Module):
+    """The document mode's LoRA: for every pass of the block loop, adapters on Q, K, V, the attention output and the
+    MLP output (both in parallel, from the normed input of their sublayer), and one on the LM head (added before the
+    soft-cap); each holds `rows` independent pairs, one per document row: delta = (x A^T) B^T x alpha / rank. B starts
+    at zero (the adapted model starts as the artifact's), A uniform(+-1/sqrt(in)) from a fixed seed."""
+    KINDS = "qkvom"
+
+    def __init__(self, model: GPT, lora: Lora, rows: int) -> None:
+        super().__init__()
+        w = model.tok_emb.weight
+        d, vocab, kv = w.size(1), w.size(0), model.blocks[0].attn.c_k.weight.size(0)
+        out = {"q": d, "k": kv, "v": kv, "o": d, "m": d}
+        dims = [(d, out[k]) for _ in model.schedule for k in self.KINDS] + [(d, vocab)]
+        self.rows, self.scale = rows, lora.alpha / lora.rank
+        self.A = nn.ParameterList(nn.Parameter(torch.zeros(rows, lora.rank, i, dtype=w.dtype, device=w.device))
+                                  for i, _ in dims)
+        self.B = nn.ParameterList(nn.Parameter(torch.zeros(rows, o, lora.rank, dtype=w.dtype, device=w.device))
+                                  for _, o in dims)
+        self.restart(keep_a=False)
+
+    @torch.no_grad()
+    def restart(self, keep_a: bool) -> None:
+        g = torch.Generator().manual_seed(0)
+        for a, b in zip(self.A, self.B):
+            b.zero_()
+            if not keep_a:
+                bound = 1 / math.sqrt(a.size(-1))
+                a.copy_(torch.rand(a.shape, generator=g, dtype=torch.float64).mul(2 * bound).sub(bound))
+
+    def delta(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(torch.matmul(x, self.A[k].transpose(1, 2)), self.B[k].transpose(1, 2)) * self.scale
+
+    def at(self, i: int) -> "PassAdapters":
+        return PassAdapters(self, i)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.delta(len(self.A) - 1, x)
+
+
+class PassAdapters:
+    """The adapters of pass i, called by the attention and the block as ad(kind, x)."""
+
+    def __init__(self, adapters: Adapters, i: int) -> None:
+        self.adapters, self.i = adapters, i
+
+    def __call__(self, kind: str, x: torch.Tensor) -> torch.Tensor:
+        return self.adapters.delta(len(Adapters.KINDS) * self.i + Adapters.KINDS.index(kind), x)
+
+
+@torch.no_grad()
+def adapters_step(adapters: Adapters, second: list[torch.Tensor], rows: torch.Tensor, lora: Lora, k: int) -> None:
+    """One Adam step (beta1 0, eps 1e-10, decoupled weight decay) of the rows that train (`rows` [R] 0/1): Adam is
+    element-wise and each row's loss is its own document's, so every row is an independent optimization."""
+    keep = rows.view(-1, 1, 1).to(adapters.A[0].dtype)
+    for p, v in zip(adapters.parameters(), second):
+        if p.grad is None:
+            continue
+        v.mul_(1 - keep * (1 - lora.beta2)).addcmul_(p.grad, p.grad, value=1 - lora.beta2)
+        step = p.grad / ((v / (1 - lora.beta2 ** k)).sqrt() + 1e-10) + lora.weight_decay * p
+        p.sub_(lora.lr * keep * step)
+        p.grad = None
+
+
+def document_spans(tokens: torch.Tensor) -> np.ndarray:
+    """[K, 2] rows (a, b): document k's inputs a..b-1 predict its targets a+1..b. A document runs from a BOS (or the
+    stream's first token) to the next BOS, whose prediction it scores: every target 1..N-1 once, each predicted from
+    its own document's tokens only."""
+    n = len(tokens)
+    bos = (tokens[1:n - 1] == BOS_ID).nonzero().flatten().numpy() + 1
+    return np.stack((np.concatenate(([0], bos)), np.concatenate((bos, [n - 1])))).T.astype(np.int64)
+
+
+def doc_width(end: int, geo: Geometry) -> int:
+    """The forward's width for a chunk whose longest row ends at target `end`: the smallest of seq_len / 2^k (k <= 3)
+    that holds it, so a handful of shapes are compiled once (in the warm-up) and short documents stay cheap."""
+    widths = sorted({max(1, geo.seq_len >> k) for k in range(4)})
+    return next((w for w in widths if w >= end), geo.seq_len)
+
+
+def doc_cost(length: int, geo: Geometry) -> int:
+    """Forward columns a document of `length` targets costs, chunk by chunk: known before scoring (the balance)."""
+    return sum(doc_width(min(length, (c + 1) * geo.stride), geo) for c in range(-(-length // geo.stride)))
+
+
+def assign_documents(lengths: np.ndarray, world: int, geo: Geometry) -> list[np.ndarray]:
+    """Static longest-first balance: documents by cost, descending, each to the least loaded rank (ties: lowest
+    rank). Every rank computes the same assignment, with no shared file; within a rank, longest first."""
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    loads, out = [0] * world, [[] for _ in range(world)]
+    for i in order:
+        r = min(range(world), key=lambda q: (loads[q], q))
+        out[r].append(i)
+        loads[r] += doc_cost(int(lengths[i]), geo)
+    return [np.asarray(o, dtype=np.int64) for o in out]
+
+
+def document_groups(n_docs: int, phases: Phases | None) -> list[tuple[int, int]]:
+    """[first, end) document ranges in stream order; a phase follows every group but the last. A document's group
+    depends on how many documents precede it, never on its own tokens or later ones."""
+    if phases is None:
+        return [(0, n_docs)]
+    cuts = sorted({min(n_docs, phases.docs * (k + 1) // phases.count) for k in range(phases.count)} | {0, n_docs})
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def score_document_batch(model: GPT, tokens: torch.Tensor, spans: np.ndarray, tables: ByteTables, run: Run,
+                         geo: Geometry, adapt: Adaptation, state: "RankEval") -> None:
+    """Score one batch of documents (one per row, right-padded, so plain causal attention is exact), chunk by chunk:
+    each chunk's targets are predicted from at most seq_len tokens of their own document. With SLOT, a delta and bias
+    per row are fitted on the row's already-scored context before the chunk is scored; with LoRA, after the chunk is
+    scored, each row's adapters take one step on that chunk's loss (not after its last chunk)."""
+    adapters, lora, slot, device = state.adapters, adapt.lora, adapt.slot, run.device
+    rows = adapters.rows if adapters is not None else geo.batch_windows
+    lengths = np.zeros(rows, dtype=np.int64)
+    lengths[:len(spans)] = spans[:, 1] - spans[:, 0]
+    starts = np.zeros(rows, dtype=np.int64)
+    starts[:len(spans)] = spans[:, 0]
+    n_chunks = -(-lengths // geo.stride)
+    steps, train = (state.budget.steps if slot else 0), lora is not None and state.budget.epochs > 0
+    if adapters is not None:
+        adapters.restart(keep_a=lora.carry)
+        for v in state.second:
+            v.zero_()
+    prev, t_units = None, 0
+    for c in range(int(n_chunks.max())):
+        t0 = time.perf_counter()
+        ends = np.minimum(lengths, (c + 1) * geo.stride)
+        width = doc_width(int(ends.max()), geo)
+        offset = np.maximum(0, ends - width)                   # the window's first input, within the document
+        active = n_chunks > c
+        first = np.where(active, c * geo.stride - offset, 0)   # column of the chunk's first target (0: no context)
+        last = np.where(active, ends - offset, 0)
+        col = np.arange(width)
+        idx = starts[:, None] + offset[:, None] + col[None, :]
+        inside = col[None, :] < (lengths - offset)[:, None]    # inputs of the row's own document
+        inside, idx = torch.as_tensor(inside), torch.as_tensor(idx)
+        x = torch.where(inside, tokens[idx.clamp_max(len(tokens) - 2)], BOS_ID).to(device)
+        y = torch.where(inside, tokens[(idx + 1).clamp_max(len(tokens) - 1)], 0).to(device)
+        scored = torch.as_tensor((col[None, :] >= first[:, None]) & (col[None, :] < last[:, None]), device=device)
+        with torch.set_grad_enabled(adapters is not None), run.autocast():
+            h = state.hidden(x, adapters)
+        h_f = h.detach().float() if h.dtype in (torch.bfloat16, torch.float16) else h.detach()
+        run.sync()
+        t1 = time.perf_counter()
+        delta = bias = None
+        if slot is not None:
+            delta, bias, _ = slot_fit(model, h_f, y, torch.as_tensor(first, device=device), slot, steps, prev,
+                                      adapters)
+            prev = (delta, bias if bias is not None else 0.0) if delta is not None else prev
+        run.sync()
+        t2 = time.perf_counter()
+        f0, f1 = int(first[active].min()), int(last.max())     # the head runs on the chunk's columns only
+        with torch.no_grad():
+            logits = (slot_logits(model, h_f[:, f0:f1], delta, bias, adapters) if delta is not None
+                      else model.head(h_f[:, f0:f1], adapters))
+        mask = scored[:, f0:f1]
+        target_pos = torch.as_tensor(starts[:, None] + offset[:, None] + 1 + col[None, f0:f1], device=device)[mask]
+        logp = scored_log_probs(logits[mask], target_pos)
+        target = y[:, f0:f1][mask]
+        add_scores(state, logp, target, target_pos, tables.count(x[:, f0:f1][mask], target, target_pos))
+        t3 = time.perf_counter()
+        learn = torch.as_tensor(active & (c < n_chunks - 1), device=device)
+        if train and bool(learn.any()):
+            with run.autocast():
+                loss = F.cross_entropy(model.head(h[:, f0:f1], adapters).flatten(0, 1), y[:, f0:f1].flatten(),
+                                       reduction="none").view(rows, -1)
+            per_row = (loss * mask).sum(1) / mask.sum(1).clamp_min(1)
+            (per_row * learn).sum().backward()
+            adapters_step(adapters, state.second, learn, lora, c + 1)
+        elif adapters is not None:
+            adapters.zero_grad(set_to_none=True)
+        run.sync()
+        units = rows * width
+        state.budget.observe_batch(units, (t1 - t0) + (t3 - t2), t2 - t1, steps)
+        state.budget.observe_chunk(time.perf_counter() - t3, int(train), units)
+        t_units += units
+        log.mark()
+    state.windows += len(spans)
+    if slot is not None:
+        state.slot_step_sum += steps * len(spans)
+        state.slot_steps_min = min(state.slot_steps_min, steps)
+
+
+def phase_rows(tokens: torch.Tensor, spans: np.ndarray, seq_len: int) -> list[tuple[int, int]]:
+    """(first target, end target) of each training row of a phase: each document cut into pieces of seq_len
+    targets, so that the loss never reads across a document."""
+    return [(a + 1 + k, min(b + 1, a + 1 + k + seq_len)) for a, b in spans.tolist() for k in range(0, b - a, seq_len)]
+
+
+def phase_train(model: GPT, fwd, tokens: torch.Tensor, spans: np.ndarray, phases: Phases, geo: Geometry,
+                run: Run) -> float:
+    """One epoch of SGD on all weights over the documents `spans` (all scored by every rank by now): steps of about
+    `phases.tokens` targets, each step's rows split across the ranks, gradients summed over all ranks and divided by
+    the step's target count, clipped, cosine learning rate. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    ranks, world = run.eval_shares()
+    pieces = phase_rows(tokens, spans, geo.seq_len)
+    model.requires_grad_(True)
+    per_step = max(1, phases.tokens // geo.seq_len)
+    steps = [pieces[i:i + per_step] for i in range(0, len(pieces), per_step)]
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=phases.lr, momentum=phases.momentum)
+    for k, step in enumerate(steps):
+        for g in opt.param_groups:
+            g["lr"] = phases.lr * 0.5 * (1 + math.cos(math.pi * k / len(steps)))
+        n_targets = sum(b - a for a, b in step)
+        for r in ranks:
+            mine = step[r * len(step) // world:(r + 1) * len(step) // world]
+            for i in range(0, len(mine), PHASE_ROWS):
+                x, y = phase_batch(tokens, mine[i:i + PHASE_ROWS], geo.seq_len, run.device)
+                with torch.enable_grad(), run.autocast():
+                    loss = fwd(x, y, reduction="sum") / n_targets
+                loss.backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = run.all_reduce(torch.cat([g.flatten() for g in grads])) if run.distributed else None
+        if flat is not None:
+            for p, g in zip(params, torch.split(flat, [p.numel() for p in params])):
+                p.grad = g.view_as(p)
+        torch.nn.utils.clip_grad_norm_(params, phases.clip, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        log.mark()
+    model.requires_grad_(False)
+    return time.perf_counter() - t0
+
+
+PHASE_ROWS = 32    # rows per forward of a phase step (fixed: one compiled shape; the last batch is padded)
+
+
+def phase_batch(tokens: torch.Tensor, rows: list[tuple[int, int]], seq_len: int, device):
+    """PHASE_ROWS rows of inputs and targets (ignored past each piece, and in the padding rows)."""
+    x = torch.full((PHASE_ROWS, seq_len), BOS_ID, dtype=torch.long)
+    y = torch.full((PHASE_ROWS, seq_len), -100, dtype=torch.long)
+    for i, (a, b) in enumerate(rows):
+        x[i, :b - a], y[i, :b - a] = tokens[a - 1:b - 1], tokens[a:b]
+    return x.to(device), y.to(device)
+
+
+def document_warmup(model: GPT, adapters: Adapters | None, geo: Geometry, adapt: Adaptation, run: Run):
+    """Compile the document mode's graphs on random tokens (never validation tokens): the forward at every width,
+    with the adapters' backward, SLOT and the head; the phase step's forward and backward. No weight moves."""
+    hidden = run.compile(model.hidden)
+    fwd = run.compile(model) if adapt.phases is not None else model
+    if not run.compiled:
+        return hidden, fwd
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(0)
+    vocab, rows = model.tok_emb.weight.size(0), adapters.rows if adapters is not None else geo.batch_windows
+    for width in sorted({doc_width(e, geo) for e in range(1, geo.seq_len + 1)}):
+        x = torch.randint(0, vocab, (rows, width), generator=g).to(run.device)
+        with torch.set_grad_enabled(adapters is not None), run.autocast():
+            h = hidden(x, adapters)
+            if adapters is not None:
+                model.head(h[:, -1:], adapters).float().sum().backward()
+    if adapt.phases is not None:
+        x, y = torch.randint(0, vocab, (2, PHASE_ROWS, geo.seq_len), generator=g).to(run.device)
+        model.requires_grad_(True)
+        with torch.enable_grad(), run.autocast():
+            fwd(x, y, reduction="sum").backward()
+        model.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    if adapters is not None:
+        adapters.zero_grad(set_to_none=True)
+    run.sync()
+    log(f"eval_compile documents_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    return hidden, fwd
+
+
+def evaluate_documents(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, geo: Geometry,
+                       adapt: Adaptation, want_nll: bool) -> EvalResult:
+    """The document mode: every document scored alone (context only from itself), its targets in chunks of
+    geo.stride. Documents are grouped in stream order (document_groups); within a group each rank scores the
+    documents a static longest-first balance gives it, in batches of rows, in rounds with agreed settings; after a
+    group, a phase (phase_train) trains all weights on it. Every score precedes every update that sees its target:
+    a chunk before its LoRA step, a group before its phase."""
+    t0 = time.perf_counter()
+    spans = document_spans(tokens)
+    lengths = spans[:, 1] - spans[:, 0]
+    ranks, world = run.eval_shares()
+    lora, slot, phases = adapt.lora, adapt.slot, adapt.phases
+    model.requires_grad_(False)     # the adapters learn, the weights only in a phase
+    adapters = Adapters(model, lora, lora.batch) if lora is not None else None
+    rows = lora.batch if lora is not None else geo.batch_windows
+    hidden, fwd = document_warmup(model, adapters, geo, adapt, run)
+    groups = document_groups(len(spans), phases)
+    plan = [[g0 + a for a in assign_documents(lengths[g0:g1], world, geo)] for g0, g1 in groups]
+    units = {r: sum(rows * doc_width(min(int(lengths[b[0]]), (c + 1) * geo.stride), geo)
+                    for g in plan for b in [g[r][i:i + rows] for i in range(0, len(g[r]), rows)]
+                    for c in range(-(-int(lengths[b[0]]) // geo.stride)))
+             for r in ranks}
+    loads = [sum(doc_cost(int(lengths[i]), geo) for g in plan for i in g[r]) for r in range(world)]
+    log(f"eval_documents docs:{len(spans)} groups:{len(groups)} rows:{rows} lora:{int(lora is not None)} "
+        f"slot:{int(slot is not None)} balance max/mean:{max(loads) / max(1e-9, sum(loads) / world):.3f}")
+    states = {}
+    for r in ranks:
+        budget = EvalBudget(adapt.deadline, slot.steps if slot else 0, int(lora is not None), units[r], units[r])
+        states[r] = RankEval(budget, hidden, want_nll, adapters=adapters,
+                             second=[torch.zeros_like(p) for p in adapters.parameters()] if adapters else [])
+    base = {n: p.detach().clone() for n, p in model.named_parameters()} if phases else None
+    phase_s = 0.0
+    for gi, ((g0, g1), assigned) in enumerate(zip(groups, plan)):
+        batches = {r: [assigned[r][i:i + rows] for i in range(0, len(assigned[r]), rows)] for r in range(world)}
+        longest = max(len(b) for b in batches.values())
+        for k in range(0, max(longest, 1), BUDGET_ROUND_BATCHES):
+            agree_plan(states, run, f"group {gi} batch {k}")
+            for r in ranks:
+                for docs in batches[r][k:k + BUDGET_ROUND_BATCHES]:
+                    score_document_batch(model, tokens, spans[docs], tables, run, geo, adapt, states[r])
+        if phases is not None and gi < len(groups) - 1:
+            run.barrier()     # every rank has scored the whole group: only now may the weights learn from it
+            seconds = phase_train(model, fwd, tokens, spans[g0:g1], phases, geo, run)
+            phase_s += seconds
+            log(f"eval_phase group:{gi} docs:{g1 - g0} time:{1000 * seconds:.0f}ms")
+            if adapters is not None:
+                adapters.restart(keep_a=False)
+    if base is not None:
+        restore_weights(model, base)
+    model.requires_grad_(True)
+    return dataclasses.replace(gather_result(states, ranks, run, slot, [], t0), ttt_seconds=phase_s)
 
 
 @torch.no_grad()
@@ -2076,10 +2534,16 @@ def restore_weights(model: GPT, base: dict[str, torch.Tensor]) -> None:
         p.copy_(base[n])
 
 
-def gather_result(states: dict, ranks: list[int], run: Run, slot, epochs_run: list[int], want_nll: bool,
-                  t0: float) -> EvalResult:
-    """Sum the (simulated) ranks' shares, all-reduce them, and put the per-target NLL back in stream order."""
+def gather_result(states: dict, ranks: list[int], run: Run, slot, epochs_run: list[int], t0: float) -> EvalResult:
+    """Sum the (simulated) ranks' shares, all-reduce them, and put the per-target NLL back in stream order. The
+    rounds' agreed settings must be the same sequence on every rank: checked here, on every run."""
     shards = [states[r] for r in ranks]
+    plans = [np.asarray(s.plans, dtype=np.int64).reshape(-1, 2) for s in shards]
+    mine = [float(len(p)) + float(sum((i + 1) * (1000 * a + b) for i, (a, b) in enumerate(p.tolist()))) for p in plans]
+    span = run.all_reduce(torch.tensor([max(mine), -min(mine)], dtype=torch.float64, device=run.device),
+                          dist.ReduceOp.MAX)
+    need(float(span[0] + span[1]) == 0, "eval: the ranks scored with different agreed SLOT steps / TTT epochs "
+         "(a bug: agree_plan must run at the same points on every rank)")
     sums = [sum(getattr(s, k) for s in shards) for k in ("nll_sum", "tokens", "bytes", "slot_step_sum", "windows")]
     cuts = sum(states[r].budget.cuts for r in ranks)
     totals = run.all_reduce(torch.tensor(sums + [cuts], dtype=torch.float64, device=run.device))
@@ -2088,7 +2552,7 @@ def gather_result(states: dict, ranks: list[int], run: Run, slot, epochs_run: li
     nll_sum, n_tok, n_bytes, step_sum, n_windows, cuts = totals.tolist()
     need(n_bytes > 0, f"the {int(n_tok)} scored targets hold no text bytes (VAL_TOKENS too small?)")
     nll_all = None
-    if want_nll:
+    if shards[0].want_nll:
         local = [(torch.cat(s.pos).numpy(), torch.cat(s.nll).numpy()) for s in shards if s.nll]
         if run.distributed:
             gathered = [None] * run.world_size
@@ -2109,12 +2573,20 @@ def prequant_eval(cfg: Config, run: Run, model: GPT) -> None:
     """EVAL_PREQUANT=1: score the EMA weights before quantization like the final evaluation, SLOT off, so that the
     log shows what quantization costs (final - prequant)."""
     tables = load_byte_tables(cfg.tokenizer_path, cfg.vocab_size)
-    r = evaluate(model, load_val_tokens(cfg), tables, run, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows)
+    r = evaluate(model, load_val_tokens(cfg), tables, run, Geometry.from_config(cfg))
     log(f"prequant_exact val_loss:{r.loss:.8f} val_bpb:{r.bpb:.8f} eval_time:{1000 * r.seconds:.0f}ms "
         f"scored_tokens:{r.tokens}")
 
 
-def log_score(name: str, r: EvalResult, slot: Slot | None = None, ttt: Ttt | None = None) -> None:
+def score_name(adapt: Adaptation) -> str:
+    """final_<name>_exact: which evaluation made the score (the packager's SCORE_LINES, most adapted first)."""
+    if adapt.mode == "document":
+        return "document" + "_lora" * bool(adapt.lora) + "_slot" * bool(adapt.slot)
+    return {(0, 0): "sliding_window", (1, 0): "slot", (0, 1): "ttt", (1, 1): "slot_ttt"}[(bool(adapt.slot),
+                                                                                          bool(adapt.ttt))]
+
+
+def log_score(name: str, r: EvalResult, slot: Slot | None = None, ttt: Ttt | Lora | None = None) -> None:
     """The final_<name>_exact line; the run's score is the first of package_record.SCORE_LINES its log holds."""
     extra = f" slot_steps_mean:{r.slot_steps_mean:.2f} slot_steps_min:{r.slot_steps_min}" if slot else ""
     extra += f" ttt_epochs_mean:{r.ttt_epochs_mean:.2f} ttt_chunks_trained:{r.ttt_chunks_trained}" if ttt else ""
@@ -2145,16 +2617,18 @@ def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path, t0: float)
     tokens = load_val_tokens(cfg)
     if run.compiled:   # a fresh model: compile its graphs anew, rather than as recompiles of the training model's
         torch._dynamo.reset()
-    log(f"eval_tokens:{len(tokens)} eval_seq_len:{cfg.eval_seq_len} eval_stride:{cfg.eval_stride} "
-        f"eval_batch_windows:{cfg.eval_batch_windows} eval_budget:{cfg.eval_budget_seconds:.0f}s")
-    slot, ttt = Slot.from_config(cfg), Ttt.from_config(cfg)
+    log(f"eval_tokens:{len(tokens)} eval_mode:{cfg.eval_mode} eval_seq_len:{cfg.eval_seq_len} "
+        f"eval_stride:{cfg.eval_stride} eval_batch_windows:{cfg.eval_batch_windows} "
+        f"eval_budget:{cfg.eval_budget_seconds:.0f}s")
     deadline = t0 + cfg.eval_budget_seconds if cfg.eval_budget_seconds > 0 else None   # 0: no deadline (CPU studies)
-    geometry = (tokens, tables, run, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows)
-    if cfg.eval_compare_plain and (slot or ttt):
+    adapt = Adaptation.from_config(cfg, deadline)
+    slot, ttt, lora, phases = adapt.slot, adapt.ttt, adapt.lora, adapt.phases
+    geometry = (tokens, tables, run, Geometry.from_config(cfg))
+    if cfg.eval_compare_plain and (slot or ttt or adapt.mode == "document"):
         r = evaluate(model, *geometry)
         log_score("sliding_window", r)
         if deadline is not None:
-            deadline += r.seconds
+            adapt = dataclasses.replace(adapt, deadline=deadline + r.seconds)
             log(f"eval_compare_plain: the diagnostic pass took {r.seconds:.1f}s and does not count against "
                 f"EVAL_BUDGET_SECONDS (the deadline moves by as much; eval_done counts it, so a record run leaves it "
                 f"off)")
@@ -2164,9 +2638,11 @@ def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path, t0: float)
     if ttt:
         log(f"ttt_settings epochs:{ttt.epochs} chunk_tokens:{ttt.chunk_tokens} lr:{ttt.lr} momentum:{ttt.momentum} "
             f"clip:{ttt.clip} reset:{ttt.reset}")
-    r = evaluate(model, *geometry, slot=slot, ttt=ttt, deadline=deadline, want_nll=bool(cfg.nll_dump_path))
-    name = {(0, 0): "sliding_window", (1, 0): "slot", (0, 1): "ttt", (1, 1): "slot_ttt"}[(bool(slot), bool(ttt))]
-    log_score(name, r, slot, ttt)
+    for name, part in (("lora", lora), ("phase", phases)):
+        if part:
+            log(f"{name}_settings " + " ".join(f"{k}:{v}" for k, v in dataclasses.asdict(part).items()))
+    r = evaluate(model, *geometry, adapt, want_nll=bool(cfg.nll_dump_path))
+    log_score(score_name(adapt), r, slot, ttt or lora)
     if r.budget_cuts:
         log(f"eval_budget: WARNING the budget guard cut SLOT steps or TTT epochs {r.budget_cuts} time(s): this score "
             f"is not the configured one (slot_steps_mean:{r.slot_steps_mean:.2f} of {slot.steps if slot else 0}, "

@@ -313,7 +313,7 @@ def test_the_scored_windows_count_the_text_bytes(tok_dir, layout, seq_len, strid
     firsts = [int(f) for _, _, f in windows[1:]]       # a later window's first target: a BOS, or right after one
     assert any(int(stream[f]) == BOS or int(stream[f - 1]) == BOS for f in firsts)
     model = tiny_model(vocab_size=sp.vocab_size())
-    r = T.evaluate(model, stream, tables, T.Run(), seq_len, stride, 8)
+    r = T.evaluate(model, stream, tables, T.Run(), T.Geometry(seq_len, stride, 8))
     assert r.tokens == len(stream) - 1 and r.bytes == sum(per_doc)
 
 

@@ -50,7 +50,7 @@ def _oracle(model, tokens, tables, seq_len, stride):
 @pytest.mark.parametrize("seq_len, stride, batch", [(32, 8, 5), (32, 32, 3), (16, 3, 64), (400, 8, 2)])
 def test_evaluate_matches_the_oracle(seq_len, stride, batch):
     model, tokens, tables = _model_and_tokens()
-    r = T.evaluate(model, tokens, tables, T.Run(), seq_len, stride, batch, want_nll=True)
+    r = T.evaluate(model, tokens, tables, T.Run(), T.Geometry(seq_len, stride, batch), want_nll=True)
     nll, nbytes = _oracle(model, tokens, tables, seq_len, stride)
     assert r.tokens == len(tokens) - 1 == len(r.nll) and r.bytes == nbytes
     np.testing.assert_allclose(r.nll, nll, rtol=1e-10, atol=1e-12)
@@ -60,15 +60,15 @@ def test_evaluate_matches_the_oracle(seq_len, stride, batch):
 
 def test_single_window_equals_one_full_forward():
     model, tokens, tables = _model_and_tokens(n=50)
-    r = T.evaluate(model, tokens, tables, T.Run(), 64, 8, 4, want_nll=True)
+    r = T.evaluate(model, tokens, tables, T.Run(), T.Geometry(64, 8, 4), want_nll=True)
     full = F.cross_entropy(model.head(model.hidden(tokens[None, :-1]))[0], tokens[1:], reduction="none")
     np.testing.assert_allclose(r.nll, full.detach().numpy(), rtol=1e-12)
 
 
 def test_batch_size_does_not_change_any_score():
     model, tokens, tables = _model_and_tokens()
-    a = T.evaluate(model, tokens, tables, T.Run(), 32, 8, 1, want_nll=True).nll
-    b = T.evaluate(model, tokens, tables, T.Run(), 32, 8, 7, want_nll=True).nll
+    a = T.evaluate(model, tokens, tables, T.Run(), T.Geometry(32, 8, 1), want_nll=True).nll
+    b = T.evaluate(model, tokens, tables, T.Run(), T.Geometry(32, 8, 7), want_nll=True).nll
     np.testing.assert_allclose(a, b, rtol=1e-12)
 
 
@@ -80,9 +80,9 @@ def test_every_forward_has_the_same_shape():
     def recording_hidden(x):
         shapes.append(tuple(x.shape))
         return T.GPT.hidden(model, x)
-    ref = T.evaluate(model, tokens, tables, T.Run(), 32, 8, 7, want_nll=True).nll
+    ref = T.evaluate(model, tokens, tables, T.Run(), T.Geometry(32, 8, 7), want_nll=True).nll
     model.hidden = recording_hidden        # what evaluate's forward calls, on this instance only
-    got = T.evaluate(model, tokens, tables, T.Run(), 32, 8, 7, want_nll=True).nll
+    got = T.evaluate(model, tokens, tables, T.Run(), T.Geometry(32, 8, 7), want_nll=True).nll
     assert len(T.build_windows(len(tokens), 32, 8)) % 7 != 0 and set(shapes) == {(7, 32)}
     np.testing.assert_array_equal(got, ref)
 
@@ -91,4 +91,4 @@ def test_a_slice_without_bytes_is_an_error():
     model, tokens, tables = _model_and_tokens(n=40)
     nothing = T.ByteTables(torch.zeros_like(tables.base), torch.zeros_like(tables.space), tables.boundary)
     with pytest.raises(T.RunError, match="hold no text bytes"):
-        T.evaluate(model, tokens, nothing, T.Run(), 16, 8, 4)
+        T.evaluate(model, tokens, nothing, T.Run(), T.Geometry(16, 8, 4))

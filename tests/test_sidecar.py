@@ -51,17 +51,17 @@ def test_every_eval_path_counts_the_sidecar_bytes(caseops_data, mode):
     ttt = T.Ttt(epochs=1, chunk_tokens=128, lr=0.01, momentum=0.9, clip=1.0, reset="never") if "ttt" in mode else None
     model = tiny_model(dtype=torch.float32, scale=0.05)
     for n in (len(val), 301):
-        r = T.evaluate(model, val[:n], tables, T.Run(), 32, 8, 16, slot=slot, ttt=ttt)
+        r = T.evaluate(model, val[:n], tables, T.Run(), T.Geometry(32, 8, 16), T.Adaptation(slot=slot, ttt=ttt))
         assert r.tokens == n - 1 and r.bytes == int(side[1:n].sum()), (n, r.bytes)
     # the piece rule would have counted otherwise: the sidecar, not the pieces, decided
-    plain = T.evaluate(model, val, T.load_byte_tables(cfg.tokenizer_path, 320), T.Run(), 32, 8, 16)
+    plain = T.evaluate(model, val, T.load_byte_tables(cfg.tokenizer_path, 320), T.Run(), T.Geometry(32, 8, 16))
     assert plain.bytes != int(side[1:].sum())
 
 
 def test_a_study_slice_counts_its_own_bytes(caseops_data):
     cfg, val, side = caseops_data
     r = T.evaluate(tiny_model(dtype=torch.float32), val[100:300], T.eval_byte_tables(cfg).slice(100, 300), T.Run(),
-                   32, 8, 16)
+                   T.Geometry(32, 8, 16))
     assert r.bytes == int(side[101:300].sum())
 
 

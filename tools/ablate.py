@@ -118,7 +118,7 @@ def score(artifact: Path, settings: dict[str, str], args, slices: list[tuple[int
             offset, n = doc_slice(val, offset, n)
         if offset + n > len(val):
             raise T.RunError(f"val slice {offset}..{offset + n} is past the {len(val)} val tokens")
-        r = T.evaluate(model, val[offset:offset + n], tables.slice(offset, offset + n), T.Run(), cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows)
+        r = T.evaluate(model, val[offset:offset + n], tables.slice(offset, offset + n), T.Run(), T.Geometry.from_config(cfg))
         out.append(r.bpb)
     return out
 

@@ -238,14 +238,14 @@ def bench_train(cfg: tg.Config, run: tg.Run, steps: int, warmup: int, peak: floa
     return out, model, ema.state_dict(model)
 
 
-def eval_modes(cfg: tg.Config) -> dict[str, dict]:
-    """Name -> extra keyword arguments of evaluate(): the plain sliding window, SLOT as configured, and TTT (with SLOT
+def eval_modes(cfg: tg.Config) -> dict[str, tg.Adaptation]:
+    """Name -> the Adaptation evaluate() runs: the plain sliding window, SLOT as configured, and TTT (with SLOT
     when it is on) as configured; no deadline: the bench measures the full SLOT_STEPS and TTT_EPOCHS. evaluate()
     compiles its forwards when the run compiles (COMPILE): the warm-up call pays for that, the timed one does not."""
     slot, ttt = tg.Slot.from_config(cfg), tg.Ttt.from_config(cfg)
-    modes = {"sliding": {}, **({"slot": {"slot": slot}} if slot else {})}
+    modes = {"sliding": tg.Adaptation(), **({"slot": tg.Adaptation(slot=slot)} if slot else {})}
     if ttt:
-        modes["slot_ttt" if slot else "ttt"] = {"slot": slot, "ttt": ttt}
+        modes["slot_ttt" if slot else "ttt"] = tg.Adaptation(slot=slot, ttt=ttt)
     return modes
 
 
@@ -264,24 +264,24 @@ def bench_eval(cfg: tg.Config, run: tg.Run, model: tg.GPT, n_tokens: int, peak: 
     # Compiled, the warm-up runs on the whole slice, so that the timed call meets no shape that was not compiled
     # (dynamic=False). Eager, one batch of windows is enough to settle the allocator.
     warm = val if run.compiled else val[:cfg.eval_seq_len + 1 + cfg.eval_stride * cfg.eval_batch_windows]
-    geometry = (tables, run, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows)
+    geometry = (tables, run, tg.Geometry.from_config(cfg))
     out = {}
-    for name, kwargs in eval_modes(cfg).items():
-        first = tg.evaluate(model, warm, *geometry, **kwargs)
+    for name, adapt in eval_modes(cfg).items():
+        first = tg.evaluate(model, warm, *geometry, adapt)
         reset_peak_memory(run)
-        r = tg.evaluate(model, val, *geometry, **kwargs)
+        r = tg.evaluate(model, val, *geometry, adapt)
         # the FLOP model knows the plain forward only; a mode with extra work (SLOT's steps) reports no TFLOP/s
-        flop = eval_flops(model, windows) if not kwargs else None
+        flop = eval_flops(model, windows) if adapt == tg.Adaptation() else None
         per_window = r.seconds / len(windows)
         ttt = {}
-        if kwargs.get("ttt"):
-            ttt = ttt_projection(kwargs["ttt"], r, len(val))
-            per_window = out["slot" if kwargs.get("slot") else "sliding"]["seconds"] / len(windows)
+        if adapt.ttt:
+            ttt = ttt_projection(adapt.ttt, r, len(val))
+            per_window = out["slot" if adapt.slot else "sliding"]["seconds"] / len(windows)
         out[name] = {"slice_tokens": len(val), "scored_tokens": r.tokens, "windows": len(windows),
                      "seq_len": cfg.eval_seq_len, "stride": cfg.eval_stride, "batch_windows": cfg.eval_batch_windows,
                      "warmup_tokens": len(warm), "warmup_s": first.seconds, "seconds": r.seconds,
                      "tokens_per_s": r.tokens / r.seconds, "windows_per_s": len(windows) / r.seconds,
-                     "val_loss": r.loss, "val_bpb": r.bpb, "slot": dataclasses.asdict(kwargs["slot"]) if kwargs.get("slot") else None,
+                     "val_loss": r.loss, "val_bpb": r.bpb, "slot": dataclasses.asdict(adapt.slot) if adapt.slot else None,
                      "full_val_tokens": VAL_TOKENS_FULL, "full_val_windows": full_windows,
                      "projected_full_val_s_1gpu": per_window * full_windows + ttt.get("full_val_ttt_s_1gpu", 0.0),
                      "projected_full_val_s_8gpu": (per_window * full_windows + ttt.get("full_val_ttt_s_1gpu", 0.0)) / PROJECTION_GPUS,

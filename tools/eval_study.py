@@ -116,7 +116,7 @@ def main() -> int:
     rows = []
     for text, kind, slot, ttt in variants:
         with leaky(kind):
-            r = T.evaluate(model, tokens, tables, run, cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows, slot=slot, ttt=ttt)
+            r = T.evaluate(model, tokens, tables, run, T.Geometry.from_config(cfg), T.Adaptation(slot=slot, ttt=ttt))
         rows.append(dict(variant=text, kind=kind, legal=not kind.startswith("leaky"), val_loss=r.loss, val_bpb=r.bpb,
                          seconds=r.seconds, tokens=r.tokens, slot=dataclasses.asdict(slot) if slot else None,
                          ttt=dataclasses.asdict(ttt) if ttt else None))

@@ -46,7 +46,8 @@ lines, in order:
 - error: <reason>, when the run fails.
 Times carry their unit (train_time:1234ms). This file reads the config lines, python (versions and device), train_done,
 stopping_early, gptq_calib, code_bytes, the score line, eval_done and error. The score line is the first of
-SCORE_LINES that the log holds: final_slot_ttt_exact, final_ttt_exact, final_slot_exact, final_sliding_window_exact
+SCORE_LINES that the log holds: the document mode's lines (final_document_lora_slot_exact ...), then final_slot_ttt_exact,
+final_ttt_exact, final_slot_exact, final_sliding_window_exact
 (EVAL_COMPARE_PLAIN=1 adds a final_sliding_window_exact line before the scored one).
 """
 from __future__ import annotations
@@ -85,7 +86,9 @@ MAX_P_VALUE = 0.01                    # ... with p < 0.01
 HARNESS = "tests/test_slot_legality.py"
 # The submission's score: the first of these lines that a log holds (the plain sliding window comes last: it is also
 # the EVAL_COMPARE_PLAIN diagnostic)
-SCORE_LINES = ("final_slot_ttt_exact", "final_ttt_exact", "final_slot_exact", "final_sliding_window_exact")
+SCORE_LINES = ("final_document_lora_slot_exact", "final_document_lora_exact", "final_document_slot_exact",
+               "final_document_exact", "final_slot_ttt_exact", "final_ttt_exact", "final_slot_exact",
+               "final_sliding_window_exact")
 # Config fields allowed to differ between the seeds of one submission.
 PER_RUN_FIELDS = {"seed", "run_id", "log_dir", "artifact_path", "nll_dump_path", "data_path", "tokenizer_path"}
 

@@ -121,7 +121,7 @@ def projected_bytes(counts: dict[str, int], bits6: float | None, bits8: float | 
 
 def score(model: T.GPT, state: dict, cfg: T.Config, slices, val, tables) -> list[float]:
     model.load_state_dict(state)
-    return [T.evaluate(model, val[a:a + n], tables.slice(a, a + n), T.Run(), cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_windows).bpb
+    return [T.evaluate(model, val[a:a + n], tables.slice(a, a + n), T.Run(), T.Geometry.from_config(cfg)).bpb
             for a, n in slices]
 
 
