@@ -2132,7 +2132,8 @@ def eval_forward(model: GPT, windows: np.ndarray, batch_windows: int, run: Run):
     return fn
 
 
-# Batches each rank scores between two budget agreements (a tiny all-reduce): small enough to react within seconds
+# Batches each rank scores between two budget agreements (a tiny all-reduce): small enough to react within seconds.
+# The document mode agrees before every batch of documents (one batch is many chunk steps).
 BUDGET_ROUND_BATCHES = 8
 
 
@@ -2211,7 +2212,8 @@ class Adapters(nn.Module):
     """The document mode's LoRA: for every pass of the block loop, adapters on Q, K, V, the attention output and the
     MLP output (both in parallel, from the normed input of their sublayer), and one on the LM head (added before the
     soft-cap); each holds `rows` independent pairs, one per document row: delta = (x A^T) B^T x alpha / rank. B starts
-    at zero (the adapted model starts as the artifact's), A uniform(+-1/sqrt(in)) from a fixed seed."""
+    at zero (the adapted model starts as the artifact's), A uniform(+-1/sqrt(in)) from a fixed seed, the same in
+    every row: a document's scores do not depend on the row or batch it lands in."""
     KINDS = "qkvom"
 
     def __init__(self, model: GPT, lora: Lora, rows: int) -> None:
@@ -2234,7 +2236,7 @@ class Adapters(nn.Module):
             b.zero_()
             if not keep_a:
                 bound = 1 / math.sqrt(a.size(-1))
-                a.copy_(torch.rand(a.shape, generator=g, dtype=torch.float64).mul(2 * bound).sub(bound))
+                a.copy_(torch.rand(a.shape[1:], generator=g, dtype=torch.float64).mul(2 * bound).sub(bound))
 
     def delta(self, k: int, x: torch.Tensor) -> torch.Tensor:
         return torch.matmul(torch.matmul(x, self.A[k].transpose(1, 2)), self.B[k].transpose(1, 2)) * self.scale
@@ -2369,11 +2371,14 @@ def score_document_batch(model: GPT, tokens: torch.Tensor, spans: np.ndarray, ta
         add_scores(state, logp, target, target_pos, tables.count(x[:, f0:f1][mask], target, target_pos))
         t3 = time.perf_counter()
         learn = torch.as_tensor(active & (c < n_chunks - 1), device=device)
-        if train and bool(learn.any()):
+        cols = lora_columns(scored, torch.as_tensor(first, device=device), inside.to(device)) & learn[:, None]
+        used = cols.any(0).nonzero().flatten()
+        if train and len(used):
+            c0, c1 = int(used[0]), int(used[-1]) + 1            # the head runs on the learned columns only
             with run.autocast():
-                loss = F.cross_entropy(model.head(h[:, f0:f1], adapters).flatten(0, 1), y[:, f0:f1].flatten(),
+                loss = F.cross_entropy(model.head(h[:, c0:c1], adapters).flatten(0, 1), y[:, c0:c1].flatten(),
                                        reduction="none").view(rows, -1)
-            per_row = (loss * mask).sum(1) / mask.sum(1).clamp_min(1)
+            per_row = (loss * cols[:, c0:c1]).sum(1) / cols[:, c0:c1].sum(1).clamp_min(1)
             (per_row * learn).sum().backward()
             adapters_step(adapters, state.second, learn, lora, c + 1)
         elif adapters is not None:
@@ -2388,6 +2393,18 @@ def score_document_batch(model: GPT, tokens: torch.Tensor, spans: np.ndarray, ta
     if slot is not None:
         state.slot_step_sum += steps * len(spans)
         state.slot_steps_min = min(state.slot_steps_min, steps)
+
+
+def lora_columns(scored: torch.Tensor, first: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """The columns a LoRA step learns from: exactly the chunk just scored (the causality harness swaps in leaky
+    variants that also read later columns of the document)."""
+    return scored
+
+
+def phase_documents(spans: np.ndarray, g0: int, g1: int) -> np.ndarray:
+    """The documents a phase trains on: exactly the group just scored by every rank (the harness swaps in a leaky
+    variant that reaches into the next group)."""
+    return spans[g0:g1]
 
 
 def phase_rows(tokens: torch.Tensor, spans: np.ndarray, seq_len: int) -> list[tuple[int, int]]:
@@ -2488,9 +2505,10 @@ def evaluate_documents(model: GPT, tokens: torch.Tensor, tables: ByteTables, run
     ranks, world = run.eval_shares()
     lora, slot, phases = adapt.lora, adapt.slot, adapt.phases
     model.requires_grad_(False)     # the adapters learn, the weights only in a phase
-    adapters = Adapters(model, lora, lora.batch) if lora is not None else None
+    # each rank share its own adapters (a simulated rank must not carry another's A)
+    adapters = {r: Adapters(model, lora, lora.batch) for r in ranks} if lora is not None else {}
     rows = lora.batch if lora is not None else geo.batch_windows
-    hidden, fwd = document_warmup(model, adapters, geo, adapt, run)
+    hidden, fwd = document_warmup(model, adapters.get(ranks[0]), geo, adapt, run)
     groups = document_groups(len(spans), phases)
     plan = [[g0 + a for a in assign_documents(lengths[g0:g1], world, geo)] for g0, g1 in groups]
     units = {r: sum(rows * doc_width(min(int(lengths[b[0]]), (c + 1) * geo.stride), geo)
@@ -2503,25 +2521,25 @@ def evaluate_documents(model: GPT, tokens: torch.Tensor, tables: ByteTables, run
     states = {}
     for r in ranks:
         budget = EvalBudget(adapt.deadline, slot.steps if slot else 0, int(lora is not None), units[r], units[r])
-        states[r] = RankEval(budget, hidden, want_nll, adapters=adapters,
-                             second=[torch.zeros_like(p) for p in adapters.parameters()] if adapters else [])
+        ad = adapters.get(r)
+        states[r] = RankEval(budget, hidden, want_nll, adapters=ad,
+                             second=[torch.zeros_like(p) for p in ad.parameters()] if ad is not None else [])
     base = {n: p.detach().clone() for n, p in model.named_parameters()} if phases else None
     phase_s = 0.0
     for gi, ((g0, g1), assigned) in enumerate(zip(groups, plan)):
         batches = {r: [assigned[r][i:i + rows] for i in range(0, len(assigned[r]), rows)] for r in range(world)}
-        longest = max(len(b) for b in batches.values())
-        for k in range(0, max(longest, 1), BUDGET_ROUND_BATCHES):
+        for k in range(max(len(b) for b in batches.values())):
             agree_plan(states, run, f"group {gi} batch {k}")
             for r in ranks:
-                for docs in batches[r][k:k + BUDGET_ROUND_BATCHES]:
-                    score_document_batch(model, tokens, spans[docs], tables, run, geo, adapt, states[r])
+                if k < len(batches[r]):
+                    score_document_batch(model, tokens, spans[batches[r][k]], tables, run, geo, adapt, states[r])
         if phases is not None and gi < len(groups) - 1:
             run.barrier()     # every rank has scored the whole group: only now may the weights learn from it
-            seconds = phase_train(model, fwd, tokens, spans[g0:g1], phases, geo, run)
+            seconds = phase_train(model, fwd, tokens, phase_documents(spans, g0, g1), phases, geo, run)
             phase_s += seconds
             log(f"eval_phase group:{gi} docs:{g1 - g0} time:{1000 * seconds:.0f}ms")
-            if adapters is not None:
-                adapters.restart(keep_a=False)
+            for ad in adapters.values():
+                ad.restart(keep_a=False)
     if base is not None:
         restore_weights(model, base)
     model.requires_grad_(True)

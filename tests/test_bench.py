@@ -183,3 +183,35 @@ def test_the_sharded_step_sends_fewer_bytes_on_8_gpus_than_ddp_did():
     assert t["muon_weights"] == n_muon and t["muon_weights_padded"] >= n_muon
     assert t["bytes_after"] < 0.6 * t["bytes_before"], t
     print(f"bytes per rank per step on 8 GPUs: {t}")
+
+
+def test_bench_measures_the_document_modes(tiny_data, tmp_path):
+    """--eval-modes documents: the five document modes in order, each with its units of work, the seconds per unit
+    of the part it adds, and a full-val projection; the phases mode trains on half of the slice's documents."""
+    data, tok = tiny_data
+    env = script_env(data, tok, tmp_path / "logs", LORA_RANK="4", LORA_BATCH="4", SLOT_STEPS="2", PHASE_COUNT="1",
+                     PHASE_TOKENS="64", EVAL_BATCH_WINDOWS="4")
+    p, r = run_bench(tmp_path, env, "--sections", "eval", "--eval-tokens", "1500", "--eval-modes", "documents")
+    assert p.returncode == 0, p.stderr
+    e = r["eval"]
+    assert list(e) == list(bench.DOC_MODES)
+    plain, slot, lora = e["document"], e["document_slot"], e["document_lora"]
+    assert all(x["scored_tokens"] == 1499 and x["mode"] == "document" for x in e.values())
+    assert plain["rows"] == 4 and plain["units"]["fwd_cols"] > 0 and plain["s_per_fwd_col"] > 0
+    assert slot["slot"]["steps"] == 2 and slot["units"]["slot_cols"] > 0 and "s_per_slot_col_step" in slot
+    assert lora["lora"]["rank"] == 4 and lora["units"]["lora_cols"] > 0 and "s_per_lora_col" in lora
+    assert lora["val_bpb"] != plain["val_bpb"] and slot["val_bpb"] != plain["val_bpb"]
+    ph = e["document_lora_slot_phases"]
+    assert ph["phases"]["docs"] == ph["docs"] // 2 and ph["phase_seconds"] > 0 and ph["s_per_phase_step"] > 0
+    assert ph["full_val_phase_steps"] > ph["phase_steps"]
+    for x in e.values():
+        assert x["projected_full_val_s_8gpu"] == pytest.approx(sum(x["projected_parts_s_8gpu"].values()))
+        assert x["full_val_docs"] > x["docs"]
+    assert "seconds per unit" in p.stdout and "document_lora_slot_phases" in p.stdout
+
+
+def test_bench_document_mode_needs_its_parts(tiny_data, tmp_path):
+    data, tok = tiny_data
+    env = script_env(data, tok, tmp_path / "logs", LORA_RANK="0")
+    p, r = run_bench(tmp_path, env, "--sections", "eval", "--eval-tokens", "1500", "--eval-modes", "document_lora")
+    assert p.returncode == 1 and "needs lora" in p.stderr

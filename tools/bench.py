@@ -36,11 +36,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 import train_gpt as tg  # noqa: E402
+import eval_budget as eb  # noqa: E402
 
 VAL_TOKENS_FULL = 62_021_846     # official FineWeb val stream: the target of the eval projection
 PROJECTION_GPUS = tg.REFERENCE_GPUS
@@ -249,9 +252,109 @@ def eval_modes(cfg: tg.Config) -> dict[str, tg.Adaptation]:
     return modes
 
 
-def bench_eval(cfg: tg.Config, run: tg.Run, model: tg.GPT, n_tokens: int, peak: float | None) -> dict:
-    """evaluate() on the first n_tokens of val: a warm-up call, then the timed one."""
+DOC_MODES = ("document", "document_slot", "document_lora", "document_lora_slot", "document_lora_slot_phases")
+
+
+def document_modes(cfg: tg.Config, names: list[str], n_docs: int) -> dict[str, tg.Adaptation]:
+    """Name -> the document mode's Adaptation, from the Config's SLOT, LoRA and phase settings (no deadline). A mode
+    that needs a part the Config turns off (SLOT_STEPS=0, LORA_RANK=0, PHASE_COUNT=0) is an error. Phases: a slice
+    holds far fewer documents than PHASE_DOCS, so they train on the first half of the slice's documents."""
+    slot, lora = tg.Slot.from_config(cfg), tg.Lora.from_config(cfg)
+    phases = tg.Phases.from_config(cfg)
+    out = {}
+    for name in names:
+        need = {"slot": slot, "lora": lora, "phases": phases}
+        for part, value in need.items():
+            if part in name.split("_") and value is None:
+                raise tg.RunError(f"eval mode {name} needs {part}, which the Config turns off")
+        ph = None
+        if "phases" in name:
+            ph = dataclasses.replace(phases, docs=min(phases.docs, max(1, n_docs // 2)))
+        out[name] = tg.Adaptation("document", slot if "slot" in name else None, None,
+                                  lora if "lora" in name else None, ph)
+    return out
+
+
+def document_projection(name: str, adapt: tg.Adaptation, r: tg.EvalResult, lengths, geo: tg.Geometry, done: dict,
+                        world: int = PROJECTION_GPUS) -> dict:
+    """Seconds per unit of work of the part this mode adds, from this run and the modes measured before it (the
+    order of DOC_MODES): forward columns (rows x width, head included), SLOT column-steps, LoRA columns (forward
+    with the adapters' graph + backward + step), phase steps; then the full val on `world` GPUs: the slice's
+    document lengths tiled to the full val's tokens, the slowest rank's units x the seconds per unit."""
+    rows = adapt.lora.batch if adapt.lora else geo.batch_windows
+    here = eb.document_work(lengths, geo, rows, 1, adapt.phases)["slowest_rank"]
+    scoring_s = r.seconds - r.ttt_seconds
+    unit = {}
+    base = done.get("document")
+    if name == "document":
+        unit["s_per_fwd_col"] = scoring_s / here["fwd_cols"]
+    else:
+        unit["s_per_fwd_col"] = base["s_per_fwd_col"] if base else None
+    if adapt.lora and not adapt.slot and base:
+        unit["s_per_lora_col"] = (scoring_s - base["s_per_fwd_col"] * here["fwd_cols"]) / max(1, here["lora_cols"])
+    elif adapt.lora:
+        unit["s_per_lora_col"] = done.get("document_lora", {}).get("s_per_lora_col")
+    steps = adapt.slot.steps if adapt.slot else 0
+    if adapt.slot and not adapt.phases:
+        ref = done.get("document_lora" if adapt.lora else "document")
+        if ref:
+            rest = ref["s_per_fwd_col"] * here["fwd_cols"] + (ref.get("s_per_lora_col") or 0) * here["lora_cols"]
+            unit["s_per_slot_col_step"] = (scoring_s - rest) / max(1, here["slot_cols"] * steps)
+    elif adapt.slot:
+        unit["s_per_slot_col_step"] = done.get("document_lora_slot", {}).get("s_per_slot_col_step")
+    full_lengths = eb.full_lengths(lengths, VAL_TOKENS_FULL)
+    full = eb.document_work(full_lengths, geo, rows, world,
+                            dataclasses.replace(adapt.phases, docs=tg.Config.phase_docs) if adapt.phases else None)
+    slow = full["slowest_rank"]
+    if adapt.phases:
+        phase_steps = eb.document_work(lengths, geo, rows, 1, adapt.phases)["phase_steps"]
+        unit["phase_steps"] = phase_steps
+        unit["s_per_phase_step"] = r.ttt_seconds / max(1, phase_steps)
+    parts = {"scoring": (unit["s_per_fwd_col"] or 0.0) * slow["fwd_cols"],
+             "slot": (unit.get("s_per_slot_col_step") or 0.0) * slow["slot_cols"] * steps,
+             "lora": (unit.get("s_per_lora_col") or 0.0) * slow["lora_cols"] if adapt.lora else 0.0,
+             # every rank runs every phase step on PHASE_ROWS padded rows: not divided by the GPUs
+             "phases": (unit.get("s_per_phase_step") or 0.0) * full["phase_steps"]}
+    return {"units": here, **unit, "full_val_units_slowest_rank": slow, "full_val_phase_steps": full["phase_steps"],
+            "full_val_docs": full["docs"], "projected_parts_s_8gpu": parts,
+            "projected_full_val_s_8gpu": sum(parts.values())}
+
+
+def bench_documents(cfg: tg.Config, run: tg.Run, model: tg.GPT, val: torch.Tensor, names: list[str]) -> dict:
+    """evaluate() in the document mode on the slice, each mode after a warm-up call on its first documents."""
+    tables = tg.eval_byte_tables(cfg)
+    geo = tg.Geometry.from_config(cfg)
+    spans = tg.document_spans(val)
+    lengths = (spans[:, 1] - spans[:, 0]).astype(np.int64)
+    out: dict = {}
+    for name, adapt in document_modes(cfg, names, len(spans)).items():
+        warm = val[:int(spans[min(1, len(spans) - 1), 1]) + 1]
+        first = tg.evaluate(model, warm, tables, run, geo, adapt)
+        reset_peak_memory(run)
+        r = tg.evaluate(model, val, tables, run, geo, adapt)
+        out[name] = {"mode": "document", "slice_tokens": len(val), "scored_tokens": r.tokens, "docs": len(spans),
+                     "warmup_tokens": len(warm), "warmup_s": first.seconds, "seconds": r.seconds,
+                     "phase_seconds": r.ttt_seconds, "tokens_per_s": r.tokens / r.seconds, "val_loss": r.loss,
+                     "val_bpb": r.bpb, "rows": adapt.lora.batch if adapt.lora else geo.batch_windows,
+                     "slot": dataclasses.asdict(adapt.slot) if adapt.slot else None,
+                     "lora": dataclasses.asdict(adapt.lora) if adapt.lora else None,
+                     "phases": dataclasses.asdict(adapt.phases) if adapt.phases else None,
+                     "full_val_tokens": VAL_TOKENS_FULL,
+                     **document_projection(name, adapt, r, lengths, geo, out), **peak_memory(run)}
+    model.train()
+    return out
+
+
+def bench_eval(cfg: tg.Config, run: tg.Run, model: tg.GPT, n_tokens: int, peak: float | None,
+               modes: list[str] | None = None) -> dict:
+    """evaluate() on the first n_tokens of val: a warm-up call, then the timed one. `modes`: "stream" (the sliding
+    window, SLOT and TTT as configured) and/or document-mode names (DOC_MODES)."""
+    modes = modes or ["stream"]
     val = tg.load_val_tokens(cfg)[:n_tokens]
+    docs = [m for m in modes if m != "stream"]
+    if "stream" not in modes:
+        model.eval()
+        return bench_documents(cfg, run, model, val, docs)
     if len(val) <= cfg.eval_seq_len + 1:
         raise tg.RunError(f"the eval slice ({len(val)} tokens) must be longer than EVAL_SEQ_LEN={cfg.eval_seq_len} "
                           f"+ 1, or its windows are narrower than the real ones")
@@ -286,6 +389,8 @@ def bench_eval(cfg: tg.Config, run: tg.Run, model: tg.GPT, n_tokens: int, peak: 
                      "projected_full_val_s_1gpu": per_window * full_windows + ttt.get("full_val_ttt_s_1gpu", 0.0),
                      "projected_full_val_s_8gpu": (per_window * full_windows + ttt.get("full_val_ttt_s_1gpu", 0.0)) / PROJECTION_GPUS,
                      **ttt, "flop": flop, **rates(flop, r.seconds, peak), **peak_memory(run)}
+    if docs:
+        out.update(bench_documents(cfg, run, model, val, docs))
     model.train()
     return out
 
@@ -377,6 +482,23 @@ def table(results: dict) -> str:
             rows.append(("train", f"ms/step at 50% MFU, 1 device ({key})", fmt(train[key]["step_ms_at_50pct_mfu"])))
     for name, e in results.get("eval", {}).items():
         label, n = f"eval {name}", PROJECTION_GPUS
+        if e.get("mode") == "document":
+            u = e["units"]
+            per = "  ".join(f"{k.removeprefix('s_per_')} {e[k] * 1e6:,.1f} us" for k in
+                            ("s_per_fwd_col", "s_per_slot_col_step", "s_per_lora_col") if e.get(k) is not None)
+            if e.get("s_per_phase_step") is not None:
+                per += f"  phase_step {e['s_per_phase_step']:.3f} s"
+            parts = "  ".join(f"{k} {v:,.1f}" for k, v in e["projected_parts_s_8gpu"].items() if v)
+            rows += [(label, "slice / documents / rows", f"{e['slice_tokens']:,} tokens / {e['docs']:,} documents / "
+                                                         f"{e['rows']} rows per forward"),
+                     (label, "units (forward / SLOT / LoRA columns)",
+                      f"{u['fwd_cols']:,} / {u['slot_cols']:,} / {u['lora_cols']:,}"),
+                     (label, "seconds (warm-up call)", f"{e['seconds']:.2f}  ({e['warmup_s']:.2f} on "
+                                                       f"{e['warmup_tokens']:,} tokens; phases {e['phase_seconds']:.2f})"),
+                     (label, "seconds per unit, 1 device", per or "n/a"),
+                     (label, f"full val on {n} GPUs (projected at this device's rates)",
+                      f"{e['projected_full_val_s_8gpu']:,.1f} s  ({parts})")]
+            continue
         rows += [(label, "slice / windows", f"{e['slice_tokens']:,} tokens / {e['windows']:,} windows "
                                             f"(T {e['seq_len']}, stride {e['stride']})"),
                  (label, "seconds (warm-up call)", f"{e['seconds']:.2f}  ({e['warmup_s']:.2f} on {e['warmup_tokens']:,} tokens)"),
@@ -422,6 +544,9 @@ def parse_args(argv, run: tg.Run) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3 if cuda else 1,
                    help="compile_warmup's steps (WARMUP_STEPS; it runs at least one per switch state), untimed")
     p.add_argument("--eval-tokens", type=int, default=1_000_000 if cuda else 20_000, help="val tokens evaluated")
+    p.add_argument("--eval-modes", default="stream",
+                   help="comma list: stream (sliding window, SLOT, TTT as configured) and/or the document modes "
+                        f"{', '.join(DOC_MODES)}, or 'documents' for all of them (measured in that order)")
     p.add_argument("--peak-flops", type=float, default=800e12 if cuda else None,
                    help="peak FLOP/s for MFU; default 800e12 on CUDA (H100 dense bf16 as measured achievable; the "
                         "SXM datasheet says 989e12), none on CPU (MFU n/a)")
@@ -429,6 +554,12 @@ def parse_args(argv, run: tg.Run) -> argparse.Namespace:
     p.add_argument("--out", default="", help="JSON path (overrides --name)")
     args = p.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    modes = [m.strip() for m in args.eval_modes.split(",") if m.strip()]
+    modes = [x for m in modes for x in (DOC_MODES if m == "documents" else (m,))]
+    bad_modes = set(modes) - {"stream", *DOC_MODES}
+    if bad_modes or not modes:
+        p.error(f"--eval-modes: unknown {sorted(bad_modes)}; choose from stream, documents, {', '.join(DOC_MODES)}")
+    args.eval_modes = ["stream"] * ("stream" in modes) + [m for m in DOC_MODES if m in modes]
     bad = set(args.sections) - {"train", "eval", "export"}
     if bad or not args.sections:
         p.error(f"--sections: unknown {sorted(bad)}; choose from train, eval, export")
@@ -461,7 +592,7 @@ def measure(cfg: tg.Config, run: tg.Run, args, save) -> dict:
         results["export"] = bench_export(cfg, state, tg.param_labels(model), weights, hessians, calib_s)
         save(results, "export")
     if "eval" in args.sections:
-        results["eval"] = bench_eval(cfg, run, model, args.eval_tokens, args.peak_flops)
+        results["eval"] = bench_eval(cfg, run, model, args.eval_tokens, args.peak_flops, args.eval_modes)
         save(results, "eval")
     return results
 
