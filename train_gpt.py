@@ -2462,9 +2462,11 @@ def phase_batch(tokens: torch.Tensor, rows: list[tuple[int, int]], seq_len: int,
     return x.to(device), y.to(device)
 
 
-def document_warmup(model: GPT, adapters: Adapters | None, geo: Geometry, adapt: Adaptation, run: Run):
-    """Compile the document mode's graphs on random tokens (never validation tokens): the forward at every width,
-    with the adapters' backward, SLOT and the head; the phase step's forward and backward. No weight moves."""
+def document_warmup(model: GPT, adapters: Adapters | None, geo: Geometry, adapt: Adaptation, run: Run,
+                    widths: list[int]):
+    """Compile the document mode's graphs on random tokens (never validation tokens): the forward at every width the
+    documents' lengths will use, with the adapters' backward; the phase step's forward and backward. No weight
+    moves."""
     hidden = run.compile(model.hidden)
     fwd = run.compile(model) if adapt.phases is not None else model
     if not run.compiled:
@@ -2472,7 +2474,7 @@ def document_warmup(model: GPT, adapters: Adapters | None, geo: Geometry, adapt:
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(0)
     vocab, rows = model.tok_emb.weight.size(0), adapters.rows if adapters is not None else geo.batch_windows
-    for width in sorted({doc_width(e, geo) for e in range(1, geo.seq_len + 1)}):
+    for width in widths:
         x = torch.randint(0, vocab, (rows, width), generator=g).to(run.device)
         with torch.set_grad_enabled(adapters is not None), run.autocast():
             h = hidden(x, adapters)
@@ -2488,7 +2490,7 @@ def document_warmup(model: GPT, adapters: Adapters | None, geo: Geometry, adapt:
     if adapters is not None:
         adapters.zero_grad(set_to_none=True)
     run.sync()
-    log(f"eval_compile documents_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    log(f"eval_compile documents_time:{1000 * (time.perf_counter() - t0):.0f}ms widths:{','.join(map(str, widths))}")
     return hidden, fwd
 
 
@@ -2508,7 +2510,9 @@ def evaluate_documents(model: GPT, tokens: torch.Tensor, tables: ByteTables, run
     # each rank share its own adapters (a simulated rank must not carry another's A)
     adapters = {r: Adapters(model, lora, lora.batch) for r in ranks} if lora is not None else {}
     rows = lora.batch if lora is not None else geo.batch_windows
-    hidden, fwd = document_warmup(model, adapters.get(ranks[0]), geo, adapt, run)
+    widths = sorted({doc_width(min(n, (c + 1) * geo.stride), geo) for n in set(lengths.tolist())
+                     for c in range(-(-n // geo.stride))})
+    hidden, fwd = document_warmup(model, adapters.get(ranks[0]), geo, adapt, run, widths)
     groups = document_groups(len(spans), phases)
     plan = [[g0 + a for a in assign_documents(lengths[g0:g1], world, geo)] for g0, g1 in groups]
     units = {r: sum(rows * doc_width(min(int(lengths[b[0]]), (c + 1) * geo.stride), geo)

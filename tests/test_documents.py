@@ -260,3 +260,38 @@ def test_document_settings_are_checked():
     cfg, _ = T.config_from_env(dict(TINY_ENV, EVAL_MODE="document", LORA_RANK="0", PHASE_COUNT="0"))
     adapt = T.Adaptation.from_config(cfg, None)
     assert adapt.lora is None and adapt.phases is None and adapt.ttt is None and adapt.slot is not None
+
+
+class AotEagerRun(T.Run):
+    """COMPILE=1 AUTOCAST=bf16 as a GPU run traces it (dynamo's guards, AOT autograd's backward, fullgraph: a graph
+    break is an error), with the aot_eager backend: inductor's C++ code generation costs minutes per graph on a CPU
+    and decides nothing about recompiles."""
+
+    def compile(self, fn, fullgraph: bool = False):
+        return torch.compile(fn, dynamic=False, fullgraph=True, backend="aot_eager")
+
+
+def test_compiled_document_mode_never_recompiles_after_its_warmup(monkeypatch):
+    """The warm-up (random tokens) compiles every width, the adapters' backward and the phase step; after it, a
+    recompile is an error. LoRA, SLOT and a phase all run, over documents of every length bucket."""
+    model = tiny_model(dtype=torch.float32)
+    tokens = torch.randint(3, 320, (400,), generator=torch.Generator().manual_seed(1))
+    tokens[[0, 3, 9, 40, 41, 90, 200, 260]] = T.BOS_ID
+    tables = T.ByteTables(torch.ones(320, dtype=torch.long), torch.zeros(320, dtype=torch.bool), torch.arange(320) < 3)
+    real = T.document_warmup
+
+    def warmup_then_freeze(*args):
+        out = real(*args)
+        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        return out
+    monkeypatch.setattr(T, "document_warmup", warmup_then_freeze)
+    torch._dynamo.reset()
+    adapt = T.Adaptation("document", slot=T.Slot(steps=2), lora=T.Lora(rank=4, batch=4),
+                         phases=T.Phases(docs=4, count=1, tokens=64))
+    try:
+        r = T.evaluate(model, tokens, tables, AotEagerRun(compiled=True, amp=torch.bfloat16), T.Geometry(32, 8, 4), adapt)
+    finally:
+        torch._dynamo.reset()
+    assert r.tokens == 399 and math.isfinite(r.loss)
+    eager = T.evaluate(model, tokens, tables, T.Run(amp=torch.bfloat16), T.Geometry(32, 8, 4), adapt)
+    assert abs(r.loss - eager.loss) < 1e-3 * eager.loss, (r.loss, eager.loss)
