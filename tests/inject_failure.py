@@ -1,7 +1,7 @@
 """train_gpt.main() with one of its functions made to fail on one rank at its N-th call: the entry point of the
 failure tests. FAIL_AT=<function>@<rank>@<call>[@hang], e.g. train_step@1@3: an ordinary exception (not a
 RunError); with @hang the call blocks instead, without an exception and outside any collective. SLOW_AT=<function>:
-<seconds> makes every call of a function on every rank sleep first."""
+<seconds>[@<rank>] makes every call of a function sleep first, on every rank or on the one named."""
 import os
 import sys
 import time
@@ -10,8 +10,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_gpt as T  # noqa: E402
 
-if "SLOW_AT" in os.environ:     # <function>:<seconds>: every call on every rank sleeps first (a slow device)
-    slow_name, seconds = os.environ.pop("SLOW_AT").split(":")
+slow_name, slow_spec = os.environ.pop("SLOW_AT", "none:0").split(":")
+seconds, _, slow_rank = slow_spec.partition("@")
+if slow_name != "none" and (not slow_rank or int(slow_rank) == int(os.environ.get("RANK", "0"))):   # a slow device
     slow_real = getattr(T, slow_name)
 
     def slow(*args, **kwargs):

@@ -145,3 +145,25 @@ def test_a_long_evaluation_is_not_a_stall(artifact):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     lines = parse_log(work / "logs" / "long.txt")
     assert float(lines["final_sliding_window_exact"]["eval_time"].removesuffix("ms")) > 4000, "2 watchdog periods"
+
+
+def test_a_slot_cut_is_agreed_by_both_ranks(artifact):
+    """Rank 1's SLOT is made slow (SLOW_AT=slot_fit:0.3@1): only its budget projects past EVAL_BUDGET_SECONDS, yet
+    both ranks score with the cut, because the smallest proposal wins at every agreement (agree_plan); gather_result
+    then checks that every rank's rounds used the same settings, or the run fails. Without the agreement, rank 0 keeps
+    8 steps while rank 1 cuts, and that check ends the run (tried 2026-12-07)."""
+    work, env = artifact
+    e = dict(env, PHASES="eval", RUN_ID="agree", ARTIFACT_PATH=str(work / "logs" / "two.pgz"), EVAL_MODE="document",
+             LORA_RANK="0", PHASE_COUNT="0", SLOT_STEPS="8", EVAL_COMPARE_PLAIN="0",
+             EVAL_BATCH_WINDOWS="4", EVAL_BUDGET_SECONDS="12", SLOW_AT="slot_fit:0.3@1")
+    e.pop("NLL_DUMP_PATH")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).parent / "inject_failure.py")]
+    r = subprocess.run(cmd, env=e, cwd=work, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    text = (work / "logs" / "agree.txt").read_text()
+    lines = parse_log(work / "logs" / "agree.txt")
+    final = lines["final_document_slot_exact"]
+    assert int(final["budget_cuts"]) > 0 and float(final["slot_steps_mean"]) < 8, final
+    assert "agreed by all ranks" in text
+    assert "eval_budget: rank 0 at" not in text, "rank 0 (fast) proposed no cut itself"

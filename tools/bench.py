@@ -279,8 +279,8 @@ def document_projection(name: str, adapt: tg.Adaptation, r: tg.EvalResult, lengt
                         world: int = PROJECTION_GPUS) -> dict:
     """Seconds per unit of work of the part this mode adds, from this run and the modes measured before it (the
     order of DOC_MODES): forward columns (rows x width, head included), SLOT column-steps, LoRA columns (forward
-    with the adapters' graph + backward + step), phase steps; then the full val on `world` GPUs: the slice's
-    document lengths tiled to the full val's tokens, the slowest rank's units x the seconds per unit."""
+    with the adapters' graph + backward + step), phase steps; then the full val on `world` GPUs: the slice's units
+    scaled by tokens and split evenly, x the seconds per unit (phase steps: PHASE_DOCS documents, on every rank)."""
     rows = adapt.lora.batch if adapt.lora else geo.batch_windows
     here = eb.document_work(lengths, geo, rows, 1, adapt.phases)["slowest_rank"]
     scoring_s = r.seconds - r.ttt_seconds
@@ -302,20 +302,23 @@ def document_projection(name: str, adapt: tg.Adaptation, r: tg.EvalResult, lengt
             unit["s_per_slot_col_step"] = (scoring_s - rest) / max(1, here["slot_cols"] * steps)
     elif adapt.slot:
         unit["s_per_slot_col_step"] = done.get("document_lora_slot", {}).get("s_per_slot_col_step")
-    full_lengths = eb.full_lengths(lengths, VAL_TOKENS_FULL)
-    full = eb.document_work(full_lengths, geo, rows, world,
-                            dataclasses.replace(adapt.phases, docs=tg.Config.phase_docs) if adapt.phases else None)
-    slow = full["slowest_rank"]
+    # the full val: this slice's units scaled by tokens, split evenly over `world` GPUs (tools/eval_budget.py counts
+    # them from the real length distribution, with the balance and the padding)
+    scale = VAL_TOKENS_FULL / max(1, int(lengths.sum()) + 1) / world
+    slow = {k: v * scale for k, v in here.items()}
+    full = {"docs": int(round(len(lengths) * scale * world)), "phase_steps": 0}
     if adapt.phases:
         phase_steps = eb.document_work(lengths, geo, rows, 1, adapt.phases)["phase_steps"]
         unit["phase_steps"] = phase_steps
         unit["s_per_phase_step"] = r.ttt_seconds / max(1, phase_steps)
+        # every rank runs every step (PHASE_ROWS padded rows each): PHASE_DOCS documents, at this slice's steps per doc
+        full["phase_steps"] = math.ceil(phase_steps * tg.Config.phase_docs / adapt.phases.docs)
     parts = {"scoring": (unit["s_per_fwd_col"] or 0.0) * slow["fwd_cols"],
              "slot": (unit.get("s_per_slot_col_step") or 0.0) * slow["slot_cols"] * steps,
              "lora": (unit.get("s_per_lora_col") or 0.0) * slow["lora_cols"] if adapt.lora else 0.0,
              # every rank runs every phase step on PHASE_ROWS padded rows: not divided by the GPUs
              "phases": (unit.get("s_per_phase_step") or 0.0) * full["phase_steps"]}
-    return {"units": here, **unit, "full_val_units_slowest_rank": slow, "full_val_phase_steps": full["phase_steps"],
+    return {"units": here, **unit, "full_val_units_per_gpu": slow, "full_val_phase_steps": full["phase_steps"],
             "full_val_docs": full["docs"], "projected_parts_s_8gpu": parts,
             "projected_full_val_s_8gpu": sum(parts.values())}
 
