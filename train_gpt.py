@@ -1814,6 +1814,8 @@ class RankEval:
     plans: list = dataclasses.field(default_factory=list)   # the agreed (SLOT steps, TTT epochs) of every round
     adapters: typing.Any = None     # document mode: the per-document LoRA (Adapters) and its Adam second moments
     second: list = dataclasses.field(default_factory=list)
+    slot_step: typing.Callable | None = None   # slot_step_fn's step, compiled or not (None: built uncompiled)
+    slot_rows: int = 0              # SLOT's fixed batch rows (short batches are padded to it)
 
 
 def slot_context_weights(first: torch.Tensor, width: int, focal: int) -> torch.Tensor:
@@ -1846,44 +1848,75 @@ def slot_logits(model: GPT, h: torch.Tensor, delta: torch.Tensor, bias: torch.Te
     return logits + bias if bias is not None else logits
 
 
-def slot_adamw(model, h, y, w, delta, bias, slot: Slot, steps: int, lora: "Adapters | None" = None):
-    """`steps` AdamW steps (no weight decay, no clipping) with a cosine learning rate. AdamW is element-wise and the
-    loss is a sum of per-window means, so this is B independent optimizations run side by side."""
-    params = [delta.requires_grad_()] + ([bias.requires_grad_()] if bias is not None else [])
-    m = [torch.zeros_like(p) for p in params]
-    v = [torch.zeros_like(p) for p in params]
-    b1, b2, eps = 0.9, 0.999, 1e-8
-    for k in range(steps):
-        lr = slot.lr_min + 0.5 * (slot.lr - slot.lr_min) * (1 + math.cos(math.pi * k / steps))
-        logits = slot_logits(model, h, delta, bias, lora)
-        loss = (F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none") * w.flatten()).sum()
-        grads = torch.autograd.grad(loss, params)
-        with torch.no_grad():
-            for p, g, mk, vk in zip(params, grads, m, v):
-                mk.mul_(b1).add_(g, alpha=1 - b1)
-                vk.mul_(b2).addcmul_(g, g, value=1 - b2)
-                p.sub_(lr * (mk / (1 - b1 ** (k + 1))) / ((vk / (1 - b2 ** (k + 1))).sqrt() + eps))
-    return delta.detach(), bias.detach() if bias is not None else None
+def slot_step_fn(model: GPT, lora: "Adapters | None", run: Run):
+    """One AdamW step (no weight decay, no clipping) of every window's (delta, bias), as a pure function: the
+    gradient by torch.func.grad, the logits in the compute dtype (bf16 on a GPU) with a float32 loss. Compiled
+    (COMPILE) once per shape, it fuses the full-vocabulary softmax into its neighbours instead of keeping float32
+    copies for a backward. AdamW is element-wise and the loss is a sum of per-window means, so the B windows are B
+    independent optimizations side by side."""
+    def loss(params, h, y, w):
+        logits = slot_logits(model, h, params[0], params[1] if len(params) > 1 else None, lora)
+        return (F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none") * w.flatten()).sum()
+
+    grad = torch.func.grad(loss)
+
+    def step(h, y, w, params, moments, lr, k):
+        with run.autocast():
+            grads = grad(params, h, y, w)
+        b1, b2, eps = 0.9, 0.999, 1e-8
+        new_params, new_moments = [], []
+        for p, g, (m, v) in zip(params, grads, moments):
+            g = g.to(p.dtype)
+            m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+            new_params.append(p - lr * (m / (1 - b1 ** k)) / ((v / (1 - b2 ** k)).sqrt() + eps))
+            new_moments.append((m, v))
+        return tuple(new_params), tuple(new_moments)
+
+    return run.compile(step)
 
 
-def slot_fit(model: GPT, h, y, first, slot: Slot, steps: int, prev, lora: "Adapters | None" = None):
-    """One batch's per-window delta and bias: a warm or zero start, then AdamW on the columns that hold context.
-    Returns (delta, bias, the warm start for the next batch); (None, None, prev) when the budget cut the steps to
-    0: the batch is then scored plain, never with a stale warm start."""
+def slot_context(h, y, first, focal: int):
+    """The columns SLOT fits on, in a fixed shape [B, K] whatever the windows' slices: K = `focal` columns ending
+    just before each window's first scored target, or (focal 0) all W columns; weights from slot_context_weights,
+    0 on every column that is not context."""
+    width = y.size(1)
+    weights = slot_context_weights(first, width, focal)
+    if not focal:
+        return h, y, weights
+    k = min(focal, width)
+    cols = first[:, None] - k + torch.arange(k, device=first.device)[None, :]
+    idx = cols.clamp(0, width - 1)
+    w = weights.gather(1, idx) * (cols >= 0)
+    return h.gather(1, idx[..., None].expand(-1, -1, h.size(-1))), y.gather(1, idx), w
+
+
+def slot_fit(model: GPT, h, y, first, slot: Slot, steps: int, state: "RankEval", lora: "Adapters | None" = None):
+    """One batch's per-window delta and bias: a warm start (state.prev) or zero, then `steps` AdamW steps with a
+    cosine learning rate on each window's context (slot_context), padded to state.slot_rows rows so that every batch
+    has one shape. Returns (delta, bias) and leaves the next batch's warm start in state.prev; (None, None) when the
+    budget cut the steps to 0: the batch is then scored plain, never with a stale warm start."""
     if steps == 0:
-        return None, None, prev
-    delta, bias = slot_init(h.size(0), h.size(-1), model.tok_emb.weight.size(0), prev, slot.warm_start, h)
-    bias = bias if slot.bias else None
-    weights = slot_context_weights(first, h.size(1), slot.focal)
-    cols = (weights.sum(0) > 0).nonzero().flatten()
-    if len(cols):
-        c0, c1 = int(cols[0]), int(cols[-1]) + 1
-        with torch.enable_grad():
-            delta, bias = slot_adamw(model, h[:, c0:c1], y[:, c0:c1], weights[:, c0:c1], delta, bias, slot, steps,
-                                     lora)
-        has_ctx = weights.sum(1) > 0
-        prev = (delta[has_ctx].mean(0), bias[has_ctx].mean(0) if bias is not None else 0.0)
-    return delta, bias, prev
+        return None, None
+    n = h.size(0)
+    delta, bias = slot_init(n, h.size(-1), model.tok_emb.weight.size(0), state.prev, slot.warm_start, h)
+    hc, yc, w = slot_context(h, y, first, slot.focal)
+    pad = max(0, state.slot_rows - n)
+    if pad:    # rows without context: zero weight, so they change nothing and take no step
+        hc, yc, w = (torch.cat((t, t[-1:].expand(pad, *t.shape[1:]) * 0)) for t in (hc, yc, w))
+        delta, bias = (torch.cat((t, t[-1:].expand(pad, *t.shape[1:]))) for t in (delta, bias))
+    params = (delta, bias) if slot.bias else (delta,)
+    moments = tuple((torch.zeros_like(p), torch.zeros_like(p)) for p in params)
+    step = state.slot_step or slot_step_fn(model, lora, Run())
+    for k in range(steps):    # under no_grad always (one compiled graph): torch.func.grad ignores the outer mode
+        lr = slot.lr_min + 0.5 * (slot.lr - slot.lr_min) * (1 + math.cos(math.pi * k / steps))
+        with torch.no_grad():
+            params, moments = step(hc, yc, w, params, moments, torch.tensor(lr, dtype=h.dtype, device=h.device),
+                                   torch.tensor(k + 1.0, dtype=h.dtype, device=h.device))
+    delta, bias = params[0][:n], params[1][:n] if slot.bias else None
+    has_ctx = w[:n].sum(1) > 0
+    if has_ctx.any():
+        state.prev = (delta[has_ctx].mean(0), bias[has_ctx].mean(0) if bias is not None else 0.0)
+    return delta, bias
 
 
 # Which knob the budget guard lowers first: the one that costs more seconds per bpb it gains (logs/eval_study).
@@ -2001,7 +2034,7 @@ def eval_shard(model: GPT, tokens: torch.Tensor, windows: np.ndarray, tables: By
         run.sync()                     # the forward runs asynchronously: without this its time would count as SLOT's
         t1 = time.perf_counter()
         if slot is not None:
-            delta, bias, state.prev = slot_fit(model, h, y, first, slot, steps, state.prev)
+            delta, bias = slot_fit(model, h, y, first, slot, steps, state)
         run.sync()
         t2 = time.perf_counter()
         f0 = int(first_np.min())       # the head runs only on the columns that hold scored targets
@@ -2117,6 +2150,24 @@ def ttt_train(model: GPT, opt, tokens: torch.Tensor, chunk: tuple, ttt: Ttt, epo
         opt.zero_grad(set_to_none=True)
 
 
+def warm_slot(model: GPT, step, slot: Slot, rows: int, width: int, run: Run) -> None:
+    """Compile SLOT's step at one batch shape on random values (never validation tokens); nothing is kept."""
+    t0 = time.perf_counter()
+    w = model.tok_emb.weight
+    k = min(slot.focal, width) if slot.focal else width
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(rows, k, w.size(1), generator=g).to(run.device)
+    y = torch.randint(0, w.size(0), (rows, k), generator=g).to(run.device)
+    params = (torch.zeros(rows, 1, w.size(1), device=run.device), torch.zeros(rows, 1, w.size(0), device=run.device))
+    params = params if slot.bias else params[:1]
+    moments = tuple((torch.zeros_like(p), torch.zeros_like(p)) for p in params)
+    one = torch.ones((), device=run.device)
+    with torch.no_grad():
+        step(h, y, torch.full((rows, k), 1.0 / k, device=run.device), params, moments, one * slot.lr, one)
+    run.sync()
+    log(f"eval_compile slot_time:{1000 * (time.perf_counter() - t0):.0f}ms rows:{rows} columns:{k}")
+
+
 def eval_forward(model: GPT, windows: np.ndarray, batch_windows: int, run: Run):
     """The scoring forward (model.hidden), compiled when COMPILE and then warmed up on one batch of random tokens at
     the eval's shape (never on validation tokens), so that its compile time is logged apart from the scoring."""
@@ -2155,6 +2206,9 @@ def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, geo
     grid = eval_chunks(tokens, windows, dataclasses.replace(ttt, reset="never")) if ttt else chunks
     ranks, world = run.eval_shares()
     hidden_fn = eval_forward(model, windows, geo.batch_windows, run)
+    slot_step = slot_step_fn(model, None, run) if slot else None
+    if slot and run.compiled and len(windows):
+        warm_slot(model, slot_step, slot, geo.batch_windows, int(windows[0, 1] - windows[0, 0]), run)
 
     def share(chunk, r):   # rank r's contiguous part of the chunk's windows
         return chunk[0] + (chunk[1] - chunk[0]) * r // world, chunk[0] + (chunk[1] - chunk[0]) * (r + 1) // world
@@ -2164,7 +2218,7 @@ def evaluate(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, geo
         windows_r = sum(hi - lo for lo, hi in (share(c, r) for c in grid))
         budget = EvalBudget(adapt.deadline, slot.steps if slot else 0, ttt.epochs if ttt else 0, windows_r,
                             grid[-1][2] - 1)
-        states[r] = RankEval(budget, hidden_fn, want_nll)
+        states[r] = RankEval(budget, hidden_fn, want_nll, slot_step=slot_step, slot_rows=geo.batch_windows)
     progress_end = grid[-1][2]      # where the last grid chunk starts: the end of the cosine, by position
     base = {n: p.detach().clone() for n, p in model.named_parameters()} if ttt else None
     opt = torch.optim.SGD(model.parameters(), lr=ttt.lr, momentum=ttt.momentum) if ttt else None
@@ -2332,7 +2386,7 @@ def score_document_batch(model: GPT, tokens: torch.Tensor, spans: np.ndarray, ta
         adapters.restart(keep_a=lora.carry)
         for v in state.second:
             v.zero_()
-    prev, t_units = None, 0
+    state.prev = None
     for c in range(int(n_chunks.max())):
         t0 = time.perf_counter()
         ends = np.minimum(lengths, (c + 1) * geo.stride)
@@ -2355,9 +2409,9 @@ def score_document_batch(model: GPT, tokens: torch.Tensor, spans: np.ndarray, ta
         t1 = time.perf_counter()
         delta = bias = None
         if slot is not None:
-            delta, bias, _ = slot_fit(model, h_f, y, torch.as_tensor(first, device=device), slot, steps, prev,
-                                      adapters)
-            prev = (delta, bias if bias is not None else 0.0) if delta is not None else prev
+            delta, bias = slot_fit(model, h_f, y, torch.as_tensor(first, device=device), slot, steps, state, adapters)
+            if delta is not None:   # the document mode's warm start: each row from its own previous chunk
+                state.prev = (delta, bias if bias is not None else 0.0)
         run.sync()
         t2 = time.perf_counter()
         f0, f1 = int(first[active].min()), int(last.max())     # the head runs on the chunk's columns only
@@ -2387,7 +2441,6 @@ def score_document_batch(model: GPT, tokens: torch.Tensor, spans: np.ndarray, ta
         units = rows * width
         state.budget.observe_batch(units, (t1 - t0) + (t3 - t2), t2 - t1, steps)
         state.budget.observe_chunk(time.perf_counter() - t3, int(train), units)
-        t_units += units
         log.mark()
     state.windows += len(spans)
     if slot is not None:
@@ -2465,12 +2518,13 @@ def phase_batch(tokens: torch.Tensor, rows: list[tuple[int, int]], seq_len: int,
 def document_warmup(model: GPT, adapters: Adapters | None, geo: Geometry, adapt: Adaptation, run: Run,
                     widths: list[int]):
     """Compile the document mode's graphs on random tokens (never validation tokens): the forward at every width the
-    documents' lengths will use, with the adapters' backward; the phase step's forward and backward. No weight
-    moves."""
+    documents' lengths will use, with the adapters' backward, and SLOT's step; the phase step's forward and backward.
+    No weight moves. Returns the three functions."""
     hidden = run.compile(model.hidden)
     fwd = run.compile(model) if adapt.phases is not None else model
+    slot_step = slot_step_fn(model, adapters, run) if adapt.slot is not None else None
     if not run.compiled:
-        return hidden, fwd
+        return hidden, fwd, slot_step
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(0)
     vocab, rows = model.tok_emb.weight.size(0), adapters.rows if adapters is not None else geo.batch_windows
@@ -2480,6 +2534,8 @@ def document_warmup(model: GPT, adapters: Adapters | None, geo: Geometry, adapt:
             h = hidden(x, adapters)
             if adapters is not None:
                 model.head(h[:, -1:], adapters).float().sum().backward()
+        if slot_step is not None:
+            warm_slot(model, slot_step, adapt.slot, rows, width, run)
     if adapt.phases is not None:
         x, y = torch.randint(0, vocab, (2, PHASE_ROWS, geo.seq_len), generator=g).to(run.device)
         model.requires_grad_(True)
@@ -2491,7 +2547,7 @@ def document_warmup(model: GPT, adapters: Adapters | None, geo: Geometry, adapt:
         adapters.zero_grad(set_to_none=True)
     run.sync()
     log(f"eval_compile documents_time:{1000 * (time.perf_counter() - t0):.0f}ms widths:{','.join(map(str, widths))}")
-    return hidden, fwd
+    return hidden, fwd, slot_step
 
 
 def evaluate_documents(model: GPT, tokens: torch.Tensor, tables: ByteTables, run: Run, geo: Geometry,
@@ -2512,7 +2568,7 @@ def evaluate_documents(model: GPT, tokens: torch.Tensor, tables: ByteTables, run
     rows = lora.batch if lora is not None else geo.batch_windows
     widths = sorted({doc_width(min(n, (c + 1) * geo.stride), geo) for n in set(lengths.tolist())
                      for c in range(-(-n // geo.stride))})
-    hidden, fwd = document_warmup(model, adapters.get(ranks[0]), geo, adapt, run, widths)
+    hidden, fwd, slot_step = document_warmup(model, adapters.get(ranks[0]), geo, adapt, run, widths)
     groups = document_groups(len(spans), phases)
     plan = [[g0 + a for a in assign_documents(lengths[g0:g1], world, geo)] for g0, g1 in groups]
     units = {r: sum(rows * doc_width(min(int(lengths[b[0]]), (c + 1) * geo.stride), geo)
@@ -2526,8 +2582,10 @@ def evaluate_documents(model: GPT, tokens: torch.Tensor, tables: ByteTables, run
     for r in ranks:
         budget = EvalBudget(adapt.deadline, slot.steps if slot else 0, int(lora is not None), units[r], units[r])
         ad = adapters.get(r)
+        step = slot_step if r == ranks[0] else slot_step_fn(model, ad, run) if slot else None
         states[r] = RankEval(budget, hidden, want_nll, adapters=ad,
-                             second=[torch.zeros_like(p) for p in ad.parameters()] if ad is not None else [])
+                             second=[torch.zeros_like(p) for p in ad.parameters()] if ad is not None else [],
+                             slot_step=step, slot_rows=rows)
     base = {n: p.detach().clone() for n, p in model.named_parameters()} if phases else None
     phase_s = 0.0
     for gi, ((g0, g1), assigned) in enumerate(zip(groups, plan)):
