@@ -444,7 +444,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
             out = flash_attn_func(q, k, v, causal=True)
         else:
             from flash_attn_interface import flash_attn_varlen_func
-            B, T = q.shape[:2]
+            T = q.size(1)      # the longest document a row can hold
             out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask, mask, T, T,
                                          causal=True)
         out = out[0] if isinstance(out, tuple) else out
