@@ -111,6 +111,7 @@ class Config:
     ve_layers: tuple[int, ...] = (-2, -1)    # layers whose values get it, negative from the end; empty = off
     parallel_start: int = 7          # layers from this one on: attention and MLP read one input (#1204, #1493); 0 off
     ln_scale: bool = True            # each block's normalised inputs x 1/sqrt(physical layer + 1) (#1278, #1394)
+    doc_attention: bool = True       # attention never crosses a BOS: one document per sequence (#1530's VarLenAttn)
     # ---- training
     iterations: int = 20000          # an upper bound: the wall-clock cap ends a real run first
     max_wallclock_seconds: float = 600.0
@@ -250,7 +251,9 @@ class Config:
 # exactly what was trained and scores it with the tokenizer and byte rule it was trained for.
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
                 "rope_base", "qk_gain_init", "logit_softcap", "bigram_vocab_size", "bigram_dim", "recur_layers",
-                "ve_dim", "ve_layers", "parallel_start", "ln_scale", "caseops")
+                "ve_dim", "ve_layers", "parallel_start", "ln_scale", "caseops", "doc_attention")
+# What an artifact written before a model field existed was trained with (read_artifact fills them in)
+MODEL_FIELDS_BEFORE = {"doc_attention": False}
 
 # COMPILE and AUTOCAST: what each value means on (CUDA, CPU). "auto" is the device's default; a CPU run given
 # COMPILE=1 AUTOCAST=bf16 traces and compiles what a GPU run does, with the CPU's kernels (SDPA, foreach AdamW).
@@ -396,7 +399,9 @@ FA3_INSTALL = ("pip install flash_attn_3 --no-deps --find-links "
 def flash_attention_problem(cfg: Config, device: torch.device) -> str | None:
     """Why FlashAttention-3 can't be used here (None: use it). It needs a Hopper GPU (its kernels are built for sm90),
     and one small forward and backward at the model's head shape must agree with SDPA: a wheel built for another
-    torch, or without backward kernels for this head dim, fails here rather than inside the run."""
+    torch, or without backward kernels for this head dim, fails here rather than inside the run. With DOC_ATTENTION
+    the probe's rows hold documents (one starting mid-row, BOS runs, one row without a BOS): the varlen call is
+    checked against SDPA's mask."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
         return "not a Hopper GPU"
     try:
@@ -404,6 +409,8 @@ def flash_attention_problem(cfg: Config, device: torch.device) -> str | None:
     except Exception as e:   # an optional speedup: any failure means the portable path
         return f"flash_attn_interface does not import: {type(e).__name__}: {e}"
     hd = cfg.model_dim // cfg.num_heads
+    idx = torch.full((2, 256), BOS_ID + 1, device=device)
+    idx[0, [0, 60, 61, 62, 200]] = BOS_ID
     try:
         with torch.enable_grad():
             outs = []
@@ -411,24 +418,61 @@ def flash_attention_problem(cfg: Config, device: torch.device) -> str | None:
                 torch.manual_seed(0)
                 qkv = [torch.randn(2, 256, h, hd, device=device, dtype=torch.bfloat16, requires_grad=True)
                        for h in (cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads)]
-                y = causal_attention(*qkv, backend)
+                y = causal_attention(*qkv, backend, document_mask(idx, backend) if cfg.doc_attention else None)
                 y.float().square().sum().backward()
                 outs.append([y.detach().float()] + [t.grad.float() for t in qkv])
         # worst error of the output and each gradient relative to its largest value (bf16 vs fp32 SDPA on CPU: <0.5%)
         gap = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-6)) for a, b in zip(*outs))
     except Exception as e:
-        return f"flash_attn_func failed: {type(e).__name__}: {e}"
+        return f"flash_attn_func{'_varlen' * cfg.doc_attention} failed: {type(e).__name__}: {e}"
     return None if gap < 0.05 else f"flash_attn_func disagrees with SDPA (relative gap {gap:.3g})"
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
-    """Causal GQA attention on [B, T, H, D] tensors (k, v with fewer heads)."""
+# FlashAttention-3's sequences per batch: one per row and one per DOC_MIN_TOKENS tokens. Each is a batch entry of its
+# backward grid (most CTAs of a short or empty one exit at once); FineWeb's documents average ~1,150 tokens (val)
+DOC_MIN_TOKENS = 64
+
+
+def document_mask(idx: torch.Tensor, backend: str) -> torch.Tensor:
+    """What keeps attention inside each document (a BOS starts one), built once per forward for every layer:
+    FlashAttention-3's cu_seqlens over the flattened batch, or SDPA's [B, 1, T, T] boolean mask (s <= t, same doc)."""
+    if backend == "fa3":
+        return document_starts(idx)
+    docs = torch.cumsum(idx == BOS_ID, dim=1)
+    causal = torch.ones(idx.size(1), idx.size(1), dtype=torch.bool, device=idx.device).tril()
+    return (docs[:, None, :, None] == docs[:, None, None, :]) & causal
+
+
+def document_starts(idx: torch.Tensor) -> torch.Tensor:
+    """cu_seqlens (int32) of the flattened batch: a sequence starts at every BOS and at every row start. Static size
+    for torch.compile, rows + B*T / DOC_MIN_TOKENS + 1 entries; the padding repeats B*T (zero-length sequences). More
+    starts than that stop the run (a device assert) rather than merge two documents."""
+    start = idx == BOS_ID
+    start[:, 0] = True
+    total, cap = start.numel(), idx.size(0) + start.numel() // DOC_MIN_TOKENS
+    torch._assert_async(start.sum() <= cap, "DOC_ATTENTION: more documents than FlashAttention-3's cu_seqlens hold")
+    starts = torch.nonzero_static(start.flatten(), size=cap, fill_value=total).flatten()
+    return F.pad(starts, (0, 1), value=total).to(torch.int32)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal GQA attention on [B, T, H, D] tensors (k, v with fewer heads), inside documents when given
+    document_mask's mask for this backend."""
     if backend == "fa3" and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        from flash_attn_interface import flash_attn_func
-        out = flash_attn_func(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       enable_gqa=True)
+        if mask is None:
+            from flash_attn_interface import flash_attn_func
+            out = flash_attn_func(q, k, v, causal=True)
+        else:
+            from flash_attn_interface import flash_attn_varlen_func
+            T = q.size(1)      # the longest document a row can hold
+            out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask, mask, T, T,
+                                         causal=True)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.view(q.shape)
+    assert mask is None or mask.dim() == 4, "FlashAttention-3's document starts reached SDPA (not bf16 on CUDA?)"
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=mask is None, enable_gqa=True)
     return y.transpose(1, 2)
 
 
@@ -448,7 +492,7 @@ class Attention(nn.Module):
         self.vr = labelled(torch.full((1,), -1.5), "scalar") if value_residual else None
 
     def forward(self, x: torch.Tensor, v0: torch.Tensor | None, ve: torch.Tensor | None,
-                ad: "PassAdapters | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+                mask: torch.Tensor | None, ad: "PassAdapters | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
         q = self.c_q(x) + ad("q", x) if ad else self.c_q(x)
         k = self.c_k(x) + ad("k", x) if ad else self.c_k(x)
@@ -464,7 +508,7 @@ class Attention(nn.Module):
         dt = v.dtype
         q = self.rotary(rms_norm(q).to(dt)) * self.q_gain.to(dt)[None, None, :, None]
         k = self.rotary(rms_norm(k).to(dt))
-        y = causal_attention(q, k, v, self.backend)
+        y = causal_attention(q, k, v, self.backend, mask)
         # XSA (exclusive self attention): remove from each head's output its component along its own token's value
         g = y.view(B, T, self.hkv, self.h // self.hkv, self.hd)
         vn = F.normalize(v, dim=-1).unsqueeze(3)
@@ -502,11 +546,11 @@ class Block(nn.Module):
         self.mlp_scale = labelled(torch.ones(d), "scalar")
         self.resid_mix = labelled(torch.stack((torch.ones(d), torch.zeros(d))), "scalar")   # x <- a x + b x0
 
-    def forward(self, x, x0, v0, p: Pass, ve, ad: "PassAdapters | None" = None):
+    def forward(self, x, x0, v0, p: Pass, ve, mask, ad: "PassAdapters | None" = None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         n = rms_norm(x) * p.ln
-        a, v0 = self.attn(n, v0, ve, ad)
+        a, v0 = self.attn(n, v0, ve, mask, ad)
         if p.parallel:
             m = self.mlp(n) + ad("m", n) if ad else self.mlp(n)
             return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * m, v0
@@ -595,6 +639,7 @@ class GPT(nn.Module):
         super().__init__()
         d = cfg.model_dim
         self.softcap = cfg.logit_softcap
+        self.attention, self.doc_attention = attention, cfg.doc_attention
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         self.tok_emb.weight = labelled(torch.randn(cfg.vocab_size, d) * 0.005, "embed")
         self.bigram = BigramHash(cfg) if cfg.bigram_vocab_size else None
@@ -629,6 +674,7 @@ class GPT(nn.Module):
         training, evaluation, SLOT and TTT; `lora`: per-document adapters (one per row) of the document eval."""
         x = self.embed(idx)
         ve = self.value_embed(idx) if self.value_embed is not None else None
+        mask = document_mask(idx, self.attention) if self.doc_attention else None
         x0, v0, skips = x, None, []
         passes = self.schedule if self.recur_on else self.first_passes
         n_enc = len(passes) // 2          # U-Net over the passes that run: the skips re-pair at the switch (#1394)
@@ -638,7 +684,7 @@ class GPT(nn.Module):
             if 0 <= i - n_enc < min(n_enc, len(passes) - n_enc):
                 x = x + self.skip_weights[i - n_enc].to(x.dtype) * skips.pop()
             ve_p = ve * self.value_embed.scales[p.ve].to(ve.dtype) if p.ve >= 0 else None
-            x, v0 = self.blocks[p.layer](x, x0, v0, p, ve_p, lora.at(i) if lora is not None else None)
+            x, v0 = self.blocks[p.layer](x, x0, v0, p, ve_p, mask, lora.at(i) if lora is not None else None)
             if i < n_enc:
                 skips.append(x)
         return x
@@ -679,6 +725,9 @@ def build_model(cfg: Config, run: Run) -> GPT:
     if sdpa and run.device.type == "cuda" and run.world_size == REFERENCE_GPUS and cfg.max_wallclock_seconds >= 600:
         log("attention_kernel: WARNING a record-length run on SDPA: about 14% fewer steps than with FlashAttention-3 "
             f"(PR #1006: 107 vs 92 ms/step on 8 x H100). Install it: {FA3_INSTALL}")
+    if sdpa and run.device.type == "cuda" and cfg.doc_attention:
+        log("attention_kernel: WARNING DOC_ATTENTION on SDPA: a dense [B, 1, T, T] mask, no flash kernel (projected "
+            "cost: logs/doc_attention/README.md)")
     torch.manual_seed(cfg.seed)
     return GPT(cfg, attention="sdpa" if sdpa else "fa3").to(run.device)
 
@@ -1427,6 +1476,7 @@ def unpack_state(payload: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
         parts.setdefault(e["name"], {})[e["role"]] = unshuffle_bytes(data, e["dtype"], e["shape"])
     state = {}
     model_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in header["model"].items()}   # JSON has no tuples
+    model_cfg = {**MODEL_FIELDS_BEFORE, **model_cfg}
     for name, p in parts.items():
         if "q" in p:
             state[name] = torch.from_numpy(p["q"]).float() * torch.from_numpy(p["scale"]).float()[:, None]
@@ -2097,7 +2147,7 @@ def ttt_batches(tokens: torch.Tensor, a: int, b: int, seq_len: int, share: tuple
             t0, t1 = a + k * seq_len, min(b, a + (k + 1) * seq_len)
             x, y = tokens[t0 - 1:t1 - 1], tokens[t0:t1]
             pad = seq_len - len(x)
-            xs.append(F.pad(x, (0, pad), value=BOS_ID))
+            xs.append(F.pad(x, (0, pad), value=BOS_ID + 1))   # not BOS: each would start a document (DOC_ATTENTION)
             ys.append(F.pad(y, (0, pad), value=-100))
         out.append((torch.stack(xs).to(device), torch.stack(ys).to(device)))
     return out
@@ -2399,7 +2449,8 @@ def score_document_batch(model: GPT, tokens: torch.Tensor, spans: np.ndarray, ta
         idx = starts[:, None] + offset[:, None] + col[None, :]
         inside = col[None, :] < (lengths - offset)[:, None]    # inputs of the row's own document
         inside, idx = torch.as_tensor(inside), torch.as_tensor(idx)
-        x = torch.where(inside, tokens[idx.clamp_max(len(tokens) - 2)], BOS_ID).to(device)
+        # past its document a row holds a token that is not BOS (each BOS would start a document: DOC_ATTENTION)
+        x = torch.where(inside, tokens[idx.clamp_max(len(tokens) - 2)], BOS_ID + 1).to(device)
         y = torch.where(inside, tokens[(idx + 1).clamp_max(len(tokens) - 1)], 0).to(device)
         scored = torch.as_tensor((col[None, :] >= first[:, None]) & (col[None, :] < last[:, None]), device=device)
         with torch.set_grad_enabled(adapters is not None), run.autocast():
@@ -2508,7 +2559,7 @@ PHASE_ROWS = 32    # rows per forward of a phase step (fixed: one compiled shape
 
 def phase_batch(tokens: torch.Tensor, rows: list[tuple[int, int]], seq_len: int, device):
     """PHASE_ROWS rows of inputs and targets (ignored past each piece, and in the padding rows)."""
-    x = torch.full((PHASE_ROWS, seq_len), BOS_ID, dtype=torch.long)
+    x = torch.full((PHASE_ROWS, seq_len), BOS_ID + 1, dtype=torch.long)   # not BOS: see score_document_batch
     y = torch.full((PHASE_ROWS, seq_len), -100, dtype=torch.long)
     for i, (a, b) in enumerate(rows):
         x[i, :b - a], y[i, :b - a] = tokens[a - 1:b - 1], tokens[a:b]

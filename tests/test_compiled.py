@@ -65,6 +65,7 @@ def test_the_compiled_run_trains_exports_and_evaluates_with_every_switch(runs):
     assert "compile_warmup steps:3 states:recur0_qat0 recur1_qat0 recur1_qat1" in log
     assert "recurrence" in lines and "late_qat" in lines, "the run crosses both switches"
     assert "\nrank_sync: identical weights\n" in log
+    assert "\nconfig.doc_attention:True\n" in log, "the default: the graphs hold the document mask"
     assert int(lines["code_bytes"]["total_submission_bytes"]) > 0 and "final_slot_ttt_exact" in lines
 
 

@@ -175,9 +175,9 @@ def test_attention_inputs_share_the_compute_dtype(monkeypatch):
     seen = []
     real_attention = T.causal_attention
 
-    def recording(q, k, v, backend):
+    def recording(q, k, v, backend, mask=None):
         seen.append((q.dtype, k.dtype, v.dtype))
-        return real_attention(q, k, v, backend)
+        return real_attention(q, k, v, backend, mask)
     monkeypatch.setattr(T, "causal_attention", recording)
     m = tiny_model(dtype=torch.float32)   # fp32 weights under bf16 autocast, as on the GPU
     with torch.autocast("cpu", dtype=torch.bfloat16):
