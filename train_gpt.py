@@ -1841,7 +1841,7 @@ class EvalResult:
     slot_steps_min: int = 0
     ttt_epochs_mean: float = 0.0    # TTT steps actually run, per chunk that could train (all but the last)
     ttt_chunks_trained: int = 0
-    budget_cuts: int = 0            # times the budget guard lowered SLOT steps or TTT epochs (on any rank)
+    budget_cuts: int = 0            # times the ranks agreed to lower SLOT steps or TTT epochs (LoRA steps)
     ttt_seconds: float = 0.0        # of `seconds`: the TTT steps (this rank's)
 
 
@@ -1974,10 +1974,11 @@ BUDGET_CUT_ORDER = ("ttt", "slot")
 
 
 class EvalBudget:
-    """One deadline for everything in the eval phase. It measures the forward cost per window, the cost of one SLOT
-    step per window and of one TTT epoch per trained token, projects what this rank has left, and when that would not
-    fit lowers TTT epochs and SLOT steps (BUDGET_CUT_ORDER), one at a time, logging each cut. The first batch and the
-    first trained chunk pay for compilation and are not measured."""
+    """One deadline for everything in the eval phase, one per rank share. It measures the forward cost per window,
+    the cost of one SLOT step per window and of one TTT epoch per trained token (document mode: per forward column,
+    and the LoRA steps as the epoch, 1 = on), projects what this share has left, and when that would not fit proposes
+    fewer TTT epochs, then fewer SLOT steps (BUDGET_CUT_ORDER); agree_plan makes the smallest proposal every rank's.
+    The first batch and the first trained chunk pay for compilation and are not measured."""
 
     def __init__(self, deadline: float | None, steps: int, epochs: int, windows: int, tokens: int) -> None:
         self.deadline, self.steps, self.epochs = deadline, steps, epochs
@@ -2676,11 +2677,11 @@ def gather_result(states: dict, ranks: list[int], run: Run, slot, epochs_run: li
     need(float(span[0] + span[1]) == 0, "eval: the ranks scored with different agreed SLOT steps / TTT epochs "
          "(a bug: agree_plan must run at the same points on every rank)")
     sums = [sum(getattr(s, k) for s in shards) for k in ("nll_sum", "tokens", "bytes", "slot_step_sum", "windows")]
-    cuts = sum(states[r].budget.cuts for r in ranks)
-    totals = run.all_reduce(torch.tensor(sums + [cuts], dtype=torch.float64, device=run.device))
+    totals = run.all_reduce(torch.tensor(sums, dtype=torch.float64, device=run.device))
     steps_min = run.all_reduce(torch.tensor([min(s.slot_steps_min for s in shards)], device=run.device),
                                dist.ReduceOp.MIN)
-    nll_sum, n_tok, n_bytes, step_sum, n_windows, cuts = totals.tolist()
+    nll_sum, n_tok, n_bytes, step_sum, n_windows = totals.tolist()
+    cuts = shards[0].budget.cuts      # agreed cuts: the same count on every rank (checked with the plans above)
     need(n_bytes > 0, f"the {int(n_tok)} scored targets hold no text bytes (VAL_TOKENS too small?)")
     nll_all = None
     if shards[0].want_nll:
@@ -2717,11 +2718,13 @@ def score_name(adapt: Adaptation) -> str:
                                                                                           bool(adapt.ttt))]
 
 
-def log_score(name: str, r: EvalResult, slot: Slot | None = None, ttt: Ttt | Lora | None = None) -> None:
+def log_score(name: str, r: EvalResult, adapt: Adaptation = Adaptation()) -> None:
     """The final_<name>_exact line; the run's score is the first of package_record.SCORE_LINES its log holds."""
-    extra = f" slot_steps_mean:{r.slot_steps_mean:.2f} slot_steps_min:{r.slot_steps_min}" if slot else ""
-    extra += f" ttt_epochs_mean:{r.ttt_epochs_mean:.2f} ttt_chunks_trained:{r.ttt_chunks_trained}" if ttt else ""
-    extra += f" budget_cuts:{r.budget_cuts}" if slot or ttt else ""
+    extra = f" slot_steps_mean:{r.slot_steps_mean:.2f} slot_steps_min:{r.slot_steps_min}" if adapt.slot else ""
+    if adapt.ttt:
+        extra += f" ttt_epochs_mean:{r.ttt_epochs_mean:.2f} ttt_chunks_trained:{r.ttt_chunks_trained}"
+    extra += f" phase_time:{1000 * r.ttt_seconds:.0f}ms" if adapt.phases else ""
+    extra += f" budget_cuts:{r.budget_cuts}" if adapt.slot or adapt.ttt or adapt.lora else ""
     log(f"final_{name}_exact val_loss:{r.loss:.8f} val_bpb:{r.bpb:.8f} eval_time:{1000 * r.seconds:.0f}ms "
         f"scored_tokens:{r.tokens} scored_bytes:{r.bytes}{extra}")
 
@@ -2773,7 +2776,7 @@ def eval_phase(cfg: Config, run: Run, explicit: set[str], path: Path, t0: float)
         if part:
             log(f"{name}_settings " + " ".join(f"{k}:{v}" for k, v in dataclasses.asdict(part).items()))
     r = evaluate(model, *geometry, adapt, want_nll=bool(cfg.nll_dump_path))
-    log_score(score_name(adapt), r, slot, ttt or lora)
+    log_score(score_name(adapt), r, adapt)
     if r.budget_cuts:
         log(f"eval_budget: WARNING the budget guard cut SLOT steps or TTT epochs {r.budget_cuts} time(s): this score "
             f"is not the configured one (slot_steps_mean:{r.slot_steps_mean:.2f} of {slot.steps if slot else 0}, "
