@@ -1785,8 +1785,8 @@ class Lora:
 @dataclass(frozen=True)
 class Phases:
     """Phased global SGD (#1626, #1855): the first `docs` documents of the stream are scored in `count` groups; after
-    each group every rank pauses and trains all weights for one epoch on that group's documents (each document its own
-    rows, so the loss never crosses a document), then the adapters restart."""
+    each group every rank pauses and trains all weights for one epoch on every document scored so far (each document
+    its own rows, so the loss never crosses a document), then the adapters restart."""
     docs: int = Config.phase_docs
     count: int = Config.phase_count
     lr: float = Config.phase_lr
@@ -1970,18 +1970,21 @@ def slot_fit(model: GPT, h, y, first, slot: Slot, steps: int, state: "RankEval",
 
 
 # Which knob the budget guard lowers first: the one that costs more seconds per bpb it gains (logs/eval_study).
-BUDGET_CUT_ORDER = ("ttt", "slot")
+# Stream mode: TTT epochs first. Document mode: SLOT steps first (the LoRA is one on/off knob and worth more: #1855).
+BUDGET_CUT_ORDER = {"stream": ("ttt", "slot"), "document": ("slot", "ttt")}
 
 
 class EvalBudget:
     """One deadline for everything in the eval phase, one per rank share. It measures the forward cost per window,
     the cost of one SLOT step per window and of one TTT epoch per trained token (document mode: per forward column,
     and the LoRA steps as the epoch, 1 = on), projects what this share has left, and when that would not fit proposes
-    fewer TTT epochs, then fewer SLOT steps (BUDGET_CUT_ORDER); agree_plan makes the smallest proposal every rank's.
+    fewer TTT epochs or SLOT steps in the mode's BUDGET_CUT_ORDER; agree_plan makes the smallest proposal every
+    rank's.
     The first batch and the first trained chunk pay for compilation and are not measured."""
 
-    def __init__(self, deadline: float | None, steps: int, epochs: int, windows: int, tokens: int) -> None:
-        self.deadline, self.steps, self.epochs = deadline, steps, epochs
+    def __init__(self, deadline: float | None, steps: int, epochs: int, windows: int, tokens: int,
+                 mode: str = "stream") -> None:
+        self.deadline, self.steps, self.epochs, self.order = deadline, steps, epochs, BUDGET_CUT_ORDER[mode]
         self.configured = (steps, epochs)
         self.windows_left, self.tokens_left = windows, tokens   # this rank's windows to score, targets to train on
         self.fwd = self.step = self.epoch = None               # s per window, per window and step, per epoch and token
@@ -2015,7 +2018,7 @@ class EvalBudget:
             return self.steps, self.epochs
         before, left = (self.steps, self.epochs), self.deadline - time.perf_counter()
         while self.need(self.steps, self.epochs) > left:
-            for knob in BUDGET_CUT_ORDER:
+            for knob in self.order:
                 if knob == "ttt" and self.epochs and self.epoch is not None:
                     self.epochs -= 1
                     break
@@ -2507,9 +2510,9 @@ def lora_columns(scored: torch.Tensor, first: torch.Tensor, inside: torch.Tensor
 
 
 def phase_documents(spans: np.ndarray, g0: int, g1: int) -> np.ndarray:
-    """The documents a phase trains on: exactly the group just scored by every rank (the harness swaps in a leaky
-    variant that reaches into the next group)."""
-    return spans[g0:g1]
+    """The documents a phase trains on: every group scored so far by every rank, as #1626 / #1855 (the harness swaps
+    in a leaky variant that reaches into the next group)."""
+    return spans[:g1]
 
 
 def phase_rows(tokens: torch.Tensor, spans: np.ndarray, seq_len: int) -> list[tuple[int, int]]:
@@ -2518,17 +2521,26 @@ def phase_rows(tokens: torch.Tensor, spans: np.ndarray, seq_len: int) -> list[tu
     return [(a + 1 + k, min(b + 1, a + 1 + k + seq_len)) for a, b in spans.tolist() for k in range(0, b - a, seq_len)]
 
 
+def phase_steps(tokens: torch.Tensor, spans: np.ndarray, phases: Phases, seq_len: int) -> list[list]:
+    """A phase's steps: its documents' pieces (phase_rows) in stream order, in steps of at least phases.tokens
+    targets."""
+    steps, step = [], []
+    for piece in phase_rows(tokens, spans, seq_len):
+        step.append(piece)
+        if sum(b - a for a, b in step) >= phases.tokens:
+            steps, step = steps + [step], []
+    return steps + ([step] if step else [])
+
+
 def phase_train(model: GPT, fwd, tokens: torch.Tensor, spans: np.ndarray, phases: Phases, geo: Geometry,
-                run: Run) -> float:
-    """One epoch of SGD on all weights over the documents `spans` (all scored by every rank by now): steps of about
-    `phases.tokens` targets, each step's rows split across the ranks, gradients summed over all ranks and divided by
+                run: Run, rows: int) -> float:
+    """One epoch of SGD on all weights over the documents `spans` (all scored by every rank by now): phase_steps,
+    each step's rows split across the ranks (forwards of `rows` rows), gradients summed over all ranks and divided by
     the step's target count, clipped, cosine learning rate. Returns the seconds it took."""
     t0 = time.perf_counter()
     ranks, world = run.eval_shares()
-    pieces = phase_rows(tokens, spans, geo.seq_len)
+    steps = phase_steps(tokens, spans, phases, geo.seq_len)
     model.requires_grad_(True)
-    per_step = max(1, phases.tokens // geo.seq_len)
-    steps = [pieces[i:i + per_step] for i in range(0, len(pieces), per_step)]
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=phases.lr, momentum=phases.momentum)
     for k, step in enumerate(steps):
@@ -2537,8 +2549,8 @@ def phase_train(model: GPT, fwd, tokens: torch.Tensor, spans: np.ndarray, phases
         n_targets = sum(b - a for a, b in step)
         for r in ranks:
             mine = step[r * len(step) // world:(r + 1) * len(step) // world]
-            for i in range(0, len(mine), PHASE_ROWS):
-                x, y = phase_batch(tokens, mine[i:i + PHASE_ROWS], geo.seq_len, run.device)
+            for i in range(0, len(mine), rows):
+                x, y = phase_batch(tokens, mine[i:i + rows], rows, geo.seq_len, run.device)
                 with torch.enable_grad(), run.autocast():
                     loss = fwd(x, y, reduction="sum") / n_targets
                 loss.backward()
@@ -2555,20 +2567,20 @@ def phase_train(model: GPT, fwd, tokens: torch.Tensor, spans: np.ndarray, phases
     return time.perf_counter() - t0
 
 
-PHASE_ROWS = 32    # rows per forward of a phase step (fixed: one compiled shape; the last batch is padded)
+PHASE_ROWS = 32    # at most this many rows per forward of a phase step (the phase's one compiled shape)
 
 
-def phase_batch(tokens: torch.Tensor, rows: list[tuple[int, int]], seq_len: int, device):
-    """PHASE_ROWS rows of inputs and targets (ignored past each piece, and in the padding rows)."""
-    x = torch.full((PHASE_ROWS, seq_len), BOS_ID + 1, dtype=torch.long)   # not BOS: see score_document_batch
-    y = torch.full((PHASE_ROWS, seq_len), -100, dtype=torch.long)
-    for i, (a, b) in enumerate(rows):
+def phase_batch(tokens: torch.Tensor, pieces: list[tuple[int, int]], rows: int, seq_len: int, device):
+    """`rows` rows of inputs and targets (ignored past each piece, and in the padding rows)."""
+    x = torch.full((rows, seq_len), BOS_ID + 1, dtype=torch.long)   # not BOS: see score_document_batch
+    y = torch.full((rows, seq_len), -100, dtype=torch.long)
+    for i, (a, b) in enumerate(pieces):
         x[i, :b - a], y[i, :b - a] = tokens[a - 1:b - 1], tokens[a:b]
     return x.to(device), y.to(device)
 
 
 def document_warmup(model: GPT, adapters: Adapters | None, geo: Geometry, adapt: Adaptation, run: Run,
-                    widths: list[int]):
+                    widths: list[int], phase_rows_count: int):
     """Compile the document mode's graphs on random tokens (never validation tokens): the forward at every width the
     documents' lengths will use, with the adapters' backward, and SLOT's step; the phase step's forward and backward.
     No weight moves. Returns the three functions."""
@@ -2589,7 +2601,7 @@ def document_warmup(model: GPT, adapters: Adapters | None, geo: Geometry, adapt:
         if slot_step is not None:
             warm_slot(model, slot_step, adapt.slot, rows, width, run)
     if adapt.phases is not None:
-        x, y = torch.randint(0, vocab, (2, PHASE_ROWS, geo.seq_len), generator=g).to(run.device)
+        x, y = torch.randint(0, vocab, (2, phase_rows_count, geo.seq_len), generator=g).to(run.device)
         model.requires_grad_(True)
         with torch.enable_grad(), run.autocast():
             fwd(x, y, reduction="sum").backward()
@@ -2620,8 +2632,13 @@ def evaluate_documents(model: GPT, tokens: torch.Tensor, tables: ByteTables, run
     rows = lora.batch if lora is not None else geo.batch_windows
     widths = sorted({doc_width(min(n, (c + 1) * geo.stride), geo) for n in set(lengths.tolist())
                      for c in range(-(-n // geo.stride))})
-    hidden, fwd, slot_step = document_warmup(model, adapters.get(ranks[0]), geo, adapt, run, widths)
     groups = document_groups(len(spans), phases)
+    # the phases' one forward shape: enough rows for any rank's share of any step, at most PHASE_ROWS
+    steps = [s for g0, g1 in groups[:-1] for s in phase_steps(tokens, phase_documents(spans, g0, g1), phases,
+                                                               geo.seq_len)] if phases else []
+    phase_rows_count = min(PHASE_ROWS, max([-(-len(s) // world) for s in steps], default=1))
+    hidden, fwd, slot_step = document_warmup(model, adapters.get(ranks[0]), geo, adapt, run, widths,
+                                             phase_rows_count)
     plan = [[g0 + a for a in assign_documents(lengths[g0:g1], world, geo)] for g0, g1 in groups]
     units = {r: sum(rows * doc_width(min(int(lengths[b[0]]), (c + 1) * geo.stride), geo)
                     for g in plan for b in [g[r][i:i + rows] for i in range(0, len(g[r]), rows)]
@@ -2632,7 +2649,8 @@ def evaluate_documents(model: GPT, tokens: torch.Tensor, tables: ByteTables, run
         f"slot:{int(slot is not None)} balance max/mean:{max(loads) / max(1e-9, sum(loads) / world):.3f}")
     states = {}
     for r in ranks:
-        budget = EvalBudget(adapt.deadline, slot.steps if slot else 0, int(lora is not None), units[r], units[r])
+        budget = EvalBudget(adapt.deadline, slot.steps if slot else 0, int(lora is not None), units[r], units[r],
+                            "document")
         ad = adapters.get(r)
         step = slot_step if r == ranks[0] else slot_step_fn(model, ad, run) if slot else None
         states[r] = RankEval(budget, hidden, want_nll, adapters=ad,
@@ -2649,7 +2667,8 @@ def evaluate_documents(model: GPT, tokens: torch.Tensor, tables: ByteTables, run
                     score_document_batch(model, tokens, spans[batches[r][k]], tables, run, geo, adapt, states[r])
         if phases is not None and gi < len(groups) - 1:
             run.barrier()     # every rank has scored the whole group: only now may the weights learn from it
-            seconds = phase_train(model, fwd, tokens, phase_documents(spans, g0, g1), phases, geo, run)
+            seconds = phase_train(model, fwd, tokens, phase_documents(spans, g0, g1), phases, geo, run,
+                                  phase_rows_count)
             phase_s += seconds
             log(f"eval_phase group:{gi} docs:{g1 - g0} time:{1000 * seconds:.0f}ms")
             for ad in adapters.values():

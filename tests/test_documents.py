@@ -295,3 +295,19 @@ def test_compiled_document_mode_never_recompiles_after_its_warmup(monkeypatch):
     assert r.tokens == 399 and math.isfinite(r.loss)
     eager = T.evaluate(model, tokens, tables, T.Run(amp=torch.bfloat16), T.Geometry(32, 8, 4), adapt)
     assert abs(r.loss - eager.loss) < 1e-3 * eager.loss, (r.loss, eager.loss)
+
+
+def test_the_document_mode_trims_slot_before_it_stops_the_lora():
+    """Document mode: LoRA is one on/off knob worth more than a SLOT step (#1855), so SLOT steps go first; the stream
+    mode keeps TTT epochs first."""
+    budget = T.EvalBudget(deadline=time.perf_counter() + 6.2, steps=8, epochs=1, windows=1000, tokens=1000,
+                          mode="document")
+    for _ in range(3):
+        budget.observe_batch(10, 0.01, 0.05, 8)
+        budget.observe_chunk(0.01, 1, 10)
+    assert budget.plan("test") == (7, 1)
+    stream = T.EvalBudget(deadline=time.perf_counter() + 6.2, steps=8, epochs=1, windows=1000, tokens=1000)
+    for _ in range(3):
+        stream.observe_batch(10, 0.01, 0.05, 8)
+        stream.observe_chunk(0.01, 1, 10)
+    assert stream.plan("test") == (8, 0)

@@ -235,7 +235,7 @@ def test_budget_guard_cuts_ttt_epochs_before_slot_steps():
         budget.observe_batch(10, fwd_s=0.1, slot_s=0.4, steps=4)       # 0.01 s per window, 0.01 per window-step
         budget.observe_chunk(0.9, epochs=3, tokens=100)                # 0.003 s per epoch and target
     # 80 windows x 0.05 = 4 s of SLOT-on scoring + 800 targets x 3 x 0.003 = 7.2 s of TTT: over 10 s
-    assert T.BUDGET_CUT_ORDER[0] == "ttt"
+    assert T.BUDGET_CUT_ORDER["stream"][0] == "ttt"
     steps, epochs = budget.plan("chunk")
     assert steps == 4 and epochs == 2 and budget.need(steps, epochs) <= 10.0
 
