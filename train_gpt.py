@@ -151,7 +151,7 @@ class Config:
     eval_batch_windows: int = 32     # windows per forward (and per SLOT batch), per rank
     eval_budget_seconds: float = 520.0   # 600 s less 10% and a margin: TTT epochs, then SLOT steps, are cut to fit
     eval_compare_plain: bool = False # also run the plain sliding eval first (final_sliding_window_exact)
-    eval_mode: str = "stream"        # stream: windows over the stream | document: each document alone (#1530-#2135)
+    eval_mode: str = "document"      # document: each document alone (#1530-#2135) | stream: windows over the stream
     # ---- TTT (score-first test-time training; see Ttt)
     ttt_epochs: int = 3              # SGD steps on each scored chunk but the last; 0 = off
     ttt_chunk_tokens: int = 32768    # as #549 and #1413 (16,384 is the smallest that fills every 8-GPU scoring batch)

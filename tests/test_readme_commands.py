@@ -63,7 +63,7 @@ SETTINGS = {
                    "BIGRAM_VOCAB_SIZE": "256", "BIGRAM_DIM": "16", "VE_DIM": "16", "TRAIN_SEQ_LEN": "128",
                    "TRAIN_BATCH_TOKENS": "8192", "ITERATIONS": "40", "WARMUP_STEPS": "1", "TRAIN_LOG_EVERY": "10",
                    "EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "64", "VAL_TOKENS": "50000", "SLOT_STEPS": "2",
-                   "TTT_CHUNK_TOKENS": "16384"},
+                   "LORA_BATCH": "16"},
     "records": {"TORCHINDUCTOR_CACHE_DIR": "$PWD/.inductor_cache", "RUN_ID": "seed$SEED", "SEED": "$SEED"},
     "gpu-check-prepare": {},
     "gpu-check": {},
@@ -100,8 +100,7 @@ SUBSTITUTIONS = {
     "caseops-launch": {"--nproc_per_node=8": "--nproc_per_node=2"},
     "cpu-minute": {"ITERATIONS=40": "ITERATIONS=10",                       # still crosses the recurrence and QAT switches
                    "TRAIN_BATCH_TOKENS=8192": "TRAIN_BATCH_TOKENS=1024",   # 8 sequences of 128 a step, not 64
-                   "VAL_TOKENS=50000": "VAL_TOKENS=1200",                  # the tiny val has 2,152 tokens
-                   "TTT_CHUNK_TOKENS=16384": "TTT_CHUNK_TOKENS=512"},      # 3 chunks as with 50,000 / 16,384 (2 train)
+                   "VAL_TOKENS=50000": "VAL_TOKENS=1200"},                 # the tiny val has 2,152 tokens
     "records": {"--nproc_per_node=8": "--nproc_per_node=2",
                 # CPU logs of a tiny val are not a record: the README's own flag for packaging them anyway
                 "--description notes.md": "--description notes.md --allow-non-record"},
@@ -354,7 +353,8 @@ def test_cpu_minute_downloads_one_shard_and_scores_exactly(cpu_minute, checkout)
     data = checkout["work"] / "data" / "datasets" / "fineweb10B_sp1024"
     assert sorted(p.name for p in data.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
     assert_config(log, settings_of(text))
-    assert result["steps"] == int(settings_of(text)["ITERATIONS"]) and result["score_line"] == "final_slot_ttt_exact"
+    assert result["steps"] == int(settings_of(text)["ITERATIONS"])
+    assert result["score_line"] == "final_document_lora_slot_exact"   # the default evaluation
     assert log.last("recurrence") and log.last("late_qat"), "the run crosses both switches"
     assert_exact_score(result, checkout, "sp1024", int(settings_of(text)["VAL_TOKENS"]))
     assert result["bytes_total"] <= pr.ARTIFACT_LIMIT_BYTES
@@ -394,7 +394,7 @@ def test_launch_line_trains_on_two_ranks_and_scores_the_whole_val_exactly(checko
     folder = CASEOPS_NAME if variant.endswith("caseops") else f"fineweb10B_{variant}"
     assert log.config["data_path"] == f"./data/datasets/{folder}"
     assert_config(log, {**settings_of(text), **SHAPE})
-    assert result["score_line"] == "final_slot_ttt_exact"
+    assert result["score_line"] == "final_document_lora_slot_exact"
     assert_exact_score(result, checkout, variant)
     assert result["bytes_total"] <= pr.ARTIFACT_LIMIT_BYTES
     assert (path.with_suffix(".pgz")).stat().st_size == result["bytes_model"]
@@ -498,7 +498,7 @@ def test_gpu_check_runs_every_step_and_writes_the_summary(gpu_check):
     assert t["compile_warmup"]["states"] == ["recur0_qat0", "recur1_qat0", "recur1_qat1"] and t["compile_warmup"]["time_ms"] >= 0
     assert int(t["gptq_calib"]["calib_batches"]) > 0
     assert 0 < int(t["export"]["total_submission_bytes"]) <= pr.ARTIFACT_LIMIT_BYTES
-    assert t["final"]["line"] == "final_slot_ttt_exact" and int(t["final"]["ttt_chunks_trained"]) > 0   # the default eval
+    assert t["final"]["line"] == "final_document_lora_slot_exact" and int(t["final"]["budget_cuts"]) == 0   # the default
     assert t["plain"]["val_bpb"] and t["plain"]["scored_tokens"] == t["final"]["scored_tokens"]   # EVAL_COMPARE_PLAIN=1
     assert t["eval_done"]["eval_time"] and t["errors"] == []
     assert t["peak_memory_allocated"] is None    # logged on CUDA only

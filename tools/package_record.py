@@ -16,7 +16,7 @@ train_gpt.py, to launch the seeds with it.
 It refuses, naming the file: a log that is incomplete or ended in error, a run over a limit (train 600 s, eval
 600 s, 16,000,000 bytes), logs of different code or configuration, a repeated seed, and a run that is not 8 x H100
 or did not score every target of the official val set, unless --allow-non-record (the submission is then marked as
-not a record). The causality harness (tests/test_slot_legality.py) runs against the logged code unless
+not a record). The causality harness (HARNESS_FILES: both eval modes) runs against the logged code unless
 --skip-harness; its outcome (passed / failed / skipped / not_available) goes into the compliance block.
 
 Given the current record (--compare-loss or --compare-bpb: per-seed values or mean:M,std:S,n:N), it reports the
@@ -83,7 +83,9 @@ RECORD_GPUS, RECORD_GPU = 8, "H100"   # the track is timed on 8 x H100 SXM
 OFFICIAL_VAL_TARGETS = 62_021_846 - 1  # every target of the fixed FineWeb val stream (62,021,846 tokens at sp1024)
 MIN_IMPROVEMENT_NATS = 0.005          # a new record beats the last by >= 0.005 nats ...
 MAX_P_VALUE = 0.01                    # ... with p < 0.01
-HARNESS = "tests/test_slot_legality.py"
+# The causality harness: the stream mode's and the document mode's (run together, as one command)
+HARNESS_FILES = ("tests/test_slot_legality.py", "tests/test_document_legality.py")
+HARNESS = " ".join(HARNESS_FILES)
 # The submission's score: the first of these lines that a log holds (the plain sliding window comes last: it is also
 # the EVAL_COMPARE_PLAIN diagnostic)
 SCORE_LINES = ("final_document_lora_slot_exact", "final_document_lora_exact", "final_document_slot_exact",
@@ -477,9 +479,10 @@ def compare(results: list[dict], args) -> dict | None:
 
 def run_harness(repo_root: Path, source: str, timeout: float = 1800) -> dict:
     """Run the SLOT/TTT causality tests against the code the logs ran. Never reports 'passed' unless tests passed."""
-    if not (repo_root / HARNESS).is_file():
-        return {"status": "not_available", "detail": f"{HARNESS} does not exist in {repo_root}"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", HARNESS]
+    missing = [f for f in HARNESS_FILES if not (repo_root / f).is_file()]
+    if missing:
+        return {"status": "not_available", "detail": f"{', '.join(missing)} does not exist in {repo_root}"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *HARNESS_FILES]
     with tempfile.TemporaryDirectory() as tmp:
         cwd = repo_root
         script = repo_root / "train_gpt.py"
