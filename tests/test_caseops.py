@@ -249,7 +249,7 @@ def test_a_caseops_run_finds_its_data_by_default_and_scores_the_original_bytes(s
     del env["DATA_PATH"], env["TOKENIZER_PATH"]          # the defaults must find them
     r = run_script(env, tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    final = parse_log(tmp_path / "logs" / "co.txt")["final_slot_ttt_exact"]
+    final = parse_log(tmp_path / "logs" / "co.txt")["final_document_lora_slot_exact"]   # the default evaluation
     original = sum(len(C.canonical_text(sp, d).encode("utf-8")) for d in docs[:60])
     assert int(final["scored_bytes"]) == original
 

@@ -167,7 +167,7 @@ def test_train_gpt_trains_on_built_shards_and_scores_their_val_exactly(tokenizer
     env = script_env(tmp_path / "shards", tokenizer, tmp_path / "logs", RUN_ID="own", ITERATIONS="2")
     run = run_script(env, tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
-    final = parse_log(tmp_path / "logs/own.txt")["final_slot_ttt_exact"]   # the log body, not the source block above it
+    final = parse_log(tmp_path / "logs/own.txt")["final_document_lora_slot_exact"]   # the log body, not the source
     _, val = read_split(tmp_path / "shards", "val")
     docs = split_docs(val)
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))

@@ -19,7 +19,7 @@ def artifact(tiny_data, tmp_path_factory):
     # depends (legally) on the rank count. The 1-vs-2 comparison runs SLOT without it, and the plain window too;
     # TTT (float32 sums in another order) has its own 1-vs-2 test below, to a looser tolerance.
     env = script_env(data, tok, work / "logs", RUN_ID="two", NLL_DUMP_PATH=str(work / "nll2.npy"),
-                     SLOT_WARM_START="0", TTT_EPOCHS="0", EVAL_COMPARE_PLAIN="1")
+                     SLOT_WARM_START="0", TTT_EPOCHS="0", EVAL_COMPARE_PLAIN="1", EVAL_MODE="stream")
     r = run_script(env, work, nproc=2)   # train, export and evaluate with 2 processes
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return work, env
@@ -107,7 +107,7 @@ def run_injected(tiny_data, tmp_path, target: str, timeout: int, within: float, 
 
 
 @pytest.mark.parametrize("target", ["train_step@1@4", "collect_hessians@1@1", "pack_state@0@1", "read_artifact@1@1",
-                                    "eval_shard@1@1"])
+                                    "score_document_batch@1@1"])
 def test_an_exception_on_one_rank_ends_every_rank_with_its_reason_in_rank_0s_log(tiny_data, tmp_path, target):
     """A non-RunError failure on one rank, in each phase (training step, calibration, export on rank 0, read-back,
     evaluation): both processes end within seconds and rank 0's log gets one error line naming the failing rank and
@@ -136,7 +136,7 @@ def test_a_long_evaluation_is_not_a_stall(artifact):
     does not fire (without the marks it does: tried 2026-12-07)."""
     work, env = artifact
     e = dict(env, PHASES="eval", RUN_ID="long", ARTIFACT_PATH=str(work / "logs" / "two.pgz"), WATCHDOG_SECONDS="2",
-             SLOT_STEPS="0", TTT_EPOCHS="0", EVAL_COMPARE_PLAIN="0", EVAL_BATCH_WINDOWS="32",
+             SLOT_STEPS="0", TTT_EPOCHS="0", EVAL_COMPARE_PLAIN="0", EVAL_BATCH_WINDOWS="32", EVAL_MODE="stream",
              SLOW_AT="scored_log_probs:0.25")
     e.pop("NLL_DUMP_PATH")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

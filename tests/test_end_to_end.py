@@ -35,14 +35,15 @@ def test_log_is_complete(full_run):
     assert text.startswith(source + "\n" + "=" * 100 + "\n"), "the log opens with the exact source"
     lines = parse_log(work / "logs" / "e2e.txt")
     for key in ("run_id", "config.seed", "config.recur_layers", "python", "model_params", "step", "train_done",
-                "code_bytes", "final_sliding_window_exact", "slot_settings", "ttt_settings", "final_slot_ttt_exact",
-                "eval_done"):
+                "code_bytes", "final_sliding_window_exact", "slot_settings", "lora_settings", "phase_settings",
+                "final_document_lora_slot_exact", "eval_done"):
         assert key in lines, key
+    assert "ttt_settings" not in lines, "the document mode adapts with LoRA and phases, not the stream's TTT"
     assert int(lines["model_params"]["model_params"]) > 0
     assert lines["step"]["step"] == "6/6" and "train_loss" in lines["step"]
-    final = lines["final_slot_ttt_exact"]    # the default evaluation: SLOT and score-first TTT
+    final = lines["final_document_lora_slot_exact"]    # the default evaluation: documents, LoRA, SLOT (and phases)
     assert int(final["slot_steps_min"]) == int(lines["slot_settings"]["steps"]) > 0   # no budget cut on this tiny run
-    assert float(final["ttt_epochs_mean"]) == int(lines["ttt_settings"]["epochs"]) > 0 and int(final["ttt_chunks_trained"]) > 0
+    assert int(final["budget_cuts"]) == 0 and lines["eval_documents"]["lora"] == "1"
     assert final["scored_tokens"] == lines["final_sliding_window_exact"]["scored_tokens"]
     assert len(final["val_loss"].split(".")[1]) == 8 and len(final["val_bpb"].split(".")[1]) == 8
     assert float(final["val_bpb"]) > 0 and final["eval_time"].endswith("ms")
@@ -63,14 +64,14 @@ def test_eval_alone_reproduces_the_score(full_run):
     work, env, r = full_run
     first = parse_log(work / "logs" / "e2e.txt")
     again = eval_again(full_run, "e2e_eval")
-    for name in ("final_sliding_window_exact", "final_slot_ttt_exact"):
+    for name in ("final_sliding_window_exact", "final_document_lora_slot_exact"):
         assert again[name]["val_loss"] == first[name]["val_loss"] and again[name]["val_bpb"] == first[name]["val_bpb"]
     assert "train_done" not in again
 
 
 def test_slot_steps_zero_is_the_plain_sliding_eval(full_run):
     work, env, r = full_run
-    plain = eval_again(full_run, "plain", SLOT_STEPS="0", TTT_EPOCHS="0")
+    plain = eval_again(full_run, "plain", EVAL_MODE="stream", SLOT_STEPS="0", TTT_EPOCHS="0")
     assert not {"final_slot_exact", "final_slot_ttt_exact", "slot_settings", "ttt_settings"} & set(plain)
     first = parse_log(work / "logs" / "e2e.txt")["final_sliding_window_exact"]
     assert plain["final_sliding_window_exact"]["val_loss"] == first["val_loss"]
@@ -80,7 +81,7 @@ def test_nll_dump(full_run, tiny_data):
     work, env, r = full_run
     nll = np.load(work / "nll.npy")
     val = np.fromfile(tiny_data[0] / "fineweb_val_000000.bin", dtype="<u2", offset=1024)
-    final = parse_log(work / "logs" / "e2e.txt")["final_slot_ttt_exact"]   # the dump is of the final (scored) evaluation
+    final = parse_log(work / "logs" / "e2e.txt")["final_document_lora_slot_exact"]   # the dump: the scored evaluation
     assert nll.dtype == np.float64 and len(nll) == len(val) - 1 == int(final["scored_tokens"])
     assert float(final["val_loss"]) == pytest.approx(nll.mean(), abs=1e-8)
 
@@ -157,7 +158,7 @@ def test_wallclock_cap_stops_training(tiny_data, tmp_path):
 def test_val_tokens_limits_the_evaluation(full_run):
     lines = eval_again(full_run, "short", VAL_TOKENS="301")
     assert lines["eval_tokens"]["eval_tokens"] == "301" and lines["config.val_tokens"]["config.val_tokens"] == "301"
-    assert lines["final_slot_ttt_exact"]["scored_tokens"] == "300"
+    assert lines["final_document_lora_slot_exact"]["scored_tokens"] == "300"
 
 
 def test_eval_reusing_the_run_id_keeps_the_training_log(full_run):
@@ -170,7 +171,8 @@ def test_eval_reusing_the_run_id_keeps_the_training_log(full_run):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert (work / "logs" / "e2e.txt").read_bytes() == before
     again = parse_log(work / "logs" / "e2e_2.txt")
-    assert again["final_slot_ttt_exact"]["val_loss"] == parse_log(work / "logs" / "e2e.txt")["final_slot_ttt_exact"]["val_loss"]
+    name = "final_document_lora_slot_exact"
+    assert again[name]["val_loss"] == parse_log(work / "logs" / "e2e.txt")[name]["val_loss"]
 
 
 def test_eval_settings_are_checked_against_the_artifact_first(full_run):

@@ -387,9 +387,10 @@ def fake_repo(root: Path, test_body: str | None, script: str = "MARK = 'repo'\n"
     (root / "tests").mkdir(parents=True)
     (root / "train_gpt.py").write_text(script)
     if test_body is not None:
-        (root / "tests" / "test_slot_legality.py").write_text(
-            "import sys, pathlib\nsys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))\n"
-            "import train_gpt\n\n" + test_body)
+        for name in pr.HARNESS_FILES:     # both harness files, the same body
+            (root / name).write_text(
+                "import sys, pathlib\nsys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))\n"
+                "import train_gpt\n\n" + test_body)
     return root
 
 
@@ -407,7 +408,7 @@ def test_failed_harness_refuses_and_missing_harness_is_recorded(capsys, tmp_path
     bad = fake_repo(tmp_path / "bad", "def test_causal():\n    assert False, 'reads the target'\n")
     err = refuse(capsys, tmp_path, copies, r"the causality harness failed on the logged train_gpt\.py",
                  "--repo-root", str(bad), "--allow-non-record", harness=True)
-    assert "1 failed" in err
+    assert "2 failed" in err
     out = tmp_path / "s.json"   # a repository without the harness file: recorded as not_available, never "passed"
     rc = pr.main([str(p) for p in copies] + ["--summary-only", str(out), "--repo-root", str(tmp_path / "none"),
                                              "--allow-non-record"])

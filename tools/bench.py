@@ -496,8 +496,9 @@ def table(results: dict) -> str:
                                                          f"{e['rows']} rows per forward"),
                      (label, "units (forward / SLOT / LoRA columns)",
                       f"{u['fwd_cols']:,} / {u['slot_cols']:,} / {u['lora_cols']:,}"),
-                     (label, "seconds (warm-up call)", f"{e['seconds']:.2f}  ({e['warmup_s']:.2f} on "
-                                                       f"{e['warmup_tokens']:,} tokens; phases {e['phase_seconds']:.2f})"),
+                     (label, "seconds (warm-up call)",
+                      f"{e['seconds']:.2f}  ({e['warmup_s']:.2f} on {e['warmup_tokens']:,} tokens; "
+                      f"phases {e['phase_seconds']:.2f})"),
                      (label, "seconds per unit, 1 device", per or "n/a"),
                      (label, f"full val on {n} GPUs (projected at this device's rates)",
                       f"{e['projected_full_val_s_8gpu']:,.1f} s  ({parts})")]

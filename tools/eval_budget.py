@@ -47,7 +47,10 @@ class Hardware:
     hbm_eff: float = 0.80            # achievable fraction of the HBM bandwidth
     act_words: int = 30              # d-sized activation reads+writes per token per pass in a forward (bf16)
     logit_passes_score: int = 7      # fp32 [cols, V] reads+writes of scoring: linear, cap, tanh, cap, log_softmax
-    logit_passes_slot: int = 25      # per SLOT step: forward chain + bias + CE + its backward, eager
+    logit_passes_slot: int = 25      # per SLOT step: forward chain + bias + CE + its backward, eager (float32)
+    slot_bf16: bool = True           # SLOT's step as train_gpt.py has it since 5521897: bf16 logits, float32 loss,
+                                     # compiled and fused, over all W columns of each (padded) row (focal 0)
+    slot_bf16_bytes: int = 12        # bytes x V per column and step then: bf16 logits, their gradient, each r+w once
 
 
 def model_shape(vocab: int, overrides: dict | None = None) -> dict:
@@ -211,6 +214,14 @@ def seconds(flop: float, nbytes: float, rate: float, hw: Hardware) -> dict:
             "bound": "flop" if f >= b else "memory"}
 
 
+def slot_terms(u: dict, ctx_cols: float, all_cols: float, shape: dict, hw: Hardware, small: float, fp32: float):
+    """(columns per step, FLOP rate, bytes per column-step) of SLOT: the current code (bf16 logits, compiled, every
+    column of the padded rows) or the eager float32 version (context columns only) measured before 5521897."""
+    if hw.slot_bf16:
+        return all_cols, small, hw.slot_bf16_bytes * shape["vocab"]
+    return ctx_cols, fp32, u["slot_step"][1]
+
+
 def project(shape: dict, work: dict, mode: str, hw: Hardware, slot_steps: int, lora_rank: int,
             ttt_epochs: int = 0) -> dict:
     """Per part, seconds on `hw.gpus` GPUs (one rank's share: stream windows split evenly; document mode the slowest
@@ -223,8 +234,8 @@ def project(shape: dict, work: dict, mode: str, hw: Hardware, slot_steps: int, l
         parts["scoring"] = seconds((u["fwd"][0] * work["fwd_cols"] + u["head"][0] * work["head_cols"]) / n,
                                    (u["fwd"][1] * work["fwd_cols"] + u["head"][1] * work["head_cols"]) / n, big, hw)
         if slot_steps:
-            parts["slot"] = seconds(u["slot_step"][0] * work["slot_cols"] * slot_steps / n,
-                                    u["slot_step"][1] * work["slot_cols"] * slot_steps / n, fp32, hw)
+            cols, rate, nbytes = slot_terms(u, work["slot_cols"], work["fwd_cols"], shape, hw, small, fp32)
+            parts["slot"] = seconds(u["slot_step"][0] * cols * slot_steps / n, nbytes * cols * slot_steps / n, rate, hw)
         if ttt_epochs:
             parts["ttt"] = seconds(u["train_token"][0] * work["tokens"] * ttt_epochs / n,
                                    u["train_token"][1] * work["tokens"] * ttt_epochs / n, big, hw)
@@ -236,8 +247,8 @@ def project(shape: dict, work: dict, mode: str, hw: Hardware, slot_steps: int, l
                                u["fwd"][1] * r["fwd_cols"] + u["head"][1] * r["head_cols"], big, hw)
     if slot_steps:
         ad = (4 * (shape["d"] * lora_rank + lora_rank * shape["vocab"]) if lora_rank else 0)
-        parts["slot"] = seconds((u["slot_step"][0] + ad) * r["slot_cols"] * slot_steps,
-                                u["slot_step"][1] * r["slot_cols"] * slot_steps, fp32, hw)
+        cols, rate, nbytes = slot_terms(u, r["slot_cols"], r["fwd_cols"], shape, hw, small, fp32)
+        parts["slot"] = seconds((u["slot_step"][0] + ad) * cols * slot_steps, nbytes * cols * slot_steps, rate, hw)
     if lora_rank:
         parts["lora"] = seconds(u["lora"][0] * r["lora_cols"], u["lora"][1] * r["lora_cols"], small, hw)
     if work["phase_steps"]:
@@ -303,26 +314,60 @@ COMBOS = [
 ]
 
 
-def cpu_column(bench: dict, vocab: int) -> dict:
-    """From a bench JSON (reduced model on CPU): seconds per unit of each part, and the achieved CPU FLOP/s of each
-    part under our FLOP model (how well the model's FLOPs describe the work: a part far below the forward's rate is
-    bound by something else, memory or overhead)."""
+def cpu_rates(bench: dict) -> dict:
+    """From a tools/bench.py JSON (the reduced model on CPU): each part's measured seconds per unit of work, the FLOP
+    per unit that the model above gives for that reduced model, and so the CPU FLOP/s each part achieved. Parts that
+    reach a similar rate are described by the FLOP model; a part far below the forward's rate is bound by memory
+    traffic or overhead, and its bytes line is the one to trust."""
     cfg = bench["config"]
-    over = {k.upper(): str(v) for k, v in cfg.items() if k in ("num_layers", "model_dim", "num_heads", "num_kv_heads",
-                                                                "mlp_mult", "vocab_size", "bigram_vocab_size",
-                                                                "bigram_dim", "ve_dim")}
-    over["RECUR_LAYERS"] = ",".join(map(str, cfg["recur_layers"]))
-    over["VE_LAYERS"] = ",".join(map(str, cfg["ve_layers"]))
-    shape = model_shape(vocab, over)
-    hw = Hardware()
+    over = {"NUM_LAYERS": str(cfg["num_layers"]), "MODEL_DIM": str(cfg["model_dim"]), "NUM_HEADS": str(cfg["num_heads"]),
+            "NUM_KV_HEADS": str(cfg["num_kv_heads"]), "MLP_MULT": str(cfg["mlp_mult"]),
+            "VOCAB_SIZE": str(cfg["vocab_size"]), "BIGRAM_VOCAB_SIZE": str(cfg["bigram_vocab_size"]),
+            "RECUR_LAYERS": ",".join(map(str, cfg["recur_layers"])), "VE_LAYERS": ",".join(map(str, cfg["ve_layers"])),
+            "PARALLEL_START": str(cfg["parallel_start"])}
+    shape = model_shape(cfg["vocab_size"], over)
+    shape["passes"] = cfg["num_layers"] + 0   # no recurrence in the bench model
+    e = bench["eval"]
+    doc = e.get("document", {})
+    width = doc.get("units", {}).get("attn_cols", 0) / max(1, doc.get("units", {}).get("fwd_cols", 1)) / 2
+    u = unit_costs(shape, Hardware(), cfg["lora_rank"], width)
     out = {"shape": shape, "parts": {}}
-    for name, e in bench.get("eval", {}).items():
-        if "units" in e:
-            out["parts"][name] = {"seconds": e["seconds"], "units": e["units"],
-                                  "s_per_fwd_col": e.get("s_per_fwd_col"), "s_per_slot_col_step": e.get("s_per_slot_col_step"),
-                                  "s_per_lora_col": e.get("s_per_lora_col"), "s_per_phase_step": e.get("s_per_phase_step")}
-    u = unit_costs(shape, hw, cfg["lora_rank"], cfg["eval_seq_len"] / 4)
-    out["flop_per_unit"] = {k: v[0] for k, v in u.items()}
+
+    def add(name, seconds, flop, what):
+        out["parts"][name] = {"s_per_unit": seconds, "flop_per_unit": flop, "cpu_gflops": flop / seconds / 1e9,
+                              "unit": what}
+    if "sliding" in e:
+        s = e["sliding"]
+        cols = s["windows"] * s["seq_len"]
+        us = unit_costs(shape, Hardware(), 0, s["seq_len"] / 2)
+        add("stream forward", s["seconds"] / cols, us["fwd"][0] + us["head"][0] * s["scored_tokens"] / cols,
+            "window column (head on the scored ones)")
+        if "slot" in e:
+            ctx = s["windows"] * (s["seq_len"] - s["stride"]) * e["slot"]["slot"]["steps"]
+            add("stream SLOT step", (e["slot"]["seconds"] - s["seconds"]) / ctx, us["slot_step"][0], "context column x step")
+        key = "slot_ttt" if "slot_ttt" in e else "ttt" if "ttt" in e else None
+        if key:
+            t = e[key]
+            add("stream TTT", t["ttt_s_per_chunk"] / (t["ttt"]["chunk_tokens"] * t["ttt"]["epochs"]),
+                unit_costs(shape, Hardware(), 0, s["seq_len"] / 2)["train_token"][0], "trained token x epoch")
+    if doc.get("s_per_fwd_col"):
+        add("document forward", doc["s_per_fwd_col"], u["fwd"][0] + u["head"][0] * doc["units"]["head_cols"] /
+            doc["units"]["fwd_cols"], "row x width column")
+    for name, key, flop, what in (("document SLOT step", "s_per_slot_col_step", u["slot_step"][0], "context column x step"),
+                                  ("document LoRA", "s_per_lora_col", u["lora"][0], "row x width column of a chunk that trains")):
+        src = e.get("document_slot" if "SLOT" in name else "document_lora", {})
+        if src.get(key):
+            add(name, src[key], flop, what)
+    lora_slot = e.get("document_lora_slot", {})
+    if lora_slot.get("s_per_slot_col_step"):
+        ad = 4 * (shape["d"] * cfg["lora_rank"] + cfg["lora_rank"] * shape["vocab"])
+        add("document SLOT step (with LoRA head)", lora_slot["s_per_slot_col_step"], u["slot_step"][0] + ad,
+            "context column x step")
+    ph = e.get("document_lora_slot_phases", {})
+    if ph.get("s_per_phase_step"):
+        tok = tg.PHASE_ROWS * cfg["eval_seq_len"]
+        add("phase step", ph["s_per_phase_step"], tok * unit_costs(shape, Hardware(), 0, cfg["eval_seq_len"] / 2)
+            ["train_token"][0], f"step ({tg.PHASE_ROWS} rows x {cfg['eval_seq_len']})")
     return out
 
 
@@ -344,21 +389,34 @@ def frontier_check(hw: Hardware) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--vocab", type=int, choices=(1024, 8192), required=True)
+    p.add_argument("--bench", default="", help="a tools/bench.py JSON of this vocabulary: its CPU rates per part")
     p.add_argument("--out", required=True)
     p.add_argument("--mfu", type=float, default=Hardware.mfu)
     p.add_argument("--small-mfu", type=float, default=Hardware.small_mfu)
     p.add_argument("--frontier", action="store_true", help="also apply the model to #1855's evaluation")
+    p.add_argument("--slot-fp32", action="store_true", help="SLOT as before 5521897: eager float32, context columns")
     args = p.parse_args(argv)
-    hw = Hardware(mfu=args.mfu, small_mfu=args.small_mfu)
+    hw = Hardware(mfu=args.mfu, small_mfu=args.small_mfu, slot_bf16=not args.slot_fp32)
     lengths = full_lengths(proxy_lengths(args.vocab), FULL_VAL_TOKENS[args.vocab])
     rows = table(args.vocab, hw, COMBOS, lengths)
     result = {"vocab": args.vocab, "full_val_tokens": FULL_VAL_TOKENS[args.vocab], "docs_synth": len(lengths),
               "hardware": dataclasses.asdict(hw), "fixed": FIXED, "shape": model_shape(args.vocab), "rows": rows}
+    if args.bench:
+        result["cpu"] = cpu_rates(json.loads(Path(args.bench).read_text()))
+        for k, v in result["cpu"]["parts"].items():
+            print(f"cpu {k:<38} {1e6 * v['s_per_unit']:10.2f} us per {v['unit']}  ({v['cpu_gflops']:.1f} GFLOP/s)")
     if args.frontier:
         result["frontier_1855"] = frontier_check(hw)
         f = result["frontier_1855"]
         print("frontier #1855 check: " + "  ".join(f"{k} {v['s']:.1f}" for k, v in f["parts"].items())
               + f"  = {f['total_s_without_fixed']:.1f} s (logged 330-570 s)")
+    Path(args.out).write_text(json.dumps(result, indent=1, default=float) + "\n")
+    for r in rows:
+        pr = r["parts"]
+        cell = lambda k: f"{pr[k]['s']:.1f}" if k in pr else ""
+        result.setdefault("markdown", []).append(
+            f"| {r['name']} | {r['fixed_s']:.0f} | {cell('scoring')} | {cell('slot')} | "
+            f"{cell('ttt') or cell('lora')} | {cell('phases')} | {r['total_s']:.0f} |")
     Path(args.out).write_text(json.dumps(result, indent=1, default=float) + "\n")
     for r in rows:
         parts = "  ".join(f"{k} {v['s']:.1f} ({v['bound'][0]})" for k, v in r["parts"].items())
