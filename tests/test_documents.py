@@ -2,6 +2,7 @@
 (chunk windows of its own tokens), LoRA as torch.optim.AdamW on one document at a time, SLOT as torch.optim.Adam on
 one chunk at a time, phases that train only on what every rank has scored, the static balance, and the budget's
 cut agreed by the simulated ranks. Causality (the flip test) is in test_document_legality.py."""
+import contextlib
 import math
 import time
 
@@ -278,11 +279,11 @@ def test_compiled_document_mode_never_recompiles_after_its_warmup(monkeypatch):
     tokens = torch.randint(3, 320, (400,), generator=torch.Generator().manual_seed(1))
     tokens[[0, 3, 9, 40, 41, 90, 200, 260]] = T.BOS_ID
     tables = T.ByteTables(torch.ones(320, dtype=torch.long), torch.zeros(320, dtype=torch.bool), torch.arange(320) < 3)
-    real = T.document_warmup
+    real, frozen = T.document_warmup, contextlib.ExitStack()
 
     def warmup_then_freeze(*args):
         out = real(*args)
-        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        frozen.enter_context(torch._dynamo.config.patch(error_on_recompile=True))   # undone below, whatever happens
         return out
     monkeypatch.setattr(T, "document_warmup", warmup_then_freeze)
     torch._dynamo.reset()
@@ -291,6 +292,8 @@ def test_compiled_document_mode_never_recompiles_after_its_warmup(monkeypatch):
     try:
         r = T.evaluate(model, tokens, tables, AotEagerRun(compiled=True, amp=torch.bfloat16), T.Geometry(32, 8, 4), adapt)
     finally:
+        monkeypatch.setattr(T, "document_warmup", real)   # the eager reference below must not freeze anything
+        frozen.close()
         torch._dynamo.reset()
     assert r.tokens == 399 and math.isfinite(r.loss)
     eager = T.evaluate(model, tokens, tables, T.Run(amp=torch.bfloat16), T.Geometry(32, 8, 4), adapt)

@@ -145,7 +145,8 @@ def test_a_rank0_export_failure_reaches_every_rank_at_once(tmp_path):
 
 def test_prequant_score_is_logged_before_the_final_one(tiny_data, tmp_path):
     data, tok = tiny_data
-    env = script_env(data, tok, tmp_path / "logs", RUN_ID="pq", EVAL_PREQUANT="1", SLOT_STEPS="0", TTT_EPOCHS="0")
+    env = script_env(data, tok, tmp_path / "logs", RUN_ID="pq", EVAL_PREQUANT="1", SLOT_STEPS="0", TTT_EPOCHS="0",
+                     EVAL_MODE="stream")   # prequant_exact is the plain sliding window: compared with the same
     r = run_script(env, tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     text = (tmp_path / "logs" / "pq.txt").read_text().split("=" * 100)[1]
