@@ -2463,8 +2463,11 @@ def score_document_batch(model: GPT, tokens: torch.Tensor, spans: np.ndarray, ta
         run.sync()
         t1 = time.perf_counter()
         delta = bias = None
-        if slot is not None:
-            delta, bias = slot_fit(model, h_f, y, torch.as_tensor(first, device=device), slot, steps, state, adapters)
+        if slot is not None and first.max() > 0:    # some row has context (none: SLOT would change nothing)
+            # SLOT reads the columns before the chunk, in one of the compiled widths (first <= it <= width)
+            cw = min(width, doc_width(max(int(first.max()), geo.stride), geo))
+            hc, yc = h_f[:, :cw].contiguous(), y[:, :cw].contiguous()   # the compiled step's layout
+            delta, bias = slot_fit(model, hc, yc, torch.as_tensor(first, device=device), slot, steps, state, adapters)
             if delta is not None:   # the document mode's warm start: each row from its own previous chunk
                 state.prev = (delta, bias if bias is not None else 0.0)
         run.sync()
