@@ -2622,15 +2622,15 @@ def evaluate_documents(model: GPT, tokens: torch.Tensor, tables: ByteTables, run
     """The document mode: every document scored alone (context only from itself), its targets in chunks of
     geo.stride. Documents are grouped in stream order (document_groups); within a group each rank scores the
     documents a static longest-first balance gives it, in batches of rows, in rounds with agreed settings; after a
-    group, a phase (phase_train) trains all weights on it. Every score precedes every update that sees its target:
-    a chunk before its LoRA step, a group before its phase."""
+    group, a phase (phase_train) trains all weights on everything scored so far. Every score precedes every update
+    that sees its target: a chunk before its LoRA step, a group before its phase."""
     t0 = time.perf_counter()
     spans = document_spans(tokens)
     lengths = spans[:, 1] - spans[:, 0]
     ranks, world = run.eval_shares()
     lora, slot, phases = adapt.lora, adapt.slot, adapt.phases
     model.requires_grad_(False)     # the adapters learn, the weights only in a phase
-    # each rank share its own adapters (a simulated rank must not carry another's A)
+    # each rank share has its own adapters (a simulated rank must not carry another's A)
     adapters = {r: Adapters(model, lora, lora.batch) for r in ranks} if lora is not None else {}
     rows = lora.batch if lora is not None else geo.batch_windows
     widths = sorted({doc_width(min(n, (c + 1) * geo.stride), geo) for n in set(lengths.tolist())
