@@ -149,7 +149,7 @@ class Config:
     eval_seq_len: int = 2048
     eval_stride: int = 64
     eval_batch_windows: int = 32     # windows per forward (and per SLOT batch), per rank
-    eval_budget_seconds: float = 520.0   # 600 s less 10% and a margin: the ranks agree on cuts to fit (BUDGET_CUT_ORDER)
+    eval_budget_seconds: float = 520.0   # 600 s less 10% and a margin: the ranks agree on cuts (BUDGET_CUT_ORDER)
     eval_compare_plain: bool = False # also run the plain sliding eval first (final_sliding_window_exact)
     eval_mode: str = "document"      # document: each document alone (#1530-#2135) | stream: windows over the stream
     # ---- TTT (score-first test-time training; see Ttt)

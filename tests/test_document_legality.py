@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train_gpt as T
-from test_documents import LORA, PHASES, SLOT, N, ROWS, SEQ, STRIDE, rows_of
+from test_documents import LORA, PHASES, SLOT, ROWS, SEQ, STRIDE, document_stream, rows_of
 
 GEO = T.Geometry(SEQ, STRIDE, ROWS)
 BOS_FLIP_ATOL = 1e-12    # re-batched documents: other widths and batch-mates, the same value up to float64 rounding
@@ -21,17 +21,10 @@ BOS_FLIP_ATOL = 1e-12    # re-batched documents: other widths and batch-mates, t
 
 @pytest.fixture(scope="module")
 def stream():
-    from helpers import TINY_ENV, tiny_model
-    cfg, _ = T.config_from_env(TINY_ENV)
-    g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(3, cfg.vocab_size, (N,), generator=g)
-    tokens[::23] = T.BOS_ID
-    tokens[[40, 41, 150]] = T.BOS_ID
-    tables = T.ByteTables(torch.ones(cfg.vocab_size, dtype=torch.long), torch.zeros(cfg.vocab_size, dtype=torch.bool),
-                          torch.arange(cfg.vocab_size) < 3)
+    from helpers import tiny_model
     # DOC_ATTENTION off: the mode must keep documents apart by itself (an artifact may predate the mask; with it on,
     # the model alone would hide a mode that lets context cross a BOS)
-    return tiny_model(doc_attention=0), tokens, tables
+    return tiny_model(doc_attention=0), *document_stream()
 
 
 # The rules are stated on the real documents and groups, whatever a leaky variant swaps in for the evaluation.

@@ -13,13 +13,13 @@ import torch.nn.functional as F
 
 import train_gpt as T
 from helpers import TINY_ENV, tiny_model
-from test_slot_legality import SimulatedRanks, capturing
+from test_slot_legality import SimulatedRanks, captured_rows
 
 SEQ, STRIDE, ROWS, N = 24, 4, 3, 181
 
 
-@pytest.fixture(scope="module")
-def setup():
+def document_stream() -> tuple[torch.Tensor, T.ByteTables]:
+    """N tokens of 11 documents (also shared by test_document_legality.py) and unit byte tables."""
     cfg, _ = T.config_from_env(TINY_ENV)
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(3, cfg.vocab_size, (N,), generator=g)
@@ -27,23 +27,17 @@ def setup():
     tokens[[40, 41, 150]] = T.BOS_ID                 # two BOS in a row (a 1-token document), a short document
     tables = T.ByteTables(torch.ones(cfg.vocab_size, dtype=torch.long), torch.zeros(cfg.vocab_size, dtype=torch.bool),
                           torch.arange(cfg.vocab_size) < 3)
-    return tiny_model(), tokens, tables
+    return tokens, tables
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return tiny_model(), *document_stream()
 
 
 def rows_of(model, tokens, tables, adapt, ranks=1, geo=T.Geometry(SEQ, STRIDE, ROWS)):
     """{target: full log-probability row} of the real evaluation, and its result."""
-    cap = []
-    real, T.scored_log_probs = T.scored_log_probs, capturing(cap)
-    try:
-        r = T.evaluate(model, tokens, tables, SimulatedRanks(ranks), geo, adapt, want_nll=True)
-    finally:
-        T.scored_log_probs = real
-    out = {}
-    for idx, logp in cap:
-        for t, row in zip(idx.tolist(), logp):
-            assert t not in out, f"target {t} scored twice"
-            out[t] = row
-    return out, r
+    return captured_rows(lambda: T.evaluate(model, tokens, tables, SimulatedRanks(ranks), geo, adapt, want_nll=True))
 
 
 def chunk_windows(tokens, geo=T.Geometry(SEQ, STRIDE, ROWS)):
@@ -227,6 +221,8 @@ def test_phases_are_the_same_on_one_and_on_three_simulated_ranks(setup):
     three, _ = rows_of(model, tokens, tables, T.Adaptation("document", lora=LORA, phases=PHASES), ranks=3)
     for t in one:
         torch.testing.assert_close(three[t], one[t], rtol=1e-8, atol=1e-9)
+    unphased, _ = rows_of(model, tokens, tables, T.Adaptation("document", lora=LORA))
+    assert any(not torch.allclose(one[t], unphased[t]) for t in one), "the phases trained: the split was exercised"
 
 
 def test_static_balance_assigns_every_document_once_longest_first():
@@ -290,7 +286,8 @@ def test_compiled_document_mode_never_recompiles_after_its_warmup(monkeypatch):
     adapt = T.Adaptation("document", slot=T.Slot(steps=2), lora=T.Lora(rank=4, batch=4),
                          phases=T.Phases(docs=4, count=1, tokens=64))
     try:
-        r = T.evaluate(model, tokens, tables, AotEagerRun(compiled=True, amp=torch.bfloat16), T.Geometry(32, 8, 4), adapt)
+        run = AotEagerRun(compiled=True, amp=torch.bfloat16)
+        r = T.evaluate(model, tokens, tables, run, T.Geometry(32, 8, 4), adapt)
     finally:
         monkeypatch.setattr(T, "document_warmup", real)   # the eager reference below must not freeze anything
         frozen.close()

@@ -58,14 +58,13 @@ def capturing(cap: list):
     return keep
 
 
-def scored_rows(model, tokens, tables, slot, batch=BATCH, ranks=1, ttt=None):
-    """Run the real evaluation (evaluate: chunks, TTT, the simulated ranks' shares, SLOT, warm start) in this
-    process; return {target index: log-prob row}."""
+def captured_rows(run_eval):
+    """Call run_eval() with T.scored_log_probs wrapped; return ({target index: log-prob row}, its result), asserting
+    that no target is scored twice."""
     cap = []
     real, T.scored_log_probs = T.scored_log_probs, capturing(cap)
     try:
-        T.evaluate(model, tokens, tables, SimulatedRanks(ranks), T.Geometry(SEQ, STRIDE, batch),
-                   T.Adaptation(slot=slot, ttt=ttt))
+        result = run_eval()
     finally:
         T.scored_log_probs = real
     rows = {}
@@ -73,7 +72,14 @@ def scored_rows(model, tokens, tables, slot, batch=BATCH, ranks=1, ttt=None):
         for t, row in zip(idx.tolist(), logp):
             assert t not in rows, f"target {t} scored twice"
             rows[t] = row
-    return rows
+    return rows, result
+
+
+def scored_rows(model, tokens, tables, slot, batch=BATCH, ranks=1, ttt=None):
+    """Run the real evaluation (evaluate: chunks, TTT, the simulated ranks' shares, SLOT, warm start) in this
+    process; return {target index: log-prob row}."""
+    geo, adapt = T.Geometry(SEQ, STRIDE, batch), T.Adaptation(slot=slot, ttt=ttt)
+    return captured_rows(lambda: T.evaluate(model, tokens, tables, SimulatedRanks(ranks), geo, adapt))[0]
 
 
 def flip_positions(ranks=1, ttt=None):
