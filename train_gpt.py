@@ -112,6 +112,12 @@ class Config:
     parallel_start: int = 7          # layers from this one on: attention and MLP read one input (#1204, #1493); 0 off
     ln_scale: bool = True            # each block's normalised inputs x 1/sqrt(physical layer + 1) (#1278, #1394)
     doc_attention: bool = True       # attention never crosses a BOS: one document per sequence (#1530's VarLenAttn)
+    loop_layers: tuple[int, ...] = ()    # consecutive layers run as one segment LOOP_PASSES times (#1344; #1855: 3-5)
+    loop_passes: int = 3             # the segment's passes in all (#1855's NUM_LOOPS=2 is 3)
+    attn_gate: bool = False          # SparseAttnGate: a per-head gate on each attention output (#1787, #1855)
+    attn_gate_scale: float = 0.5     # the gate's logits x this (#1855; #1787: 1.0)
+    gate_dims: int = 12              # the leading dims ATTN_GATE and SMEAR_GATE=input read (#1855's GATE_WINDOW)
+    smear_gate: str = "vector"       # vector: one learned gate per dim (seed) | input: a gate per token (#1667, #1855)
     # ---- training
     iterations: int = 20000          # an upper bound: the wall-clock cap ends a real run first
     max_wallclock_seconds: float = 600.0
@@ -132,7 +138,7 @@ class Config:
     beta2: float = 0.95
     ema_decay: float = 0.997
     late_qat_frac: float = 0.1       # last fraction of the expected run trained through fake int6 weights
-    recur_start_frac: float = 0.35   # RECUR_LAYERS' second passes start at this fraction of the run (#1493-#2135)
+    recur_start_frac: float = 0.35   # the extra passes (RECUR_LAYERS, LOOP_LAYERS) start here in the run (#1493-#2135)
     val_loss_every: int = 0          # 0 = no validation during training (the final one always runs)
     train_log_every: int = 100
     compile: str = "auto"            # torch.compile the forwards: 1 | 0 | auto (compiled on CUDA, eager on CPU)
@@ -245,15 +251,28 @@ class Config:
         need(not self.ve_layers or self.ve_dim > 0, "VE_DIM must be > 0 when VE_LAYERS is set")
         need(self.parallel_start < self.num_layers,
              f"PARALLEL_START={self.parallel_start} must be < NUM_LAYERS={self.num_layers} (0 = off)")
+        loop = self.loop_layers
+        consecutive = loop == tuple(range(loop[0], loop[0] + len(loop))) if loop else True
+        need(consecutive and all(0 <= i < self.num_layers for i in loop),
+             f"LOOP_LAYERS={loop} must be consecutive ascending layers in 0..{self.num_layers - 1}, e.g. 3,4,5")
+        need(not loop or self.loop_passes >= 2, f"LOOP_PASSES={self.loop_passes} must be >= 2 (the passes in all)")
+        shared = sorted(set(loop) & set(self.recur_layers))
+        need(not shared, f"RECUR_LAYERS and LOOP_LAYERS share layer(s) {shared}: a layer repeats alone or in the loop")
+        need(self.smear_gate in ("vector", "input"), f"SMEAR_GATE={self.smear_gate!r} must be vector or input")
+        need(not (self.attn_gate or self.smear_gate == "input") or 0 < self.gate_dims <= self.model_dim,
+             f"GATE_DIMS={self.gate_dims} must be in 1..MODEL_DIM={self.model_dim}")
+        need(not self.attn_gate or self.attn_gate_scale > 0, "ATTN_GATE_SCALE must be > 0 when ATTN_GATE is on")
 
 
 # Fields that describe the network (and the text it reads: CaseOps): stored in the artifact so PHASES=eval rebuilds
 # exactly what was trained and scores it with the tokenizer and byte rule it was trained for.
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_dims",
                 "rope_base", "qk_gain_init", "logit_softcap", "bigram_vocab_size", "bigram_dim", "recur_layers",
-                "ve_dim", "ve_layers", "parallel_start", "ln_scale", "caseops", "doc_attention")
+                "ve_dim", "ve_layers", "parallel_start", "ln_scale", "caseops", "doc_attention", "loop_layers",
+                "loop_passes", "attn_gate", "attn_gate_scale", "gate_dims", "smear_gate")
 # What an artifact written before a model field existed was trained with (read_artifact fills them in)
-MODEL_FIELDS_BEFORE = {"doc_attention": False}
+MODEL_FIELDS_BEFORE = {"doc_attention": False, "loop_layers": (), "loop_passes": 3, "attn_gate": False,
+                       "attn_gate_scale": 0.5, "gate_dims": 12, "smear_gate": "vector"}
 
 # COMPILE and AUTOCAST: what each value means on (CUDA, CPU). "auto" is the device's default; a CPU run given
 # COMPILE=1 AUTOCAST=bf16 traces and compiles what a GPU run does, with the CPU's kernels (SDPA, foreach AdamW).
@@ -265,7 +284,15 @@ OTHER_SOFTWARE = {"NUM_THREADS"}
 
 # Names other submissions (or earlier versions of this script) use: a copied launch command fails loudly.
 NOT_OURS = {"WARMDOWN_ITERS": "use WARMDOWN_FRAC (a fraction of the expected run)",
-            "EVAL_BATCH_SEQS": "use EVAL_BATCH_WINDOWS", "NUM_LOOPS": "use RECUR_LAYERS",
+            "EVAL_BATCH_SEQS": "use EVAL_BATCH_WINDOWS",
+            "NUM_LOOPS": "use LOOP_PASSES, its value + 1 (the passes in all), with LOOP_LAYERS; RECUR_LAYERS repeats "
+                         "single layers",
+            "LOOP_START": "use LOOP_LAYERS, the segment's layers listed: 3,4,5 for LOOP_START=3 LOOP_END=5",
+            "LOOP_END": "use LOOP_LAYERS, the segment's layers listed: 3,4,5 for LOOP_START=3 LOOP_END=5",
+            "ENABLE_LOOPING_AT": "use RECUR_START_FRAC (it switches on every extra pass)",
+            "SPARSE_ATTN_GATE_ENABLED": "use ATTN_GATE", "SPARSE_ATTN_GATE_SCALE": "use ATTN_GATE_SCALE",
+            "GATE_WINDOW": "use GATE_DIMS", "SMEAR_GATE_ENABLED": "use SMEAR_GATE=input (#1667's gate; vector: seed's)",
+            "GATED_ATTN_QUANT_GATE": "the weights of ATTN_GATE are always stored int8 per row",
             "LATE_QAT_THRESHOLD": "use LATE_QAT_FRAC", "QAT_ENABLED": "use LATE_QAT_FRAC (0 = off)",
             "SLOT_ENABLED": "use SLOT_STEPS (0 = plain sliding window; SLOT is on by default)",
             "TTT_ENABLED": "use TTT_EPOCHS (0 = off; score-first TTT)", "TTT_STEPS": "use TTT_EPOCHS",
@@ -332,6 +359,7 @@ PARAM_TABLE = {
     "value_embed": ("adam", "tied_embed_lr", "adam_wd", "int8"),
     "scalar": ("adam", "scalar_lr", None, "fp16"),
     "recur": ("adam", "scalar_lr", None, "fp32"),    # iter_embed / iter_gate: fp32, no decay (the -2 gate must hold)
+    "attn_gate": ("adam", "scalar_lr", "adam_wd", "int8"),   # ATTN_GATE's W: scalar AdamW, int8 per row (#1736, #1855)
 }
 
 
@@ -490,6 +518,9 @@ class Attention(nn.Module):
         # value residual (ResFormer): v <- v + sigmoid(g) (v0 - v) with layer 0's values v0; g = -1.5 mixes in 18%
         # (#1278). Layer 0 has none (it would be unused)
         self.vr = labelled(torch.full((1,), -1.5), "scalar") if value_residual else None
+        # SparseAttnGate (#1787, #1855): W [heads, GATE_DIMS] from zero; 2 x sigmoid makes the zero init the identity
+        self.gate = labelled(torch.zeros(self.h, cfg.gate_dims), "attn_gate") if cfg.attn_gate else None
+        self.gate_scale, self.gate_dims = cfg.attn_gate_scale, cfg.gate_dims
 
     def forward(self, x: torch.Tensor, v0: torch.Tensor | None, ve: torch.Tensor | None,
                 mask: torch.Tensor | None, ad: "PassAdapters | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -512,7 +543,11 @@ class Attention(nn.Module):
         # XSA (exclusive self attention): remove from each head's output its component along its own token's value
         g = y.view(B, T, self.hkv, self.h // self.hkv, self.hd)
         vn = F.normalize(v, dim=-1).unsqueeze(3)
-        y = (g - (g * vn).sum(-1, keepdim=True) * vn).reshape(B, T, self.h * self.hd)
+        y = g - (g * vn).sum(-1, keepdim=True) * vn
+        if self.gate is not None:   # after XSA, before proj, from this token's normed input alone (#1855)
+            gate = 2 * torch.sigmoid(self.gate_scale * F.linear(x[..., :self.gate_dims], self.gate.to(x.dtype)))
+            y = y * gate.view(B, T, self.hkv, self.h // self.hkv, 1)
+        y = y.reshape(B, T, self.h * self.hd)
         return (self.proj(y) + ad("o", x) if ad else self.proj(y)), v0   # the output adapter reads the block's input
 
 
@@ -530,7 +565,7 @@ class MLP(nn.Module):
 class Pass:
     """One pass of the block loop: which physical block runs, and the per-pass techniques (data, not flags)."""
     layer: int            # physical block
-    repeat: int = -1      # >= 0: a recurrent layer's second pass, conditioned by iter_embed / iter_gate[repeat]
+    repeat: int = -1      # >= 0: an extra pass, conditioned by iter_embed / iter_gate[repeat] (RECUR_/LOOP_LAYERS)
     ln: float = 1.0       # LN scale: the block's normalised inputs x this
     ve: int = -1          # >= 0: add the value embedding, scaled by ve_scales[ve]
     parallel: bool = False   # attention and MLP read the same input and both add to the stream (#1204, #1493)
@@ -603,7 +638,8 @@ class ValueEmbed(nn.Module):
 
 
 class SmearGate(nn.Module):
-    """x_t += sigmoid(gate) * (x_{t-1} - x_t) inside a document; a BOS keeps its own vector (no cross-document leak)."""
+    """SMEAR_GATE=vector, on the normed embedding: x_t += sigmoid(gate) * (x_{t-1} - x_t) inside a document; a BOS keeps
+    its own vector (no cross-document leak)."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -615,19 +651,41 @@ class SmearGate(nn.Module):
         return x + g * (prev - x)
 
 
+class InputSmearGate(nn.Module):
+    """SMEAR_GATE=input, on the raw embedding before the norm (#1667): x_t += lam * sigmoid(W x_t[:GATE_DIMS]) *
+    x_{t-1} inside a document (#1855's BOS fix); lam and W start at 0, so it starts as the identity."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.dims = cfg.gate_dims
+        self.weight = labelled(torch.zeros(1, cfg.gate_dims), "scalar")
+        self.lam = labelled(torch.zeros(1), "scalar")
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * doc_continues(idx).unsqueeze(-1).to(x.dtype)
+        g = self.lam.to(x.dtype) * torch.sigmoid(F.linear(x[..., :self.dims], self.weight.to(x.dtype)))
+        return x + g * prev
+
+
 def layer_schedule(cfg: Config) -> list[Pass]:
-    """The passes: RECUR_LAYERS=4,5 on 11 layers runs 0,1,2,3,4,4',5,5',6,...,10, each with its per-pass techniques."""
-    order = []
+    """The passes: RECUR_LAYERS=4,5 on 11 layers runs 0,1,2,3,4,4',5,5',6,...,10; LOOP_LAYERS=3,4,5 (LOOP_PASSES=3,
+    RECUR_LAYERS empty) runs 0,1,2,3,4,5,3',4',5',3'',4'',5'',6,...,10 (#1855's order). Each pass carries its per-pass
+    techniques; each extra pass its own iter_embed row: RECUR_LAYERS' first (as older artifacts), then the loop's."""
+    order, rows = [], len(cfg.recur_layers)
     for layer in range(cfg.num_layers):
         order.append((layer, -1))
         if layer in cfg.recur_layers:
             order.append((layer, cfg.recur_layers.index(layer)))
+        if cfg.loop_layers and layer == cfg.loop_layers[-1]:
+            for _ in range(cfg.loop_passes - 1):
+                order += [(i, rows + k) for k, i in enumerate(cfg.loop_layers)]
+                rows += len(cfg.loop_layers)
     passes, n_ve, ve_layers = [], 0, {i % cfg.num_layers for i in cfg.ve_layers}
     for layer, rep in order:
         ve = -1
         if layer in ve_layers:
             ve, n_ve = n_ve, n_ve + 1
-        ln = 1 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0    # by physical layer: both passes share it
+        ln = 1 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0    # by physical layer: all its passes share it
         passes.append(Pass(layer, rep, ln, ve, 0 < cfg.parallel_start <= layer))
     return passes
 
@@ -643,7 +701,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         self.tok_emb.weight = labelled(torch.randn(cfg.vocab_size, d) * 0.005, "embed")
         self.bigram = BigramHash(cfg) if cfg.bigram_vocab_size else None
-        self.smear = SmearGate(d)
+        self.smear = InputSmearGate(cfg) if cfg.smear_gate == "input" else SmearGate(d)
         self.blocks = nn.ModuleList(Block(cfg, i, attention) for i in range(cfg.num_layers))
         self.schedule = layer_schedule(cfg)
         self.first_passes = [p for p in self.schedule if p.repeat < 0]   # what runs before RECUR_START_FRAC
@@ -652,10 +710,10 @@ class GPT(nn.Module):
         n_enc = len(self.schedule) // 2               # U-Net: the first half of the passes feed the second half
         n_skip = min(n_enc, len(self.schedule) - n_enc)
         self.skip_weights = labelled(torch.ones(n_skip, d), "scalar")
-        n_rep = len(cfg.recur_layers)
+        n_rep = sum(p.repeat >= 0 for p in self.schedule)
         self.iter_embed = labelled(torch.randn(n_rep, d) * 0.02, "recur") if n_rep else None   # PR #1278
         self.iter_gate = labelled(torch.full((n_rep, d), -2.0), "recur") if n_rep else None
-        # RECUR_START_FRAC: before the switch the second passes are skipped (11 passes, the plain model's U-Net). A
+        # RECUR_START_FRAC: before the switch the extra passes are skipped (11 passes, the plain model's U-Net). A
         # Python flag, like QAT: torch.compile guards on it, and the warm-up compiles both graphs
         self.recur_on = True
 
@@ -665,7 +723,10 @@ class GPT(nn.Module):
         x = self.tok_emb(idx)
         if self.bigram is not None:
             x = x + self.bigram(idx)
-        x = self.smear(rms_norm(x), idx)
+        if isinstance(self.smear, InputSmearGate):   # it smears before the norm, as #1667 and #1855
+            x = rms_norm(self.smear(x, idx))
+        else:
+            x = self.smear(rms_norm(x), idx)
         device = idx.device.type
         return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
 
@@ -679,7 +740,7 @@ class GPT(nn.Module):
         passes = self.schedule if self.recur_on else self.first_passes
         n_enc = len(passes) // 2          # U-Net over the passes that run: the skips re-pair at the switch (#1394)
         for i, p in enumerate(passes):
-            if p.repeat >= 0:   # second pass of a recurrent layer: per-pass conditioning
+            if p.repeat >= 0:   # an extra pass of a layer: per-pass conditioning
                 x = x + torch.sigmoid(self.iter_gate[p.repeat]).to(x.dtype) * self.iter_embed[p.repeat].to(x.dtype)
             if 0 <= i - n_enc < min(n_enc, len(passes) - n_enc):
                 x = x + self.skip_weights[i - n_enc].to(x.dtype) * skips.pop()
@@ -1079,7 +1140,7 @@ def training_forward(model: GPT, run: Run, probe: tuple[torch.Tensor, torch.Tens
 def switches(cfg: Config, progress: float) -> tuple[bool, bool]:
     """(recurrence on, late QAT on) at this fraction of the expected run. Every rank computes it from the agreed
     progress, so every rank flips at the same step."""
-    recur = not cfg.recur_layers or progress >= cfg.recur_start_frac      # without recurrent layers: one graph
+    recur = not (cfg.recur_layers or cfg.loop_layers) or progress >= cfg.recur_start_frac   # none: one graph
     return recur, cfg.late_qat_frac > 0 and progress >= 1 - cfg.late_qat_frac
 
 

@@ -214,7 +214,7 @@ def bench_train(cfg: tg.Config, run: tg.Run, steps: int, warmup: int, peak: floa
     traffic = step_traffic(model, cfg)
     comm_s = traffic["bytes_after"] / (COMM_GBPS * 1e9)
     out, step = {"compile_warmup": warm, "traffic_8gpu": traffic}, 0
-    states = RECUR_STATES if cfg.recur_layers else {"recur_off": False}   # no recurrent layer: one state
+    states = RECUR_STATES if cfg.recur_layers or cfg.loop_layers else {"recur_off": False}   # none: one state
     for key, recur in states.items():
         tg.set_switches(model, cfg, (recur, False))
         reset_peak_memory(run)   # this state's steady-state steps only, not the compiler's own peak
