@@ -97,11 +97,12 @@ def test_smear_and_bigram_stop_at_bos():
 
 
 def test_every_parameter_labelled_and_claimed_once():
-    cfg = T.config_from_env({"RECUR_LAYERS": "4,5"})[0]   # every label in use
+    cfg = T.config_from_env({"RECUR_LAYERS": "4,5", "ATTN_GATE": "1"})[0]   # every label in use
     m = T.GPT(cfg)
     labels = T.param_labels(m)
     assert set(labels.values()) == set(T.PARAM_TABLE)
     assert labels["tok_emb.weight"] == "embed" and labels["iter_gate"] == "recur"
+    assert labels["blocks.0.attn.gate"] == "attn_gate"
     assert labels["value_embed.embed"] == "value_embed" and labels["bigram.embed"] == "bigram"
     assert labels["bigram.proj.weight"] == labels["value_embed.proj.weight"] == "matrix"   # Muon, as PR #1278
     assert all(labels[n] == "matrix" for n in labels if n.startswith("blocks.") and n.endswith(("c_q.weight", "fc.weight")))
