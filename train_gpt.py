@@ -213,7 +213,7 @@ class Config:
         need(self.eval_stride <= self.eval_seq_len,
              f"EVAL_STRIDE={self.eval_stride} must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
         need(self.warmdown_frac <= 1 and self.late_qat_frac <= 1, "WARMDOWN_FRAC and LATE_QAT_FRAC must be <= 1")
-        need(self.recur_start_frac < 1, "RECUR_START_FRAC must be < 1: the second passes must train before the export")
+        need(self.recur_start_frac < 1, "RECUR_START_FRAC must be < 1: the extra passes must train before the export")
         need(self.compile in DEVICE_CHOICES["compile"], f"COMPILE={self.compile!r} must be one of 1, 0, auto")
         need(self.autocast in DEVICE_CHOICES["autocast"], f"AUTOCAST={self.autocast!r} must be one of bf16, off, auto")
         need(self.ema_decay < 1, "EMA_DECAY must be < 1")
