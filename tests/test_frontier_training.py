@@ -125,6 +125,36 @@ def test_the_warm_up_plans_each_length_in_each_switch_state():
     assert T.plan_label(T.Config(), 2048, (True, False)) == "recur1_qat0", "no schedule: the log line of before"
 
 
+ITERS, REWARM = 12, 3
+# progress = step / 12: 16 tokens per sequence for steps 0-3, 32 from step 4 (0.33) with the recurrence switched on in
+# the same step, 64 from step 8 (0.67); no QAT. Three graphs: each costs seconds of aot_eager tracing on a CPU
+SCHEDULE = dict(SEQ_SCHEDULE="16,32@0.3,64@0.6", TRAIN_SEQ_LEN="64", SEQ_REWARM_STEPS=str(REWARM),
+                RECUR_START_FRAC="0.3", LATE_QAT_FRAC="0", ITERATIONS=str(ITERS), GPTQ_CALIB_BATCHES="2")
+
+
+def watch_calibration(mp: pytest.MonkeyPatch, shapes: list) -> None:
+    """collect_hessians (the reserve's timing and the calibration), noting the shape of each batch it reads."""
+    real = T.collect_hessians
+    mp.setattr(T, "collect_hessians", lambda model, batches, run: real(
+        model, (shapes.append(tuple(x.shape)) or (x, y) for x, y in batches), run))
+
+
+def test_the_loader_starts_at_the_first_length_and_the_calibration_reads_the_last(tiny_data, monkeypatch):
+    """Both calibration paths (the reserve's timing, the calibration itself) read TRAIN_SEQ_LEN, wherever the run
+    stopped in the schedule; the loader hands out the first length until it is told otherwise."""
+    data, tok = tiny_data
+    cfg, _ = T.config_from_env(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=str(tok), GPTQ_RESERVE_SECONDS="0",
+                                    **SCHEDULE))
+    model, shapes = T.GPT(cfg), []
+    watch_calibration(monkeypatch, shapes)
+    loader = T.TrainLoader(cfg, T.Run(), local_tokens=64)
+    assert [tuple(x.shape) for x, _ in loader.next_step(2)] == [(4, 16)] * 2
+    T.calibration_reserve(model, loader, cfg, T.Run())
+    loader.set_length(32)
+    T.calibrate(model, loader, cfg, T.Run(), T.WallClock(0))
+    assert len(shapes) == 2 + 2 and set(shapes) == {(1, 64)}
+
+
 class AotEagerRun(T.Run):
     """COMPILE=1 AUTOCAST=bf16's dynamo guards, AOT autograd and fullgraph, with aot_eager: no inductor code
     generation (minutes per graph on a CPU), the same recompiles."""
@@ -133,41 +163,32 @@ class AotEagerRun(T.Run):
         return torch.compile(fn, dynamic=False, fullgraph=True, backend="aot_eager")
 
 
-ITERS, REWARM = 12, 3
-# progress = step / 12: 16 tokens per sequence for steps 0-3, 32 from step 4 (0.33) with the recurrence switched on in
-# the same step, 64 from step 8 (0.67); no QAT. Three graphs: each costs seconds of aot_eager tracing on a CPU
-SCHEDULE = dict(SEQ_SCHEDULE="16,32@0.3,64@0.6", TRAIN_SEQ_LEN="64", SEQ_REWARM_STEPS=str(REWARM),
-                RECUR_START_FRAC="0.3", LATE_QAT_FRAC="0", ITERATIONS=str(ITERS), GPTQ_CALIB_BATCHES="2")
-
-
 @pytest.fixture(scope="module")
 def progressive(tiny_data):
     """The tiny model trained compiled with SCHEDULE: per training step the micro-batch shapes and each optimizer's
     LR over its base; the calibration's batch shapes; the log. A recompile after the warm-up is an error."""
     data, tok = tiny_data
     cfg, _ = T.config_from_env(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=str(tok), **SCHEDULE))
-    steps, calib, lines = [], [], []
-    real_warmup, real_step, real_collect, real_log = T.compile_warmup, T.train_step, T.collect_hessians, T.log
-    frozen = contextlib.ExitStack()
+    steps, calib, lines, warm = [], [], [], []
+    real_warmup, real_step, frozen = T.compile_warmup, T.train_step, contextlib.ExitStack()
 
     def warmup_then_freeze(*args):
         out = real_warmup(*args)
         frozen.enter_context(torch._dynamo.config.patch(error_on_recompile=True))
+        warm.append(True)
         return out
 
     def train_step(fwd, opts, batches, run, clip):
-        if frozen._exit_callbacks:   # after the warm-up: a step of the run
-            steps.append(([tuple(x.shape) for x, _ in batches], [o.param_groups[0]["lr"] / o.param_groups[0]["base_lr"]
-                                                                   for o in opts]))
+        if warm:   # after the warm-up: a step of the run
+            lrs = [o.param_groups[0]["lr"] / o.param_groups[0]["base_lr"] for o in opts]
+            steps.append(([tuple(x.shape) for x, _ in batches], lrs))
         return real_step(fwd, opts, batches, run, clip)
-
-    def collect_hessians(model, batches, run):
-        return real_collect(model, (calib.append(tuple(x.shape)) or (x, y) for x, y in batches), run)
 
     mp = pytest.MonkeyPatch()
     for name, fn in (("compile_warmup", warmup_then_freeze), ("train_step", train_step),
-                     ("collect_hessians", collect_hessians), ("log", lambda msg, console=True: lines.append(msg))):
+                     ("log", lambda msg, console=True: lines.append(msg))):
         mp.setattr(T, name, fn)
+    watch_calibration(mp, calib)
     torch._dynamo.reset()
     try:
         T.train_phase(cfg, AotEagerRun(compiled=True, amp=torch.bfloat16), None)
