@@ -125,6 +125,9 @@ class Config:
     train_seq_len: int = 2048
     warmup_steps: int = 20           # compile warm-up steps, discarded before the clock starts
     warmdown_frac: float = 0.72      # last fraction of the expected run with a linear LR decay to 0 (#1493)
+    min_lr: float = 0.0              # the warm-down's floor, a fraction of the peak LR (#1787: 0.10)
+    seq_schedule: str = ""           # progressive context (#2014): "1024,2048@0.1,3072@0.7", length from a fraction on
+    seq_rewarm_steps: int = 32       # after a SEQ_SCHEDULE length change the LR ramps back over this many steps (#2014)
     matrix_lr: float = 0.025
     scalar_lr: float = 0.025
     tied_embed_lr: float = 0.035
@@ -132,6 +135,7 @@ class Config:
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_steps: int = 1500
     muon_wd: float = 0.04
+    muon_ns: str = "jordan"          # Newton-Schulz coefficients (NS_COEFFS): jordan | polar (#1344, #1787)
     grad_clip_norm: float = 0.3      # global gradient norm clip (PR #1278); 0 = off
     adam_wd: float = 0.04
     beta1: float = 0.9
@@ -195,6 +199,13 @@ class Config:
     def phase_set(self) -> set[str]:
         return {p.strip() for p in self.phases.split(",") if p.strip()}
 
+    def seq_stages(self) -> list[tuple[float, int]]:
+        """SEQ_SCHEDULE as (start fraction, training length) pairs; one stage of TRAIN_SEQ_LEN when it is empty."""
+        if not self.seq_schedule.strip():
+            return [(0.0, self.train_seq_len)]
+        stages = [item.partition("@") for item in self.seq_schedule.replace(" ", "").split(",")]
+        return [(float(start or 0), int(n)) for n, _, start in stages]
+
     def validate(self) -> None:
         """Every setting on its own; the model's shape only when training (PHASES=eval takes it from the artifact)."""
         for f in dataclasses.fields(self):
@@ -214,6 +225,9 @@ class Config:
              f"EVAL_STRIDE={self.eval_stride} must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
         need(self.warmdown_frac <= 1 and self.late_qat_frac <= 1, "WARMDOWN_FRAC and LATE_QAT_FRAC must be <= 1")
         need(self.recur_start_frac < 1, "RECUR_START_FRAC must be < 1: the extra passes must train before the export")
+        need(self.min_lr <= 1, f"MIN_LR={self.min_lr} must be a fraction of the peak LR in 0..1")
+        need(self.muon_ns in NS_COEFFS, f"MUON_NS={self.muon_ns!r} must be one of {', '.join(NS_COEFFS)}")
+        self.validate_seq_schedule()
         need(self.compile in DEVICE_CHOICES["compile"], f"COMPILE={self.compile!r} must be one of 1, 0, auto")
         need(self.autocast in DEVICE_CHOICES["autocast"], f"AUTOCAST={self.autocast!r} must be one of bf16, off, auto")
         need(self.ema_decay < 1, "EMA_DECAY must be < 1")
@@ -231,6 +245,20 @@ class Config:
              f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
         if "train" in self.phase_set():
             self.validate_model()
+
+    def validate_seq_schedule(self) -> None:
+        """Lengths > 0 from increasing starts in [0, 1), the first from 0; the last is TRAIN_SEQ_LEN: the length the run
+        ends at, the calibration's and the validation's."""
+        try:
+            stages = self.seq_stages()
+        except ValueError:
+            stages = []
+        starts = [start for start, _ in stages]
+        need(bool(stages) and starts[0] == 0 and starts[-1] < 1 and all(a < b for a, b in zip(starts, starts[1:]))
+             and all(n > 0 for _, n in stages), f"SEQ_SCHEDULE={self.seq_schedule!r} must be lengths from increasing "
+             "fractions of the run in [0, 1), the first from 0, e.g. 1024,2048@0.1,3072@0.7")
+        need(stages[-1][1] == self.train_seq_len, f"SEQ_SCHEDULE={self.seq_schedule!r} ends at {stages[-1][1]} tokens "
+             f"per sequence: TRAIN_SEQ_LEN={self.train_seq_len} must be that last length")
 
     def validate_model(self) -> None:
         need(self.model_dim % self.num_heads == 0,
@@ -306,7 +334,9 @@ NOT_OURS = {"WARMDOWN_ITERS": "use WARMDOWN_FRAC (a fraction of the expected run
             "SWA_ENABLED": "this script has no SWA; it exports the EMA weights (EMA_DECAY)",
             "NUM_ITERATIONS": "use ITERATIONS", "TRAIN_STEPS": "use ITERATIONS", "WARMUP_ITERS": "use WARMUP_STEPS",
             "MAX_WALLCLOCK": "use MAX_WALLCLOCK_SECONDS", "MLP_RATIO": "use MLP_MULT",
-            "SLOT_OPTIMIZER": "SLOT always uses AdamW (see logs/eval_study/README.md)"}
+            "SLOT_OPTIMIZER": "SLOT always uses AdamW (see logs/eval_study/README.md)",
+            "TRAIN_SEQ_SCHEDULE": "use SEQ_SCHEDULE (start fractions: #2014's 1024@0.1,2048@0.7,3072@1 is "
+                                  "1024,2048@0.1,3072@0.7)", "SEQ_CHANGE_WARMUP_STEPS": "use SEQ_REWARM_STEPS"}
 
 
 def parse_setting(name: str, text: str, hint) -> object:
@@ -797,16 +827,30 @@ def build_model(cfg: Config, run: Run) -> GPT:
 # Optimizers: Muon for block matrices, AdamW for the rest
 # ==================================================================================================
 
-def newton_schulz(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Approximate the orthogonal factor U V^T of each matrix in g [N, m, n] with a quintic Newton-Schulz iteration
-    (Muon, K. Jordan 2024) in `dtype`; same-shape matrices go through one batched matmul chain."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+# MUON_NS: the (a, b, c) of each quintic step x <- a x + b (x x^T) x + c (x x^T)^2 x, one tuple per step. Where
+# they take singular values of 1e-3..1 (x scaled by its Frobenius norm): jordan to 0.47-1.20, polar to 0.859-1.141
+NS_COEFFS = {
+    "jordan": ((3.4445, -4.7750, 2.0315),) * 5,    # Muon (K. Jordan 2024): one tuple, five times
+    # Polar Express (arXiv 2505.16932; #1344, #1787, #1855): minimax per step, made for 5 (safety 2e-2, cushion 2)
+    "polar": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+              (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+              (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+              (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+              (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
+}
+
+
+def newton_schulz(g: torch.Tensor, coeffs: tuple = NS_COEFFS["jordan"], dtype: torch.dtype = torch.float32
+                  ) -> torch.Tensor:
+    """Approximate the orthogonal factor U V^T of each matrix in g [N, m, n] with quintic Newton-Schulz steps (one
+    per `coeffs` tuple: constants of the compiled graph) in `dtype`; same-shape matrices go through one batched matmul
+    chain. Scaled by the Frobenius norm, as the records do (nanochat's 1.02 margin is not applied)."""
     x = g.to(dtype)
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
-    for _ in range(steps):
+    for a, b, c in coeffs:
         A = x @ x.mT
         x = a * x + (b * A + c * A @ A) @ x
     return x.mT if tall else x
@@ -819,9 +863,10 @@ class Muon(torch.optim.Optimizer):
     1/world of the bank, keeps momentum for those alone and orthogonalises them in one batched call; the updates are
     all-gathered asynchronously while the next bank is orthogonalised."""
 
-    def __init__(self, params, lr: float, momentum: float, weight_decay: float, run: Run) -> None:
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float, run: Run,
+                 coeffs: tuple = NS_COEFFS["jordan"]) -> None:
         super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.run = run
+        self.run, self.coeffs = run, coeffs
         by_shape: dict[tuple, list[nn.Parameter]] = {}
         for p in self.param_groups[0]["params"]:
             by_shape.setdefault(tuple(p.shape), []).append(p)
@@ -884,7 +929,7 @@ class Muon(torch.optim.Optimizer):
             buf.mul_(mom).add_(g)
             g = g.add_(buf, alpha=mom)                                     # Nesterov
             g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-7)           # MuonEq-R (off trained 0.023 nats worse)
-            u = self.ns(g, dtype=self.dtype) * max(1.0, g.size(-2) / g.size(-1)) ** 0.5
+            u = self.ns(g, self.coeffs, dtype=self.dtype) * max(1.0, g.size(-2) / g.size(-1)) ** 0.5
             gathers.append(self.run.start_all_gather(out, u.to(self.dtype)))
         for bank, (_, _, out), work in zip(self.banks, self._buffers(), gathers):
             self.run.wait(work, "all_gather")
@@ -943,17 +988,18 @@ def build_optimizers(model: GPT, cfg: Config, run: Run) -> list[torch.optim.Opti
         opts.append(torch.optim.AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **fused))
     for group in muon_groups:
         muon = Muon(group.pop("params"), lr=group["lr"], momentum=cfg.muon_momentum, weight_decay=group["weight_decay"],
-                    run=run)
+                    run=run, coeffs=NS_COEFFS[cfg.muon_ns])
         muon.param_groups[0].update(base_lr=group["base_lr"], label=group["label"])
         opts.append(muon)
     return opts
 
 
-def lr_scale(progress: float, warmdown_frac: float) -> float:
-    """1 until the warm-down, then linear to 0 at the end of the expected run."""
+def lr_scale(progress: float, warmdown_frac: float, min_lr: float = 0.0) -> float:
+    """1 until the warm-down, then linear to 0 at the end of the expected run, never below the floor min_lr (#1787's
+    max(decay, MIN_LR): the decay reaches the floor early and stays there)."""
     if warmdown_frac <= 0 or progress < 1 - warmdown_frac:
         return 1.0
-    return max(0.0, (1 - progress) / warmdown_frac)
+    return max(min_lr, (1 - progress) / warmdown_frac)
 
 
 # ==================================================================================================
@@ -1034,11 +1080,16 @@ class TokenStream:
 
 class TrainLoader:
     """Each micro-step takes world_size consecutive spans of (local tokens + 1) and keeps span `rank`: disjoint and
-    deterministic."""
+    deterministic. The span is cut into sequences of the current training length (SEQ_SCHEDULE's first at the start)."""
 
     def __init__(self, cfg: Config, run: Run, local_tokens: int) -> None:
         self.stream = TokenStream(shard_files(cfg.data_path, "train"), cfg.vocab_size)
-        self.run, self.local_tokens, self.seq_len = run, local_tokens, cfg.train_seq_len
+        self.run, self.local_tokens, self.seq_len = run, local_tokens, cfg.seq_stages()[0][1]
+
+    def set_length(self, seq_len: int, batches=()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Cut sequences of seq_len from now on; returns `batches` (read ahead) cut anew: the same tokens."""
+        self.seq_len = seq_len
+        return [(x.reshape(-1, seq_len), y.reshape(-1, seq_len)) for x, y in batches]
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         span = self.local_tokens + 1
@@ -1070,8 +1121,12 @@ def train_step(model, opts, batches, run: Run, clip_norm: float = 0.0) -> torch.
     return total / len(batches)
 
 
-def set_schedule(opts, cfg: Config, step: int, progress: float) -> None:
-    scale = lr_scale(progress, cfg.warmdown_frac)
+def set_schedule(opts, cfg: Config, step: int, progress: float, seq_changed_at: int | None = None) -> None:
+    """LR and Muon momentum of this step; after a SEQ_SCHEDULE length change at step seq_changed_at the LR climbs
+    back linearly, 1/SEQ_REWARM_STEPS of the schedule at that step, all of it SEQ_REWARM_STEPS steps on (#2014)."""
+    scale = lr_scale(progress, cfg.warmdown_frac, cfg.min_lr)
+    if seq_changed_at is not None and cfg.seq_rewarm_steps:
+        scale *= min(1.0, (step - seq_changed_at + 1) / cfg.seq_rewarm_steps)
     warm = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps else 1.0
     momentum = cfg.muon_momentum_warmup_start + warm * (cfg.muon_momentum - cfg.muon_momentum_warmup_start)
     for opt in opts:
@@ -1144,10 +1199,21 @@ def switches(cfg: Config, progress: float) -> tuple[bool, bool]:
     return recur, cfg.late_qat_frac > 0 and progress >= 1 - cfg.late_qat_frac
 
 
-def warmup_states(cfg: Config) -> list[tuple[bool, bool]]:
-    """The switch states the run passes through, in order: compile_warmup compiles one graph for each."""
-    marks = sorted({0.0, cfg.recur_start_frac, 1 - cfg.late_qat_frac})
-    return list(dict.fromkeys(switches(cfg, p) for p in marks if p < 1))
+def seq_len_at(cfg: Config, progress: float) -> int:
+    """SEQ_SCHEDULE's training length at this fraction of the run: from the agreed progress, the same on every rank."""
+    return [n for start, n in cfg.seq_stages() if progress >= start][-1]
+
+
+def warmup_plan(cfg: Config) -> list[tuple[int, tuple[bool, bool]]]:
+    """The (training length, switch state) pairs the run passes through, in order: compile_warmup compiles one static
+    graph for each (dynamic=False: a new length is a new graph, never a dynamic-shape one)."""
+    marks = sorted({0.0, cfg.recur_start_frac, 1 - cfg.late_qat_frac, *(start for start, _ in cfg.seq_stages())})
+    return list(dict.fromkeys((seq_len_at(cfg, p), switches(cfg, p)) for p in marks if p < 1))
+
+
+def plan_label(cfg: Config, seq_len: int, state: tuple[bool, bool]) -> str:
+    """A warm-up graph in the log: recur<0|1>_qat<0|1>, after seq<length>_ when SEQ_SCHEDULE is set."""
+    return f"seq{seq_len}_" * bool(cfg.seq_schedule.strip()) + f"recur{int(state[0])}_qat{int(state[1])}"
 
 
 def set_switches(model: GPT, cfg: Config, state: tuple[bool, bool]) -> None:
@@ -1156,31 +1222,34 @@ def set_switches(model: GPT, cfg: Config, state: tuple[bool, bool]) -> None:
 
 
 def compile_warmup(model: GPT, opts, cfg: Config, run: Run, grad_accum: int, local_tokens: int):
-    """Build the training forward and run WARMUP_STEPS real steps (at least one in each switch state the run will
-    pass through: recurrence off/on, QAT off/on), so that every graph is compiled before the clock starts; time the
-    calibration (calibration_reserve); then restore model and optimizers. Returns (the training forward, the
-    seconds of the cap kept for the calibration)."""
+    """Build the training forward and run WARMUP_STEPS real steps (at least one in each state the run will pass
+    through: recurrence off/on, QAT off/on, each SEQ_SCHEDULE length), so that every graph is compiled before the
+    clock starts; time the calibration (calibration_reserve); then restore model and optimizers. Returns (the
+    training forward, the seconds of the cap kept for the calibration)."""
     loader = TrainLoader(cfg, run, local_tokens)
     if cfg.warmup_steps == 0:
         if run.compiled:
             log("compile_warmup: WARNING WARMUP_STEPS=0: every graph compiles inside the clock")
         return training_forward(model, run), calibration_reserve(model, loader, cfg, run)
-    states = warmup_states(cfg)
-    n_steps = max(cfg.warmup_steps, len(states))
+    plan = warmup_plan(cfg)
+    if run.compiled:   # one graph of the forward per pair: a long SEQ_SCHEDULE passes dynamo's default limit of 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(plan))
+    n_steps = max(cfg.warmup_steps, len(plan))
     model_state = copy.deepcopy(model.state_dict())
     opt_states = [copy.deepcopy(o.state_dict()) for o in opts]
     with timed("compile_warmup", run):
         batches = loader.next_step(grad_accum)
         fwd = training_forward(model, run, probe=batches[0])
         for k in range(n_steps):
-            set_switches(model, cfg, states[k * len(states) // n_steps])
-            train_step(fwd, opts, batches, run, cfg.grad_clip_norm)
+            seq_len, state = plan[k * len(plan) // n_steps]
+            set_switches(model, cfg, state)
+            train_step(fwd, opts, loader.set_length(seq_len, batches), run, cfg.grad_clip_norm)
             if k + 1 < n_steps:
                 batches = loader.next_step(grad_accum)
     run.barrier()   # every rank's graphs exist: what compiles after this line compiles inside the clock
-    log(f"compile_warmup steps:{n_steps} states:{' '.join(f'recur{int(r)}_qat{int(q)}' for r, q in states)}")
+    log(f"compile_warmup steps:{n_steps} states:{' '.join(plan_label(cfg, n, s) for n, s in plan)}")
     reserve = calibration_reserve(model, loader, cfg, run)
-    set_switches(model, cfg, states[0])
+    set_switches(model, cfg, plan[0][1])
     model.train()
     model.load_state_dict(model_state)
     for o, s in zip(opts, opt_states):
@@ -1197,6 +1266,7 @@ def calibration_reserve(model: GPT, loader: TrainLoader, cfg: Config, run: Run) 
         return cfg.gptq_reserve_seconds
     set_switches(model, cfg, (True, False))
     model.eval()
+    loader.set_length(cfg.train_seq_len)   # the length calibrate reads
     batch = loader.next()
     for _ in range(2):
         run.sync()
@@ -1221,6 +1291,9 @@ def batch_split(cfg: Config, run: Run) -> tuple[int, int]:
     if local_tokens * run.world_size * grad_accum != cfg.train_batch_tokens or local_tokens % cfg.train_seq_len:
         raise RunError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} must split into {REFERENCE_GPUS} micro-batches "
                        f"of whole TRAIN_SEQ_LEN={cfg.train_seq_len} sequences")
+    odd = [n for _, n in cfg.seq_stages() if local_tokens % n]
+    need(not odd, f"SEQ_SCHEDULE={cfg.seq_schedule!r}: lengths {odd} do not divide the micro-batch of {local_tokens} "
+         f"tokens (TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} / {REFERENCE_GPUS})")
     return grad_accum, local_tokens
 
 
@@ -1237,6 +1310,7 @@ def calibrate(model: GPT, loader: TrainLoader, cfg: Config, run: Run, clock: Wal
     run past the cap."""
     t0, limit = clock.elapsed(), cfg.max_wallclock_seconds or float("inf")
     wanted = max(1, math.ceil(cfg.gptq_calib_batches / run.world_size))   # micro-batches per rank
+    loader.set_length(cfg.train_seq_len)   # SEQ_SCHEDULE's last length, as the exported model ends training
     times: list[float] = []
 
     def batches():
@@ -1278,7 +1352,7 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
     run.sync()
     train_s = cfg.max_wallclock_seconds - reserve_s if cfg.max_wallclock_seconds else 0.0
     clock, step, step_avg_s, agreed_s = WallClock(train_s), 0, 0.0, 0.0
-    state = switches(cfg, 0.0)
+    state, seq_len, seq_changed_at = switches(cfg, 0.0), loader.seq_len, None
     set_switches(model, cfg, state)
     recent = collections.deque(maxlen=20)   # the last step times: the cap check plans with the slowest
     batches = loader.next_step(grad_accum)
@@ -1290,7 +1364,11 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
             for name, was, now in (("recurrence", old[0], state[0]), ("late_qat", old[1], state[1])):
                 if now != was:
                     log(f"{name}:{'on' if now else 'off'} step:{step} train_time:{1000 * clock.elapsed():.0f}ms")
-        set_schedule(opts, cfg, step, progress)
+        if seq_len_at(cfg, progress) != seq_len:   # so was each length's
+            seq_len, seq_changed_at = seq_len_at(cfg, progress), step
+            batches = loader.set_length(seq_len, batches)
+            log(f"seq_len:{seq_len} step:{step} train_time:{1000 * clock.elapsed():.0f}ms")
+        set_schedule(opts, cfg, step, progress, seq_changed_at)
         elapsed_before = clock.elapsed()
         loss = train_step(fwd, opts, batches, run, cfg.grad_clip_norm)
         ema.update()

@@ -135,7 +135,7 @@ def test_data_and_tokenizer_paths_follow_the_vocabulary():
 ])
 def test_the_warm_up_compiles_each_switch_state_the_run_passes_through(env, states):
     cfg, _ = T.config_from_env(env)
-    assert T.warmup_states(cfg) == states
+    assert [state for _, state in T.warmup_plan(cfg)] == states
 
 
 def test_recurrence_must_switch_on_before_the_end():

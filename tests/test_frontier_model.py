@@ -64,7 +64,7 @@ def test_loop_settings_are_checked():
                      ({"SMEAR_GATE_ENABLED": "1"}, "SMEAR_GATE=input")):
         with pytest.raises(T.RunError, match=msg):
             T.config_from_env(dict(TINY_ENV, **env))
-    assert T.warmup_states(config(recur_layers="", loop_layers="1,2"))[0] == (False, False), "the loop waits"
+    assert T.warmup_plan(config(recur_layers="", loop_layers="1,2"))[0][1] == (False, False), "the loop waits"
 
 
 def test_the_document_adapters_cover_every_pass_of_the_loop():
@@ -196,7 +196,7 @@ def test_compiled_training_with_every_piece_on_never_recompiles_after_its_warmup
     opts = T.build_optimizers(model, cfg, run)
     x = two_documents()
     batches = [(x[:, :-1], x[:, 1:])]
-    states = T.warmup_states(cfg)
+    states = [state for _, state in T.warmup_plan(cfg)]
     assert states == [(False, False), (True, False)]
     torch._dynamo.reset()
     try:

@@ -144,10 +144,10 @@ def timed_compile_warmup(model: tg.GPT, opts, cfg: tg.Config, run: tg.Run, grad_
     t0 = time.perf_counter()
     fwd, _ = tg.compile_warmup(model, opts, cfg, run, grad_accum, local_tokens)
     run.sync()
-    states = tg.warmup_states(cfg)
+    plan = tg.warmup_plan(cfg)
     return fwd, {"seconds": time.perf_counter() - t0,
-                 "steps": max(cfg.warmup_steps, len(states)) if cfg.warmup_steps else 0,
-                 "states": [f"recur{int(r)}_qat{int(q)}" for r, q in states] if cfg.warmup_steps else [],
+                 "steps": max(cfg.warmup_steps, len(plan)) if cfg.warmup_steps else 0,
+                 "states": [tg.plan_label(cfg, n, s) for n, s in plan] if cfg.warmup_steps else [],
                  "compiled": run.compiled, "amp": str(run.amp).removeprefix("torch.") if run.amp else None}
 
 
