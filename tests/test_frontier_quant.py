@@ -72,6 +72,10 @@ def test_awq_lite_keeps_the_salient_group_on_a_finer_grid():
     assert _output_error(w, got, held) < 0.5 * _output_error(w, plain, held)
     header = T.json.loads(payload[4:4 + int.from_bytes(payload[:4], "little")])
     assert header["notes"] == {"m.weight": {"fine": [64, 128]}}
+    q, s = T.quantize_tensor(w, "int6", T.QuantSpec(awq_group=64), hess["m.weight"], fine=(64, 128))
+    want = q.float() * s.float()[:, None]
+    want[:, loud] = q[:, loud].float() * T.fine_scale(s, T.INT6_MAX)[:, None]
+    assert torch.equal(got, want) and int(q[:, loud].abs().max()) > T.INT6_MAX >= int(q[:, :64].abs().max())
     assert T.awq_choice(state, labels, hess, T.QuantSpec()) is None          # AWQ_GROUP=0: off
 
 
