@@ -95,15 +95,14 @@ def code_bits(payload: bytes, kind: str) -> float | None:
     without such matrices."""
     header = payload_header(payload)
     blob = payload[4 + int.from_bytes(payload[:4], "little"):]
-    counts = torch.zeros(256, dtype=torch.float64)
+    total = bits = 0.0
     for e in header["tensors"]:
         if e["role"] == "q" and header["storage"][e["name"]] == kind:
-            q = T.unshuffle_bytes(blob[e["offset"]:e["offset"] + e["nbytes"]], e["dtype"], e["shape"])
-            counts += torch.bincount(torch.from_numpy(q).flatten().long() + 128, minlength=256).double()
-    if not counts.sum():
-        return None
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * p.log2()).sum())
+            q = torch.from_numpy(T.unshuffle_bytes(blob[e["offset"]:e["offset"] + e["nbytes"]], e["dtype"], e["shape"]))
+            p = torch.bincount(q.flatten().long() + 128, minlength=256).double() / q.numel()
+            bits += q.numel() * float(-(p[p > 0] * p[p > 0].log2()).sum())   # each matrix's own code distribution
+            total += q.numel()
+    return bits / total if total else None
 
 
 def measure(cache: dict, text: str, spec: T.QuantSpec, widen: float, quantizer: str, score_state, pre) -> dict:
