@@ -1564,9 +1564,9 @@ def lay_out(parts: dict[str, dict[str, np.ndarray]], header: dict, pack_groups: 
                 p["q"] = p["q"][p["perm"]]
             p["q"] = np.ascontiguousarray(p["q"].T)
             header["notes"].setdefault(name, {})["transposed"] = True
+        m = re.fullmatch(r"blocks\.(\d+)\.(.*)", name)
+        group = (0, m.group(2), int(m.group(1))) if m else (0, name, 0)   # role, then layer
         for role, arr in p.items():
-            m = re.fullmatch(r"blocks\.(\d+)\.(.*)", name)
-            group = (0, m.group(2), int(m.group(1))) if m else (0, name, 0)
             items.append((group if pack_groups and role == "q" else (1, len(items)), name, role, arr))
     entries, chunks, offset = [], [], 0
     for _, name, role, arr in sorted(items, key=lambda item: item[0]):
