@@ -150,6 +150,13 @@ class Config:
     # ---- export: quantization (see quantize_tensor)
     int6_clip_k: float = 6.0         # row clip = k x row std (SDClip, #1394), the size knob; 0 = per-row search
     embed_clip_k: float = 0.0        # the clip rule of the int8 embedding tables (0 = the search)
+    embed_bits: int = 8              # bits of the embedding tables' codes, 5..8 (#1586 and #1855 use 7)
+    mlp_clip_k: float = 0.0          # the MLP matrices' SDClip k (#1855: 11.5, attention 13); 0 = INT6_CLIP_K
+    lqer_rank: int = 0               # rank of an SVD correction of the GPTQ error W - Q (LQER, #1797; #1855: 4); 0 off
+    lqer_top: int = 3                # the tensors with the largest ||W - Q|| (Frobenius) get it (#1797, #1855)
+    lqer_group: int = 64             # LQER's B: int4 codes, one fp16 scale per group of this many (A: int2, one scale)
+    awq_group: int = 0               # columns of the one most salient input group kept int8 inside GPTQ (#1908: 64)
+    pack_groups: bool = False        # codes laid out by role, rows L1-sorted, transposed, for the compressor (#1855)
     gptq_calib_batches: int = 16     # training micro-batches (TRAIN_BATCH_TOKENS / 8 tokens each) for the Hessians
     gptq_reserve_seconds: float = 0.0    # of MAX_WALLCLOCK_SECONDS, kept for the calibration; 0 = measured (warm-up)
     gptq_damp: float = 0.01          # added to the Hessian diagonal, as a fraction of its mean
@@ -240,6 +247,9 @@ class Config:
         need(self.ttt_epochs == 0 or (self.ttt_lr > 0 and self.ttt_chunk_tokens > 0),
              "TTT_LR and TTT_CHUNK_TOKENS must be > 0 when TTT_EPOCHS > 0")
         need(self.gptq_damp > 0, "GPTQ_DAMP must be > 0")
+        need(5 <= self.embed_bits <= 8, f"EMBED_BITS={self.embed_bits} must be 5..8 (the codes are stored as int8)")
+        need(self.lqer_rank == 0 or (self.lqer_top > 0 and self.lqer_group > 0),
+             "LQER_TOP and LQER_GROUP must be > 0 when LQER_RANK > 0")
         need(self.max_wallclock_seconds == 0 or self.gptq_reserve_seconds < self.max_wallclock_seconds,
              f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time of "
              f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
@@ -330,7 +340,6 @@ NOT_OURS = {"WARMDOWN_ITERS": "use WARMDOWN_FRAC (a fraction of the expected run
             "PHASED_TTT_PREFIX_DOCS": "use PHASE_DOCS", "PHASED_TTT_NUM_PHASES": "use PHASE_COUNT",
             "GLOBAL_TTT_LR": "use PHASE_LR", "TTT_BATCH_SIZE": "use LORA_BATCH",
             "QUANTIZER": "the export is always GPTQ (tools/quant_study.py keeps round to nearest as its reference)",
-            "EMBED_BITS": "the embedding tables are int8 (see logs/quant_study/README.md)",
             "SWA_ENABLED": "this script has no SWA; it exports the EMA weights (EMA_DECAY)",
             "NUM_ITERATIONS": "use ITERATIONS", "TRAIN_STEPS": "use ITERATIONS", "WARMUP_ITERS": "use WARMUP_STEPS",
             "MAX_WALLCLOCK": "use MAX_WALLCLOCK_SECONDS", "MLP_RATIO": "use MLP_MULT",
@@ -1421,7 +1430,8 @@ def train_phase(cfg: Config, run: Run, tables: ByteTables | None) -> tuple[dict[
 # Export: GPTQ, the artifact format, compression, the size limit
 # ==================================================================================================
 
-ARTIFACT_MAGIC = b"PGOLF-2\n"   # 2: LN_SCALE stored, PARALLEL_START counts physical layers
+ARTIFACT_MAGIC = b"PGOLF-3\n"   # 3: header notes (AWQ-lite group, LQER, PACK_GROUPS layout); 2: LN_SCALE stored
+READ_MAGICS = (ARTIFACT_MAGIC, b"PGOLF-2\n")   # version 2 is version 3 without notes: it still loads
 CLIP_FRACTIONS = (1.0, 0.995, 0.99, 0.98, 0.97, 0.96, 0.94, 0.92, 0.9, 0.87, 0.84, 0.8)
 FP16_TINY = float(torch.finfo(torch.float16).tiny)   # the smallest normal fp16: the floor of a stored scale
 
@@ -1443,19 +1453,22 @@ def row_scales(w: torch.Tensor, qmax: int, clip_k: float) -> torch.Tensor:
     return best
 
 
-def gptq(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmax: int, damp: float,
+def gptq(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmax: int | torch.Tensor, damp: float,
          block: int = 128) -> torch.Tensor:
-    """Integer codes of w [rows, cols] on the grid scale[:, None] x {-qmax..qmax} that keep the layer's output
-    X w^T close, for inputs with H = X^T X (GPTQ, Frantar et al. 2022): columns in order of descending H diagonal,
-    each rounded in turn and its error spread onto the columns not yet rounded through the Cholesky factor of H^-1,
-    in blocks of `block` columns. Columns whose input is always 0 are set to 0."""
+    """Integer codes of w [rows, cols] on the grid scale x {-qmax..qmax} that keep the layer's output X w^T close,
+    for inputs with H = X^T X (GPTQ, Frantar et al. 2022): columns in order of descending H diagonal, each rounded in
+    turn and its error spread onto the columns not yet rounded through the Cholesky factor of H^-1, in blocks of
+    `block` columns. Columns whose input is always 0 are set to 0. scale is [rows] (one grid per row) or [rows, cols]
+    and qmax an int or [cols] (AWQ-lite's finer group, #1908)."""
     dt = torch.float64 if w.dtype == torch.float64 else torch.float32
-    W, H, s = w.to(dt).clone(), H.to(dt).clone(), scale.to(dt)
+    W, H = w.to(dt).clone(), H.to(dt).clone()
+    S = (scale if scale.dim() == 2 else scale[:, None].expand_as(W)).to(dt)
+    lim = torch.as_tensor(qmax, dtype=dt, device=W.device).expand(W.size(1))
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
     perm = torch.argsort(H.diagonal(), descending=True)
-    W, H = W[:, perm], H[perm][:, perm]
+    W, H, S, lim = W[:, perm], H[perm][:, perm], S[:, perm], lim[perm]
     for attempt in range(4):   # a rank-deficient H needs more damping than the default
         try:
             Hd = H + (damp * 10 ** attempt) * H.diagonal().mean() * torch.eye(len(H), dtype=dt, device=H.device)
@@ -1469,7 +1482,8 @@ def gptq(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmax: int, damp:
         i2 = min(i1 + block, W.size(1))
         W1, E, U1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2]), U[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            q = torch.clamp(torch.round(W1[:, i] / s), -qmax, qmax)
+            s, m = S[:, i1 + i], lim[i1 + i]
+            q = torch.clamp(torch.round(W1[:, i] / s), -m, m)
             Q[:, i1 + i] = q
             E[:, i] = (W1[:, i] - q * s) / U1[i, i]
             W1[:, i:] -= E[:, i:i + 1] * U1[i:i + 1, i:]
@@ -1483,26 +1497,111 @@ class QuantSpec:
     int6_clip_k: float = Config.int6_clip_k
     embed_clip_k: float = Config.embed_clip_k
     gptq_damp: float = Config.gptq_damp
+    embed_bits: int = Config.embed_bits
+    mlp_clip_k: float = Config.mlp_clip_k
+    lqer_rank: int = Config.lqer_rank
+    lqer_top: int = Config.lqer_top
+    lqer_group: int = Config.lqer_group
+    awq_group: int = Config.awq_group
+    pack_groups: bool = Config.pack_groups
 
     @classmethod
     def from_config(cls, cfg: "Config") -> "QuantSpec":
         return settings_view(cls, cfg, "")
 
 
+def code_max(kind: str, spec: QuantSpec) -> int:
+    """The largest code of a storage kind: int6 matrices 31, the embedding tables 2^(EMBED_BITS - 1) - 1."""
+    return INT6_MAX if kind == "int6" else 2 ** (spec.embed_bits - 1) - 1
+
+
+def clip_rule(name: str, kind: str, spec: QuantSpec) -> float:
+    """The clip k of one matrix: the embedding tables', the MLP's (MLP_CLIP_K, when set: #1855), or INT6_CLIP_K."""
+    if kind != "int6":
+        return spec.embed_clip_k
+    return spec.mlp_clip_k if spec.mlp_clip_k > 0 and ".mlp." in name else spec.int6_clip_k
+
+
+def fine_scale(scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """AWQ-lite's grid (#1908): the same clip range as the row's, on 127 levels a side (the record's int8 group)."""
+    return (scale.float() * qmax / INT8_MAX).half().float().clamp_min(FP16_TINY)
+
+
 def quantize_tensor(w: torch.Tensor, kind: str, spec: QuantSpec, H: torch.Tensor | None = None,
-                    widen: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 codes, fp16 row scales) of one int6 or int8 (embedding) matrix: the clip rule sets the grid, then GPTQ
-    (PR #1019) when a Hessian is given, else round to nearest (the quant study's reference). widen > 1 multiplies
-    the int6 scales: log2(widen) fewer bits per weight after entropy coding (the size knob of fit_to_limit)."""
-    qmax = INT6_MAX if kind == "int6" else INT8_MAX
-    scale = row_scales(w, qmax, spec.int6_clip_k if kind == "int6" else spec.embed_clip_k)
+                    widen: float = 1.0, name: str = "",
+                    fine: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes, fp16 row scales) of one int6 or int8 (embedding) matrix `name`: the clip rule sets the grid, then
+    GPTQ (PR #1019) when a Hessian is given, else round to nearest (the quant study's reference). widen > 1 multiplies
+    the int6 scales: log2(widen) fewer bits per weight after entropy coding (the size knob of fit_to_limit). The
+    columns fine = (first, end) use fine_scale(scale) and codes up to 127 (AWQ-lite, #1908)."""
+    qmax = code_max(kind, spec)
+    scale = row_scales(w, qmax, clip_rule(name, kind, spec))
     if kind == "int6" and widen != 1.0:
         scale = (scale * widen).half().float()
+    grid, limit = scale, torch.full((w.size(1),), float(qmax), device=w.device)
+    if fine is not None:
+        grid = scale[:, None].repeat(1, w.size(1))
+        grid[:, fine[0]:fine[1]] = fine_scale(scale, qmax)[:, None]
+        limit[fine[0]:fine[1]] = INT8_MAX
     if H is not None:
-        q = gptq(w, H.to(w.device), scale, qmax, spec.gptq_damp)
+        q = gptq(w, H.to(w.device), grid, limit, spec.gptq_damp)
     else:
-        q = torch.clamp(torch.round(w.float() / scale[:, None]), -qmax, qmax).to(torch.int8)
+        grid = grid if grid.dim() == 2 else grid[:, None]
+        q = torch.clamp(torch.round(w.float() / grid), -limit, limit).to(torch.int8)
     return q, scale.half()
+
+
+def awq_choice(state: dict[str, torch.Tensor], labels: dict[str, str], hessians: dict[str, torch.Tensor],
+               spec: QuantSpec) -> tuple[str, int] | None:
+    """AWQ-lite (#1908): (matrix, first column) of the one group of AWQ_GROUP inputs, over the matrices with a Hessian
+    stored below 8 bits, with the largest sum of activation RMS x mean |w|. The RMS is sqrt(diag H) (the record's
+    per-tensor token count only rescales it; a recurrent layer's two passes both count)."""
+    g, best = spec.awq_group, None
+    for name, t in state.items():
+        kind = PARAM_TABLE[labels[name]][3]
+        if g == 0 or name not in hessians or t.dim() != 2 or kind not in ("int6", "int8") \
+                or code_max(kind, spec) >= INT8_MAX or t.size(1) < g:
+            continue
+        n = t.size(1) // g
+        rms = hessians[name].diagonal().float().clamp_min(0).sqrt().to(t.device)
+        score = (rms * t.float().abs().mean(dim=0))[:n * g].view(n, g).sum(dim=1)
+        i = int(score.argmax())
+        if best is None or float(score[i]) > best[0]:
+            best = (float(score[i]), name, i * g)
+    return None if best is None else (best[1], best[2])
+
+
+def lqer_factors(err: torch.Tensor, rank: int, group: int) -> dict[str, np.ndarray]:
+    """LQER (#1797, as #1855 ships it): err ~ A B from its rank-r SVD, A = U S [rows, r] as int2 codes {-2..1} on one
+    scale max|A| / 1.5, B = V^T [r, cols] as int4 codes {-8..7}, one scale (max / 7.5) per `group` values of B flat."""
+    U, S, Vh = torch.linalg.svd(err.float(), full_matrices=False)
+    r = min(rank, S.numel())
+    a, b = U[:, :r] * S[:r], Vh[:r]
+    sa = (a.abs().amax().clamp_min(FP16_TINY) / 1.5).half()
+    flat = F.pad(b.flatten(), (0, -b.numel() % group)).view(-1, group)
+    sb = (flat.abs().amax(dim=1).clamp_min(FP16_TINY) / 7.5).half()
+    qb = torch.clamp(torch.round(flat / sb.float()[:, None]), -8, 7).flatten()[:b.numel()].view_as(b)
+    return dict(lqer_a=torch.clamp(torch.round(a / sa.float()), -2, 1).to(torch.int8).numpy(),
+                lqer_a_scale=sa.reshape(1).numpy(), lqer_b=qb.to(torch.int8).numpy(), lqer_b_scale=sb.numpy())
+
+
+def dequantize(p: dict[str, np.ndarray], note: dict) -> torch.Tensor:
+    """One quantized matrix back in float32: codes x row scales, the AWQ-lite group on its finer scale, plus LQER's
+    A B. The codes as stored: transposed and row-sorted (the inverse of "perm") when PACK_GROUPS laid them out."""
+    codes = p["q"].T if note.get("transposed") else p["q"]
+    codes = codes[np.argsort(p["perm"])] if "perm" in p else codes
+    q = torch.from_numpy(np.ascontiguousarray(codes)).float()
+    w = q * torch.from_numpy(p["scale"]).float()[:, None]
+    if "fine" in note:
+        a, b = note["fine"]
+        w[:, a:b] = q[:, a:b] * torch.from_numpy(p["fine_scale"]).float()[:, None]
+    if "lqer_a" in p:
+        qb = torch.from_numpy(p["lqer_b"]).float()
+        group = note["lqer_group"]
+        flat = F.pad(qb.flatten(), (0, -qb.numel() % group)).view(-1, group)
+        b = (flat * torch.from_numpy(p["lqer_b_scale"]).float()[:, None]).flatten()[:qb.numel()].view_as(qb)
+        w += (torch.from_numpy(p["lqer_a"]).float() * float(p["lqer_a_scale"][0])) @ b
+    return w
 
 
 @contextlib.contextmanager
@@ -1577,32 +1676,76 @@ def unshuffle_bytes(b: bytes, dtype: str, shape: list[int]) -> np.ndarray:
     return np.frombuffer(b, np.uint8).reshape(dt.itemsize, n).T.copy().view(dt).reshape(shape)
 
 
-def pack_state(state: dict[str, torch.Tensor], labels: dict[str, str], model_cfg: dict, spec: QuantSpec = QuantSpec(),
-               hessians: dict[str, torch.Tensor] | None = None, widen: float = 1.0) -> bytes:
-    """Quantize each tensor by its label's storage and lay out one plain payload: header length, JSON header, bytes."""
-    entries, chunks, offset = [], [], 0
+PACK_SORTED = ("tok_emb.weight", "attn.c_q.weight", "mlp.fc.weight")   # the rows #1855 sorts (PACK_GROUPS)
 
-    def add(name: str, role: str, arr: np.ndarray) -> None:
-        nonlocal offset
+
+def nn_order(codes: np.ndarray) -> np.ndarray:
+    """Rows in L1 nearest-neighbour order from row 0 (#1855): once transposed, similar rows sit side by side."""
+    x = codes.astype(np.int16)
+    left = np.ones(len(x), dtype=bool)
+    order = [0]
+    left[0] = False
+    for _ in range(len(x) - 1):
+        rest = np.flatnonzero(left)
+        order.append(int(rest[np.abs(x[rest] - x[order[-1]]).sum(axis=1).argmin()]))
+        left[order[-1]] = False
+    return np.array(order, dtype=np.uint16 if len(x) <= 65536 else np.uint32)
+
+
+def lay_out(parts: dict[str, dict[str, np.ndarray]], header: dict, pack_groups: bool) -> bytes:
+    """One plain payload: header length, JSON header, the byte-shuffled arrays. PACK_GROUPS (#1855): the codes first,
+    each role's matrices together in layer order, transposed, PACK_SORTED rows in nn_order (its "perm" stored)."""
+    items = []
+    for name, p in parts.items():
+        if pack_groups and "q" in p:
+            if name.endswith(PACK_SORTED):
+                p["perm"] = nn_order(p["q"])
+                p["q"] = p["q"][p["perm"]]
+            p["q"] = np.ascontiguousarray(p["q"].T)
+            header["notes"].setdefault(name, {})["transposed"] = True
+        m = re.fullmatch(r"blocks\.(\d+)\.(.*)", name)
+        group = (0, m.group(2), int(m.group(1))) if m else (0, name, 0)   # role, then layer
+        for role, arr in p.items():
+            items.append((group if pack_groups and role == "q" else (1, len(items)), name, role, arr))
+    entries, chunks, offset = [], [], 0
+    for _, name, role, arr in sorted(items, key=lambda item: item[0]):
         data = shuffle_bytes(arr)
         entries.append(dict(name=name, role=role, dtype=arr.dtype.str, shape=list(arr.shape), offset=offset,
                             nbytes=len(data)))
         chunks.append(data)
         offset += len(data)
+    text = json.dumps(dict(header, tensors=entries)).encode()
+    return len(text).to_bytes(4, "little") + text + b"".join(chunks)
 
-    storage = {}
+
+def pack_state(state: dict[str, torch.Tensor], labels: dict[str, str], model_cfg: dict, spec: QuantSpec = QuantSpec(),
+               hessians: dict[str, torch.Tensor] | None = None, widen: float = 1.0) -> bytes:
+    """Quantize each tensor by its label's storage (AWQ-lite's group in one matrix), add LQER's factors to the
+    LQER_TOP matrices of the largest ||W - Q||, and lay out the payload (see lay_out)."""
+    hessians = hessians or {}
+    fine = awq_choice(state, labels, hessians, spec)
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    storage, notes = {}, {}
     for name, t in state.items():
         kind = PARAM_TABLE[labels[name]][3]
         if kind in ("int6", "int8") and t.dim() == 2:
-            q, scale = quantize_tensor(t, kind, spec, (hessians or {}).get(name), widen)
-            add(name, "q", q.cpu().numpy())
-            add(name, "scale", scale.cpu().numpy())
+            cols = (fine[1], fine[1] + spec.awq_group) if fine and fine[0] == name else None
+            q, scale = quantize_tensor(t, kind, spec, hessians.get(name), widen, name, cols)
+            parts[name] = dict(q=q.cpu().numpy(), scale=scale.cpu().numpy())
+            if cols:
+                parts[name]["fine_scale"] = fine_scale(scale, code_max(kind, spec)).half().cpu().numpy()
+                notes[name] = dict(fine=list(cols))
         else:
             kind = "fp32" if kind == "fp32" else "fp16"
-            add(name, "value", t.detach().cpu().to(torch.float32 if kind == "fp32" else torch.float16).numpy())
+            parts[name] = dict(value=t.detach().cpu().to(torch.float32 if kind == "fp32" else torch.float16).numpy())
         storage[name] = kind
-    header = json.dumps(dict(model=model_cfg, storage=storage, tensors=entries)).encode()
-    return len(header).to_bytes(4, "little") + header + b"".join(chunks)
+    if spec.lqer_rank > 0:
+        err = {n: state[n].detach().float().cpu() - dequantize(p, notes.get(n, {})) for n, p in parts.items()
+               if "q" in p}
+        for name in sorted(err, key=lambda n: -float(err[n].norm()))[:spec.lqer_top]:
+            parts[name].update(lqer_factors(err[name], spec.lqer_rank, spec.lqer_group))
+            notes.setdefault(name, {})["lqer_group"] = spec.lqer_group
+    return lay_out(parts, dict(model=model_cfg, storage=storage, notes=notes), spec.pack_groups)
 
 
 def unpack_state(payload: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -1613,14 +1756,11 @@ def unpack_state(payload: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
     for e in header["tensors"]:
         data = blob[e["offset"]:e["offset"] + e["nbytes"]]
         parts.setdefault(e["name"], {})[e["role"]] = unshuffle_bytes(data, e["dtype"], e["shape"])
-    state = {}
     model_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in header["model"].items()}   # JSON has no tuples
     model_cfg = {**MODEL_FIELDS_BEFORE, **model_cfg}
-    for name, p in parts.items():
-        if "q" in p:
-            state[name] = torch.from_numpy(p["q"]).float() * torch.from_numpy(p["scale"]).float()[:, None]
-        else:
-            state[name] = torch.from_numpy(p["value"]).float()
+    notes = header.get("notes", {})   # version 2 has none
+    state = {name: dequantize(p, notes.get(name, {})) if "q" in p else torch.from_numpy(p["value"]).float()
+             for name, p in parts.items()}
     return model_cfg, state
 
 
@@ -1693,15 +1833,19 @@ def read_artifact(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not path.is_file():
         raise RunError(f"ARTIFACT_PATH={str(path)!r}: file not found")
     data = path.read_bytes()
-    if not data.startswith(ARTIFACT_MAGIC) or len(data) <= len(ARTIFACT_MAGIC):
+    magic = next((m for m in READ_MAGICS if data.startswith(m)), b"")
+    if data.startswith(b"PGOLF-") and not magic:
+        raise RunError(f"{path}: artifact format {data[:8].strip()!r} is not one this script reads "
+                       f"({', '.join(repr(m.strip()) for m in READ_MAGICS)}); export it again")
+    if not magic or len(data) <= len(magic):
         raise RunError(f"{path}: not an artifact of this script (bad magic)")
     by_id = {ident: decompress for ident, _, decompress in COMPRESSORS.values()}
-    ident = data[len(ARTIFACT_MAGIC)]
+    ident = data[len(magic)]
     if ident not in by_id:
         raise RunError(f"{path}: unknown compressor id {ident}")
     check_codec(ident)
     try:
-        return unpack_state(by_id[ident](data[len(ARTIFACT_MAGIC) + 1:]))
+        return unpack_state(by_id[ident](data[len(magic) + 1:]))
     except Exception as e:
         raise RunError(f"{path}: corrupt artifact ({type(e).__name__}: {e})") from None
 
@@ -1746,8 +1890,7 @@ def export_phase(cfg: Config, run: Run, state: dict[str, torch.Tensor], labels: 
                                                     calib.hessians if calib else None)
             write_atomic(path, blob, replace=False)
         log(f"artifact:{path} quantizer:{'gptq' if calib else 'rtn'} {calib.summary + ' ' if calib else ''}"
-            f"int6_clip_k:{spec.int6_clip_k} "
-            f"embed_clip_k:{spec.embed_clip_k} int6_scale_widen:{widen:.4f} "
+            + " ".join(f"{k}:{v}" for k, v in dataclasses.asdict(spec).items()) + f" int6_scale_widen:{widen:.4f} "
             + " ".join(f"{k}_bytes:{v}" for k, v in sizes.items()))
         log(f"code_bytes:{code_bytes} model_bytes:{len(blob)} total_submission_bytes:{code_bytes + len(blob)} "
             f"compressor:{name} source_bytes:{len(source.encode())}")
