@@ -345,7 +345,40 @@ NOT_OURS = {"WARMDOWN_ITERS": "use WARMDOWN_FRAC (a fraction of the expected run
             "MAX_WALLCLOCK": "use MAX_WALLCLOCK_SECONDS", "MLP_RATIO": "use MLP_MULT",
             "SLOT_OPTIMIZER": "SLOT always uses AdamW (see logs/eval_study/README.md)",
             "TRAIN_SEQ_SCHEDULE": "use SEQ_SCHEDULE (start fractions: #2014's 1024@0.1,2048@0.7,3072@1 is "
-                                  "1024,2048@0.1,3072@0.7)", "SEQ_CHANGE_WARMUP_STEPS": "use SEQ_REWARM_STEPS"}
+                                  "1024,2048@0.1,3072@0.7)", "SEQ_CHANGE_WARMUP_STEPS": "use SEQ_REWARM_STEPS",
+            # the rest of the #1855 / #2014 / #2135 launch commands
+            "LQER_ENABLED": "use LQER_RANK (0 = off)", "LQER_TOP_K": "use LQER_TOP",
+            "LQER_ASYM_GROUP": "use LQER_GROUP",
+            "LQER_FACTOR_BITS": "LQER's factors are always A int2 and B int4 in groups (#1797's asymmetric form)",
+            "LQER_ASYM_ENABLED": "LQER's factors are always asymmetric (A int2, B int4 in LQER_GROUP groups)",
+            "AWQ_LITE_ENABLED": "use AWQ_GROUP (0 = off)", "AWQ_LITE_GROUP_SIZE": "use AWQ_GROUP",
+            "AWQ_LITE_BITS": "AWQ_GROUP's salient group always gets 127 levels a side (#1908's 8 bits)",
+            "AWQ_LITE_GROUP_TOP_K": "AWQ_GROUP picks one group for the model (#1908's top 1)",
+            "COMPRESSOR": "every compressor runs and the smallest is kept; PACK_GROUPS=1 is #1855's per-group layout",
+            "MATRIX_CLIP_SIGMAS": "use INT6_CLIP_K", "ATTN_CLIP_SIGMAS": "use INT6_CLIP_K",
+            "MLP_CLIP_SIGMAS": "use MLP_CLIP_K", "EMBED_CLIP_SIGMAS": "use EMBED_CLIP_K",
+            "MATRIX_BITS": "the block matrices are always int6 (INT6_CLIP_K is the size knob)",
+            "GPTQ_CALIBRATION_BATCHES": "use GPTQ_CALIB_BATCHES",
+            "MUON_BACKEND_STEPS": "Newton-Schulz always runs 5 steps; MUON_NS picks their coefficients",
+            "EMBED_LR": "use TIED_EMBED_LR (the embedding is tied)", "TIE_EMBEDDINGS": "the embedding is always tied",
+            "EMBED_WD": "use ADAM_WD (the embeddings' decay; scalars are never decayed here)",
+            "PARALLEL_START_LAYER": "use PARALLEL_START (#1204's parallel residuals, not #1530's two lanes)",
+            "XSA_LAST_N": "XSA runs on every layer",
+            "SKIP_GATES_ENABLED": "the U-Net skips always have learned weights",
+            "ROPE_TRAIN_SEQ_LEN": "this RoPE has no train length (no YaRN)", "CASEOPS_ENABLED": "use CASEOPS",
+            "DATA_DIR": "use DATA_PATH", "VAL_BATCH_TOKENS": "use EVAL_BATCH_WINDOWS",
+            "TTT_EVAL_SEQ_LEN": "use EVAL_SEQ_LEN (one context for every eval path)",
+            "TTT_BETA2": "use LORA_BETA2", "TTT_WEIGHT_DECAY": "use LORA_WEIGHT_DECAY",
+            "TTT_LORA_ALPHA": "use LORA_ALPHA",
+            "TTT_WARM_START_A": "use LORA_CARRY", "GLOBAL_TTT_MOMENTUM": "use PHASE_MOMENTUM",
+            "TTT_K_LORA": "the document LoRA always adapts Q, K, V, O, the MLP and the head",
+            "TTT_Q_LORA": "the document LoRA always adapts Q, K, V, O, the MLP and the head",
+            "TTT_V_LORA": "the document LoRA always adapts Q, K, V, O, the MLP and the head",
+            "TTT_MASK": "the document LoRA always adapts Q, K, V, O, the MLP and the head",
+            "FUSED_CE_ENABLED": "this script has no fused cross-entropy kernel",
+            "ASYM_LOGIT_RESCALE": "not built: a no-op in #1945-#2135 (its two parameters are in no optimizer)",
+            "NGRAM_TILT_ENABLED": "this script has no n-gram tilt (#2130, #2135)",
+            "EVAL_INCLUDE_TAIL": "every val target is always scored"}
 
 
 def parse_setting(name: str, text: str, hint) -> object:
@@ -801,10 +834,11 @@ class GPT(nn.Module):
         logits = self.head(self.hidden(idx))
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
 
-    def set_qat(self, on: bool, clip_k: float = Config.int6_clip_k) -> None:
-        for m in self.modules():
+    def set_qat(self, on: bool, spec: "QuantSpec | None" = None) -> None:
+        """Late QAT on or off; each matrix trains on the grid of its own clip rule (clip_rule: MLP_CLIP_K or not)."""
+        for name, m in self.named_modules():
             if isinstance(m, QLinear):
-                m.qat, m.clip_k = on, clip_k
+                m.qat, m.clip_k = on, clip_rule(f"{name}.weight", "int6", spec or QuantSpec())
 
 
 def param_labels(model: nn.Module) -> dict[str, str]:
@@ -1227,7 +1261,7 @@ def plan_label(cfg: Config, seq_len: int, state: tuple[bool, bool]) -> str:
 
 def set_switches(model: GPT, cfg: Config, state: tuple[bool, bool]) -> None:
     model.recur_on = state[0]
-    model.set_qat(state[1], cfg.int6_clip_k)
+    model.set_qat(state[1], QuantSpec.from_config(cfg))
 
 
 def compile_warmup(model: GPT, opts, cfg: Config, run: Run, grad_accum: int, local_tokens: int):

@@ -90,3 +90,18 @@ def test_default_model_shape_and_stream_projection():
     # SLOT-4 costs half of SLOT-8; no SLOT, no part
     half = eb.project(shape, work, "stream", eb.Hardware(), 4, 0, 0)
     assert half["slot"]["s"] == pytest.approx(parts["slot"]["s"] / 2) and "ttt" not in half
+
+
+def test_the_frontier_projection_is_the_readmes_frontier_line():
+    """FRONTIER_MODEL and FRONTIER_EVAL are the README's frontier line (so the projection cannot drift from it), and
+    its model runs the loop's 17 passes."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("<!-- frontier-launch -->\n```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    line = dict(w.split("=", 1) for w in block.split() if "=" in w and w[0].isupper())
+    assert all(line[k] == v for k, v in eb.FRONTIER_MODEL.items())
+    e = eb.FRONTIER_EVAL
+    assert (line["EVAL_SEQ_LEN"], line["EVAL_STRIDE"], line["LORA_RANK"], line["PHASE_DOCS"]) == \
+        (str(e["seq_len"]), str(e["stride"]), str(e["lora_rank"]), str(e["phase_docs"]))
+    assert line.get("LORA_BATCH", str(tg.Config.lora_batch)) == str(e["lora_batch"])
+    assert line.get("PHASE_COUNT", str(tg.Config.phase_count)) == "1"
+    assert eb.model_shape(8192, base=eb.FRONTIER_MODEL)["passes"] == 17

@@ -108,6 +108,17 @@ def test_mlp_clip_k_changes_only_the_mlp_rows_scales():
     assert torch.equal(wide, (s.float() * 2).half())  # fit_to_limit's widen still scales the MLP grid
 
 
+def test_late_qat_trains_each_matrix_on_its_own_clip_rule():
+    """With MLP_CLIP_K set, late QAT's fake grid is the export's: the MLP's clip for the MLP, INT6_CLIP_K elsewhere."""
+    cfg, _ = T.config_from_env(dict(TINY_ENV, MLP_CLIP_K="11.5", INT6_CLIP_K="7"))
+    model = T.GPT(cfg)
+    T.set_switches(model, cfg, (True, True))
+    clips = {n: m.clip_k for n, m in model.named_modules() if isinstance(m, T.QLinear)}
+    assert all(m.qat for m in model.modules() if isinstance(m, T.QLinear))
+    assert {k for n, k in clips.items() if ".mlp." in n} == {11.5}
+    assert {k for n, k in clips.items() if ".mlp." not in n} == {7.0}
+
+
 def test_pack_groups_round_trips_bit_exactly_with_another_layout():
     model = tiny_model(dtype=torch.float32, scale=0.1)
     state = {n: p.detach() for n, p in model.named_parameters()}

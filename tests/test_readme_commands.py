@@ -46,7 +46,8 @@ import caseops  # noqa: E402
 README = ROOT / "README.md"
 
 # What runs each ```bash block (its marker), and the blocks that are not run here, with the reason.
-BLOCKS = {"sp1024-launch", "sp8192-launch", "caseops-launch", "cpu-minute", "records", "gpu-check-prepare", "gpu-check"}
+BLOCKS = {"sp1024-launch", "sp8192-launch", "frontier-launch", "cpu-minute", "records", "gpu-check-prepare",
+          "gpu-check"}
 NOT_RUN_HERE = {"test-command": "CI's own line: .ci/run runs it verbatim (tests/test_config.py checks that it does)"}
 
 # The settings each block sets, as the README shows them: the test fails when they change and this file does not.
@@ -55,9 +56,16 @@ SETTINGS = {
     "sp8192-launch": {"VOCAB_SIZE": "8192", "MLP_MULT": "4", "BIGRAM_VOCAB_SIZE": "0", "VE_LAYERS": "",
                       "MUON_WD": "0.085", "ADAM_WD": "0.085", "INT6_CLIP_K": "12.85", "EMBED_CLIP_K": "20",
                       "GPTQ_CALIB_BATCHES": "64"},
-    "caseops-launch": {"VOCAB_SIZE": "8192", "CASEOPS": "1", "MLP_MULT": "4", "BIGRAM_VOCAB_SIZE": "0", "VE_LAYERS": "",
-                       "MUON_WD": "0.085", "ADAM_WD": "0.085", "INT6_CLIP_K": "12.85", "EMBED_CLIP_K": "20",
-                       "GPTQ_CALIB_BATCHES": "64"},
+    "frontier-launch": {"VOCAB_SIZE": "8192", "CASEOPS": "1", "MLP_MULT": "4", "BIGRAM_VOCAB_SIZE": "0",
+                        "VE_LAYERS": "", "RECUR_LAYERS": "", "LOOP_LAYERS": "3,4,5", "PARALLEL_START": "8", "ATTN_GATE": "1",
+                        "SMEAR_GATE": "input", "MUON_NS": "polar", "MUON_MOMENTUM": "0.97", "MATRIX_LR": "0.026",
+                        "SCALAR_LR": "0.02", "TIED_EMBED_LR": "0.03", "MUON_WD": "0.095", "ADAM_WD": "0.085",
+                        "BETA2": "0.99", "EMA_DECAY": "0.9965", "WARMDOWN_FRAC": "0.85", "MIN_LR": "0.1",
+                        "TRAIN_SEQ_LEN": "3072", "SEQ_SCHEDULE": "1024,2048@0.1,3072@0.7", "INT6_CLIP_K": "12.85",
+                        "EMBED_CLIP_K": "20", "LQER_RANK": "4",
+                        "AWQ_GROUP": "64", "PACK_GROUPS": "1", "GPTQ_CALIB_BATCHES": "32", "EVAL_SEQ_LEN": "2560",
+                        "EVAL_STRIDE": "48", "LORA_RANK": "80", "LORA_LR": "8e-5", "LORA_BETA2": "0.99",
+                        "LORA_WEIGHT_DECAY": "2", "PHASE_DOCS": "2500", "SLOT_STEPS": "2"},
     "cpu-minute": {"RUN_ID": "cpu_try", "OMP_NUM_THREADS": "1", "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "2",
                    "NUM_KV_HEADS": "1", "ROPE_DIMS": "8", "RECUR_LAYERS": "1", "PARALLEL_START": "1",
                    "BIGRAM_VOCAB_SIZE": "256", "BIGRAM_DIM": "16", "VE_DIM": "16", "TRAIN_SEQ_LEN": "128",
@@ -79,6 +87,11 @@ SHAPE = {
     "EVAL_SEQ_LEN": "32", "EVAL_STRIDE": "16", "EVAL_BATCH_WINDOWS": "8",   # 2048 / 64 / 32, on a 2,152-token val
     "SLOT_STEPS": "2", "TTT_CHUNK_TOKENS": "512",   # 8 steps, 32,768-token chunks: on the tiny val TTT trains 4 chunks
 }
+# The frontier line's tiny model: 9 layers keep its loop of layers 3-5 and its parallel layer 8 (15 passes once the
+# loop is on); its own lengths shrink by SUBSTITUTIONS, and 8 steps cross the context switches (10%, 70%) and the loop.
+FRONTIER_SHAPE = {"NUM_LAYERS": "9", "MODEL_DIM": "32", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "ROPE_DIMS": "4",
+                  "TRAIN_BATCH_TOKENS": "512", "ITERATIONS": "8", "WARMUP_STEPS": "1", "TRAIN_LOG_EVERY": "2",
+                  "EVAL_BATCH_WINDOWS": "8"}
 # The environment of every block besides SHAPE: one thread per process (CI has 2 cores), and the packager's causality
 # harness cut to one of its tests, the flip test of the default SLOT on the real evaluation code (~4 s; the whole
 # harness, ~140 s here, is tests/test_slot_legality.py, which CI runs on the same code): this file checks that the
@@ -97,7 +110,9 @@ SUBSTITUTIONS = {
     "sp1024-launch": {"--train-shards 80": "--train-shards 1",             # the fake Hub's export has one train shard
                       "--nproc_per_node=8": "--nproc_per_node=2"},         # 2 CPU processes (gloo) for 8 GPUs
     "sp8192-launch": {"--nproc_per_node=8": "--nproc_per_node=2"},
-    "caseops-launch": {"--nproc_per_node=8": "--nproc_per_node=2"},
+    "frontier-launch": {"--nproc_per_node=8": "--nproc_per_node=2", "TRAIN_SEQ_LEN=3072": "TRAIN_SEQ_LEN=32",
+                        "SEQ_SCHEDULE=1024,2048@0.1,3072@0.7": "SEQ_SCHEDULE=8,16@0.1,32@0.7",
+                        "EVAL_SEQ_LEN=2560": "EVAL_SEQ_LEN=32", "EVAL_STRIDE=48": "EVAL_STRIDE=16"},
     "cpu-minute": {"ITERATIONS=40": "ITERATIONS=10",                       # still crosses the recurrence and QAT switches
                    "TRAIN_BATCH_TOKENS=8192": "TRAIN_BATCH_TOKENS=1024",   # 8 sequences of 128 a step, not 64
                    "VAL_TOKENS=50000": "VAL_TOKENS=1200"},                 # the tiny val has 2,152 tokens
@@ -271,12 +286,17 @@ def run_bash(checkout, text: str, timeout: int = 600, **env: str) -> str:
     return r.stdout
 
 
-def run_block(checkout, name: str, shape: bool, **env: str) -> tuple[str, str]:
-    """(the text that ran, its output): the README's block, substituted, with SHAPE in the environment if asked."""
+def shape_of(name: str) -> dict[str, str]:
+    return FRONTIER_SHAPE if name == "frontier-launch" else SHAPE
+
+
+def run_block(checkout, name: str, shape: dict[str, str], **env: str) -> tuple[str, str]:
+    """(the text that ran, its output): the README's block, substituted, with `shape` (SHAPE or none) in the
+    environment."""
     text = substitute(readme_blocks()[name], SUBSTITUTIONS[name], name)
     pip_log = checkout["pip_log"]
     before = pip_log.read_text().splitlines() if pip_log.exists() else []
-    out = run_bash(checkout, text, **(SHAPE if shape else {}), **env)
+    out = run_bash(checkout, text, **shape, **env)
     after = pip_log.read_text().splitlines() if pip_log.exists() else []
     assert after[len(before):] == pip_commands(text), "the pip commands skipped are exactly the block's"
     return text, out
@@ -335,8 +355,8 @@ def test_the_blocks_are_the_ones_tested():
     for name in BLOCKS:
         assert settings_of(blocks[name]) == SETTINGS[name], name
         substitute(blocks[name], SUBSTITUTIONS[name], name)
-    for name in ("sp1024-launch", "sp8192-launch", "caseops-launch", "records"):
-        assert not set(SHAPE) & set(settings_of(blocks[name])), f"SHAPE overrides a setting of {name}"
+    for name in ("sp1024-launch", "sp8192-launch", "frontier-launch", "records"):
+        assert not set(shape_of(name)) & set(settings_of(blocks[name])), f"its shape overrides a setting of {name}"
     assert {c.split()[0] for name in BLOCKS for c in pip_commands(blocks[name])} <= {"install", "download"}
     for name in PROSE:
         prose_command(name)
@@ -344,7 +364,7 @@ def test_the_blocks_are_the_ones_tested():
 
 @pytest.fixture(scope="module")
 def cpu_minute(checkout):
-    text, out = run_block(checkout, "cpu-minute", shape=False)
+    text, out = run_block(checkout, "cpu-minute", shape={})
     return text, read_run(checkout["work"] / "logs" / "cpu_try.txt")
 
 
@@ -382,23 +402,26 @@ def test_rescoring_the_artifact_gives_the_same_exact_score(cpu_minute, checkout)
 
 @pytest.mark.parametrize("name, variant, download", [("sp1024-launch", "sp1024", None),
                                                      ("sp8192-launch", "sp8192", "sp8192-download"),
-                                                     ("caseops-launch", "sp8192_caseops", "caseops-download")])
+                                                     ("frontier-launch", "sp8192_caseops", "caseops-download")])
 def test_launch_line_trains_on_two_ranks_and_scores_the_whole_val_exactly(checkout, name, variant, download):
     before = set((checkout["work"] / "logs").glob("*.txt"))
     if download:   # "after ... `python data/download.py --variant ...`", the README says
         run_bash(checkout, prose_command(download))
-    text, _ = run_block(checkout, name, shape=True)
+    text, _ = run_block(checkout, name, shape=shape_of(name))
     [path] = new_logs(checkout["work"], before)
     log, result = read_run(path)
     assert log.device == "cpu x2" and log.config["vocab_size"] == str(EXPORTS[variant][1])
     folder = CASEOPS_NAME if variant.endswith("caseops") else f"fineweb10B_{variant}"
     assert log.config["data_path"] == f"./data/datasets/{folder}"
-    assert_config(log, {**settings_of(text), **SHAPE})
+    assert_config(log, {**settings_of(text), **shape_of(name)})
     assert result["score_line"] == "final_document_lora_slot_exact"
     assert_exact_score(result, checkout, variant)
     assert result["bytes_total"] <= pr.ARTIFACT_LIMIT_BYTES
     assert (path.with_suffix(".pgz")).stat().st_size == result["bytes_model"]
     assert "rank_sync: identical weights" in log.raw
+    if name == "frontier-launch":   # the loop's 15 passes on 9 layers, and both context switches of the schedule
+        assert "passes:15 " in log.raw and log.last("recurrence")
+        assert re.search(r"^seq_len:16 step:\d+", log.raw, re.M) and re.search(r"^seq_len:32 step:\d+", log.raw, re.M)
 
 
 @pytest.fixture(scope="module")
@@ -407,7 +430,7 @@ def records(checkout, cpu_minute):
     command on the folder's own logs; in the checkout where the CPU minute downloaded the sp1024 data, with the
     notes.md that the block's --description names written first (the user's write-up)."""
     (checkout["work"] / "notes.md").write_text("## What is new\n\nA tiny model, trained by the README's test.\n")
-    text, out = run_block(checkout, "records", shape=True)
+    text, out = run_block(checkout, "records", shape=SHAPE)
     [folder] = (checkout["work"] / "records" / "track_10min_16mb").iterdir()
     run_bash(checkout, prose_command("summary-only"), FOLDER=str(folder))
     return folder, out
@@ -449,8 +472,8 @@ def gpu_check(checkout, tmp_path_factory):
             target.write_bytes(data)
     write_wheel(checkout["work"] / ".whl")
     out = tmp_path_factory.mktemp("gpu_check_out")
-    run_block(checkout, "gpu-check-prepare", shape=False, PROXY_DATA=str(proxy))
-    run_block(checkout, "gpu-check", shape=False, OUT=str(out))
+    run_block(checkout, "gpu-check-prepare", shape={}, PROXY_DATA=str(proxy))
+    run_block(checkout, "gpu-check", shape={}, OUT=str(out))
     return out
 
 

@@ -29,10 +29,16 @@ import train_gpt as tg  # noqa: E402
 # Full validation streams (tokens): sp1024 the official count; sp8192 as logged by an sp8192 record reproduction
 # ("val_tokens: 40540160", PR #1727 lineage; not checked against the shard here).
 FULL_VAL_TOKENS = {1024: 62_021_846, 8192: 40_540_160}
+CASEOPS_VAL_TOKENS = 47_851_520   # the CaseOps val stream as #1855 and #2135 log it (val_tokens == target_tokens)
 PROXY_VAL = {1024: "/work/shared/data/fineweb_proxy_sp1024/fineweb_val_000000.bin",
              8192: "/work/shared/data/fineweb_proxy_sp8192/fineweb_val_000000.bin"}
 # The README's launch lines (model settings only)
 LAUNCH = {1024: {}, 8192: {"VOCAB_SIZE": "8192", "MLP_MULT": "4", "BIGRAM_VOCAB_SIZE": "0", "VE_LAYERS": ""}}
+# The README's frontier line: its model on CaseOps (the loop of 3-5: 17 passes) and its evaluation geometry
+FRONTIER_MODEL = {**LAUNCH[8192], "CASEOPS": "1", "RECUR_LAYERS": "", "LOOP_LAYERS": "3,4,5", "PARALLEL_START": "8",
+                  "ATTN_GATE": "1", "SMEAR_GATE": "input"}
+FRONTIER_EVAL = dict(seq_len=2560, stride=48, lora_rank=80, lora_batch=64, phase_docs=2500)
+PROXY_CASEOPS_VAL = "/work/shared/data/fineweb_proxy_sp8192_caseops/fineweb_val_000000.bin"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +59,9 @@ class Hardware:
     slot_bf16_bytes: int = 12        # bytes x V per column and step then: bf16 logits, their gradient, each r+w once
 
 
-def model_shape(vocab: int, overrides: dict | None = None) -> dict:
+def model_shape(vocab: int, overrides: dict | None = None, base: dict | None = None) -> dict:
     """Weights per token of the launch line's model (meta device: shapes only)."""
-    env = dict(LAUNCH[vocab], **(overrides or {}))
+    env = dict(LAUNCH[vocab] if base is None else base, **(overrides or {}))
     cfg = tg.config_from_env(env)[0]
     with torch.device("meta"):
         model = tg.GPT(cfg)
@@ -81,8 +87,8 @@ def adapter_weights(shape: dict, rank: int) -> int:
 
 # ---- counts of work ---------------------------------------------------------------------------------------------
 
-def proxy_lengths(vocab: int) -> np.ndarray:
-    tokens = torch.from_numpy(tg.read_shard(PROXY_VAL[vocab], vocab).astype(np.int64))
+def proxy_lengths(vocab: int, path: str = "") -> np.ndarray:
+    tokens = torch.from_numpy(tg.read_shard(path or PROXY_VAL[vocab], vocab).astype(np.int64))
     spans = tg.document_spans(tokens)
     return (spans[:, 1] - spans[:, 0]).astype(np.int64)
 
@@ -386,6 +392,26 @@ def frontier_check(hw: Hardware) -> dict:
             "logged_s": [330, 570], "note": "#1855 (ANCHORS.md / the brief); its timer excludes compile warm-up"}
 
 
+def frontier_line(hw: Hardware, slot_steps: tuple[int, ...] = (2, 0, 4, 8)) -> list[dict]:
+    """The README's frontier line (FRONTIER_MODEL, FRONTIER_EVAL: 17 passes, context 2560, 48-target chunks, LoRA 80,
+    one phase over 2,500 documents) on the CaseOps val's length, its documents' lengths from the CaseOps proxy; one row
+    per SLOT setting (the line's 2 first), fixed costs as for our other rows."""
+    shape = model_shape(8192, base=FRONTIER_MODEL)
+    e = FRONTIER_EVAL
+    geo = tg.Geometry(seq_len=e["seq_len"], stride=e["stride"])
+    lengths = full_lengths(proxy_lengths(8192, PROXY_CASEOPS_VAL), CASEOPS_VAL_TOKENS)
+    work = document_work(lengths, geo, e["lora_batch"], hw.gpus, tg.Phases(docs=e["phase_docs"], count=1))
+    work["phase_width"] = e["seq_len"]
+    rows = []
+    for steps in slot_steps:
+        parts = project(shape, work, "document", hw, steps, e["lora_rank"])
+        fixed = FIXED["read_artifact"] + FIXED["warmup_document"]
+        rows.append({"name": f"frontier line, LoRA-{e['lora_rank']} + SLOT-{steps} + 1 phase", "slot_steps": steps,
+                     "parts": parts, "fixed_s": fixed, "total_s": fixed + sum(p["s"] for p in parts.values()),
+                     "passes": shape["passes"]})
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--vocab", type=int, choices=(1024, 8192), required=True)
@@ -395,6 +421,7 @@ def main(argv=None) -> int:
     p.add_argument("--small-mfu", type=float, default=Hardware.small_mfu)
     p.add_argument("--frontier", action="store_true", help="also apply the model to #1855's evaluation")
     p.add_argument("--slot-fp32", action="store_true", help="SLOT as before 5521897: eager float32, context columns")
+    p.add_argument("--frontier-line", action="store_true", help="also project the README's frontier line (CaseOps)")
     args = p.parse_args(argv)
     hw = Hardware(mfu=args.mfu, small_mfu=args.small_mfu, slot_bf16=not args.slot_fp32)
     lengths = full_lengths(proxy_lengths(args.vocab), FULL_VAL_TOKENS[args.vocab])
@@ -410,6 +437,11 @@ def main(argv=None) -> int:
         f = result["frontier_1855"]
         print("frontier #1855 check: " + "  ".join(f"{k} {v['s']:.1f}" for k, v in f["parts"].items())
               + f"  = {f['total_s_without_fixed']:.1f} s (logged 330-570 s)")
+    if args.frontier_line:
+        result["frontier_line"] = frontier_line(hw)
+        for r in result["frontier_line"]:
+            print(f"{r['name']} ({r['passes']} passes): fixed {r['fixed_s']:.0f} + "
+                  + "  ".join(f"{k} {v['s']:.1f}" for k, v in r["parts"].items()) + f"  = {r['total_s']:.0f} s")
     Path(args.out).write_text(json.dumps(result, indent=1, default=float) + "\n")
     for r in rows:
         pr = r["parts"]
@@ -417,6 +449,11 @@ def main(argv=None) -> int:
         result.setdefault("markdown", []).append(
             f"| {r['name']} | {r['fixed_s']:.0f} | {cell('scoring')} | {cell('slot')} | "
             f"{cell('ttt') or cell('lora')} | {cell('phases')} | {r['total_s']:.0f} |")
+    if args.frontier_line:
+        result["frontier_line"] = frontier_line(hw)
+        for r in result["frontier_line"]:
+            print(f"{r['name']} ({r['passes']} passes): fixed {r['fixed_s']:.0f} + "
+                  + "  ".join(f"{k} {v['s']:.1f}" for k, v in r["parts"].items()) + f"  = {r['total_s']:.0f} s")
     Path(args.out).write_text(json.dumps(result, indent=1, default=float) + "\n")
     for r in rows:
         parts = "  ".join(f"{k} {v['s']:.1f} ({v['bound'][0]})" for k, v in r["parts"].items())
