@@ -1282,6 +1282,7 @@ def compile_warmup(model: GPT, opts, cfg: Config, run: Run, grad_accum: int, loc
     opt_states = [copy.deepcopy(o.state_dict()) for o in opts]
     with timed("compile_warmup", run):
         batches = loader.next_step(grad_accum)
+        set_switches(model, cfg, plan[0][1])   # the probe traces the run's first graph, not one it never uses
         fwd = training_forward(model, run, probe=batches[0])
         for k in range(n_steps):
             seq_len, state = plan[k * len(plan) // n_steps]
@@ -1544,15 +1545,21 @@ class QuantSpec:
         return settings_view(cls, cfg, "")
 
 
-def code_max(kind: str, spec: QuantSpec) -> int:
-    """The largest code of a storage kind: int6 matrices 31, the embedding tables 2^(EMBED_BITS - 1) - 1."""
-    return INT6_MAX if kind == "int6" else 2 ** (spec.embed_bits - 1) - 1
+GATE_PARAM = ".attn.gate"   # ATTN_GATE's W: int8 per row on its own grid, whatever EMBED_* say (#1736, #1855)
+
+
+def code_max(kind: str, spec: QuantSpec, name: str = "") -> int:
+    """The largest code: int6 matrices 31, the attention gates 127, the embedding tables 2^(EMBED_BITS - 1) - 1."""
+    if kind == "int6":
+        return INT6_MAX
+    return INT8_MAX if name.endswith(GATE_PARAM) else 2 ** (spec.embed_bits - 1) - 1
 
 
 def clip_rule(name: str, kind: str, spec: QuantSpec) -> float:
-    """The clip k of one matrix: the embedding tables', the MLP's (MLP_CLIP_K, when set: #1855), or INT6_CLIP_K."""
+    """The clip k of one matrix: the gates' search (0), the embedding tables', the MLP's (MLP_CLIP_K, when set:
+    #1855), or INT6_CLIP_K."""
     if kind != "int6":
-        return spec.embed_clip_k
+        return 0.0 if name.endswith(GATE_PARAM) else spec.embed_clip_k
     return spec.mlp_clip_k if spec.mlp_clip_k > 0 and ".mlp." in name else spec.int6_clip_k
 
 
@@ -1568,7 +1575,7 @@ def quantize_tensor(w: torch.Tensor, kind: str, spec: QuantSpec, H: torch.Tensor
     GPTQ (PR #1019) when a Hessian is given, else round to nearest (the quant study's reference). widen > 1 multiplies
     the int6 scales: log2(widen) fewer bits per weight after entropy coding (the size knob of fit_to_limit). The
     columns fine = (first, end) use fine_scale(scale) and codes up to 127 (AWQ-lite, #1908)."""
-    qmax = code_max(kind, spec)
+    qmax = code_max(kind, spec, name)
     scale = row_scales(w, qmax, clip_rule(name, kind, spec))
     if kind == "int6" and widen != 1.0:
         scale = (scale * widen).half().float()
@@ -1594,7 +1601,7 @@ def awq_choice(state: dict[str, torch.Tensor], labels: dict[str, str], hessians:
     for name, t in state.items():
         kind = PARAM_TABLE[labels[name]][3]
         if g == 0 or name not in hessians or t.dim() != 2 or kind not in ("int6", "int8") \
-                or code_max(kind, spec) >= INT8_MAX or t.size(1) < g:
+                or code_max(kind, spec, name) >= INT8_MAX or t.size(1) < g:
             continue
         n = t.size(1) // g
         rms = hessians[name].diagonal().float().clamp_min(0).sqrt().to(t.device)
@@ -1726,14 +1733,18 @@ def nn_order(codes: np.ndarray) -> np.ndarray:
     return np.array(order, dtype=np.uint16 if len(x) <= 65536 else np.uint32)
 
 
-def lay_out(parts: dict[str, dict[str, np.ndarray]], header: dict, pack_groups: bool) -> bytes:
+def lay_out(parts: dict[str, dict[str, np.ndarray]], header: dict, pack_groups: bool,
+            perms: dict[str, np.ndarray] | None = None) -> bytes:
     """One plain payload: header length, JSON header, the byte-shuffled arrays. PACK_GROUPS (#1855): the codes first,
-    each role's matrices together in layer order, transposed, PACK_SORTED rows in nn_order (its "perm" stored)."""
-    items = []
+    each role's matrices together in layer order, transposed, PACK_SORTED rows in nn_order (its "perm" stored).
+    `perms`: row orders already computed (any order reads back, since it is stored); new ones are added to it."""
+    items, perms = [], {} if perms is None else perms
     for name, p in parts.items():
         if pack_groups and "q" in p:
             if name.endswith(PACK_SORTED):
-                p["perm"] = nn_order(p["q"])
+                if name not in perms:   # the sort is quadratic in rows (~20 s for 8192 x 512): once per export
+                    perms[name] = nn_order(p["q"])
+                p["perm"] = perms[name]
                 p["q"] = p["q"][p["perm"]]
             p["q"] = np.ascontiguousarray(p["q"].T)
             header["notes"].setdefault(name, {})["transposed"] = True
@@ -1753,9 +1764,10 @@ def lay_out(parts: dict[str, dict[str, np.ndarray]], header: dict, pack_groups: 
 
 
 def pack_state(state: dict[str, torch.Tensor], labels: dict[str, str], model_cfg: dict, spec: QuantSpec = QuantSpec(),
-               hessians: dict[str, torch.Tensor] | None = None, widen: float = 1.0) -> bytes:
+               hessians: dict[str, torch.Tensor] | None = None, widen: float = 1.0,
+               perms: dict[str, np.ndarray] | None = None) -> bytes:
     """Quantize each tensor by its label's storage (AWQ-lite's group in one matrix), add LQER's factors to the
-    LQER_TOP matrices of the largest ||W - Q||, and lay out the payload (see lay_out)."""
+    LQER_TOP matrices of the largest ||W - Q||, and lay out the payload (see lay_out; `perms` as there)."""
     hessians = hessians or {}
     fine = awq_choice(state, labels, hessians, spec)
     parts: dict[str, dict[str, np.ndarray]] = {}
@@ -1767,7 +1779,7 @@ def pack_state(state: dict[str, torch.Tensor], labels: dict[str, str], model_cfg
             q, scale = quantize_tensor(t, kind, spec, hessians.get(name), widen, name, cols)
             parts[name] = dict(q=q.cpu().numpy(), scale=scale.cpu().numpy())
             if cols:
-                parts[name]["fine_scale"] = fine_scale(scale, code_max(kind, spec)).half().cpu().numpy()
+                parts[name]["fine_scale"] = fine_scale(scale, code_max(kind, spec, name)).half().cpu().numpy()
                 notes[name] = dict(fine=list(cols))
         else:
             kind = "fp32" if kind == "fp32" else "fp16"
@@ -1779,7 +1791,7 @@ def pack_state(state: dict[str, torch.Tensor], labels: dict[str, str], model_cfg
         for name in sorted(err, key=lambda n: -float(err[n].norm()))[:spec.lqer_top]:
             parts[name].update(lqer_factors(err[name], spec.lqer_rank, spec.lqer_group))
             notes.setdefault(name, {})["lqer_group"] = spec.lqer_group
-    return lay_out(parts, dict(model=model_cfg, storage=storage, notes=notes), spec.pack_groups)
+    return lay_out(parts, dict(model=model_cfg, storage=storage, notes=notes), spec.pack_groups, perms)
 
 
 def unpack_state(payload: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -1853,9 +1865,9 @@ def fit_to_limit(state, labels, model_cfg, budget: int, spec: QuantSpec = QuantS
     (log2(widen) bits per int6 weight) plus 1%, and quantize (GPTQ included) and pack again. Returns (blob,
     compressor, sizes, widen)."""
     n_int6 = sum(t.numel() for n, t in state.items() if PARAM_TABLE[labels[n]][3] == "int6" and t.dim() == 2)
-    widen = 1.0
+    widen, perms = 1.0, {}     # PACK_GROUPS' row orders: sorted on the first pass, reused on the wider ones
     while True:
-        blob, name, sizes = pack_artifact(pack_state(state, labels, model_cfg, spec, hessians, widen))
+        blob, name, sizes = pack_artifact(pack_state(state, labels, model_cfg, spec, hessians, widen, perms))
         log(f"export_pack widen:{widen:.4f} " + " ".join(f"{k}_bytes:{v}" for k, v in sizes.items()))
         if len(blob) <= budget or widen >= max_widen or n_int6 == 0:
             return blob, name, sizes, widen

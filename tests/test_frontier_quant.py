@@ -137,6 +137,38 @@ def test_pack_groups_round_trips_bit_exactly_with_another_layout():
     assert all(header["notes"][n]["transposed"] for n in codes)
 
 
+def test_fit_to_limit_sorts_the_rows_once_and_reads_back_at_every_widen(monkeypatch, tmp_path):
+    """PACK_GROUPS' row sort is quadratic in rows (~20 s for the sp8192 table): fit_to_limit's wider passes reuse the
+    first pass's orders (any stored order reads back), and the widened artifact still reads back bit-exactly."""
+    model = tiny_model(dtype=torch.float32, scale=0.1)
+    state = {n: p.detach() for n, p in model.named_parameters()}
+    labels, spec = T.param_labels(model), T.QuantSpec(pack_groups=True)
+    calls, sort = [], T.nn_order
+    monkeypatch.setattr(T, "nn_order", lambda codes: calls.append(1) or sort(codes))
+    monkeypatch.setattr(T, "log", lambda *a, **k: None)
+    one = len(T.pack_artifact(T.pack_state(state, labels, MODEL_CFG, spec))[0])
+    sorted_once = len(calls)
+    blob, _, _, widen = T.fit_to_limit(state, labels, MODEL_CFG, one - 2000, spec)
+    assert widen > 1 and len(calls) == 2 * sorted_once, "each matrix sorted once by fit_to_limit, however many passes"
+    T.write_atomic(tmp_path / "a.pgz", blob)
+    got = T.read_artifact(tmp_path / "a.pgz")[1]
+    want = T.unpack_state(T.pack_state(state, labels, MODEL_CFG, T.QuantSpec(), widen=widen))[1]
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_the_attention_gate_is_int8_per_row_whatever_the_embedding_rules():
+    """ATTN_GATE's W keeps 127 levels a side and the clip search under EMBED_BITS=7 and EMBED_CLIP_K=20 (#1736)."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 12) * 0.1
+    spec = T.QuantSpec(embed_bits=7, embed_clip_k=20)
+    q, scale = T.quantize_tensor(w, "int8", spec, name="blocks.3.attn.gate")
+    assert int(q.abs().max()) > 63
+    torch.testing.assert_close(scale, T.row_scales(w, T.INT8_MAX, 0.0).half())
+    assert _output_error(w, q.float() * scale.float()[:, None], torch.eye(12)) < 1e-4
+    table, _ = T.quantize_tensor(w, "int8", spec, name="tok_emb.weight")   # the embedding keeps its own rules
+    assert int(table.abs().max()) <= 63
+
+
 def test_nn_order_is_a_permutation_that_shortens_the_path():
     x = np.random.default_rng(0).integers(-31, 32, size=(50, 20)).astype(np.int8)
     order = T.nn_order(x)

@@ -449,11 +449,6 @@ def main(argv=None) -> int:
         result.setdefault("markdown", []).append(
             f"| {r['name']} | {r['fixed_s']:.0f} | {cell('scoring')} | {cell('slot')} | "
             f"{cell('ttt') or cell('lora')} | {cell('phases')} | {r['total_s']:.0f} |")
-    if args.frontier_line:
-        result["frontier_line"] = frontier_line(hw)
-        for r in result["frontier_line"]:
-            print(f"{r['name']} ({r['passes']} passes): fixed {r['fixed_s']:.0f} + "
-                  + "  ".join(f"{k} {v['s']:.1f}" for k, v in r["parts"].items()) + f"  = {r['total_s']:.0f} s")
     Path(args.out).write_text(json.dumps(result, indent=1, default=float) + "\n")
     for r in rows:
         parts = "  ".join(f"{k} {v['s']:.1f} ({v['bound'][0]})" for k, v in r["parts"].items())
