@@ -99,6 +99,19 @@ def test_documents_are_independent_without_phases_or_carried_adapters(stream, na
     assert elsewhere == 0
 
 
+def test_the_frontier_model_keeps_documents_apart_too(stream):
+    """The frontier line's model pieces (the loop of a segment, SparseAttnGate, SmearGate v2; every weight noisy, so no
+    gate is an identity) under LoRA + SLOT: still no score of another document, nor an earlier one, moves. (A row holds
+    one document here, so SmearGate v2's BOS mask is tests/test_frontier_model.py's to prove.)"""
+    from helpers import tiny_model
+    _, tokens, tables = stream
+    model = tiny_model(doc_attention=0, recur_layers="", loop_layers="1,2", attn_gate=1, smear_gate="input")
+    assert [p.layer for p in model.schedule] == [0, 1, 2, 1, 2, 1, 2]
+    bad, elsewhere = violations(model, tokens, tables, INDEPENDENT["lora_slot_warm"])
+    assert bad == []
+    assert elsewhere == 0
+
+
 CARRIED = {
     "carry": T.Adaptation("document", lora=T.Lora(**{**LORA.__dict__, "carry": True})),
     "phases": T.Adaptation("document", lora=LORA, phases=PHASES),
