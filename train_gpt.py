@@ -371,10 +371,8 @@ NOT_OURS = {"WARMDOWN_ITERS": "use WARMDOWN_FRAC (a fraction of the expected run
             "TTT_BETA2": "use LORA_BETA2", "TTT_WEIGHT_DECAY": "use LORA_WEIGHT_DECAY",
             "TTT_LORA_ALPHA": "use LORA_ALPHA",
             "TTT_WARM_START_A": "use LORA_CARRY", "GLOBAL_TTT_MOMENTUM": "use PHASE_MOMENTUM",
-            "TTT_K_LORA": "the document LoRA always adapts Q, K, V, O, the MLP and the head",
-            "TTT_Q_LORA": "the document LoRA always adapts Q, K, V, O, the MLP and the head",
-            "TTT_V_LORA": "the document LoRA always adapts Q, K, V, O, the MLP and the head",
-            "TTT_MASK": "the document LoRA always adapts Q, K, V, O, the MLP and the head",
+            **dict.fromkeys(("TTT_K_LORA", "TTT_Q_LORA", "TTT_V_LORA", "TTT_MASK"),
+                            "the document LoRA always adapts Q, K, V, O, the MLP and the head"),
             "FUSED_CE_ENABLED": "this script has no fused cross-entropy kernel",
             "ASYM_LOGIT_RESCALE": "not built: a no-op in #1945-#2135 (its two parameters are in no optimizer)",
             "NGRAM_TILT_ENABLED": "this script has no n-gram tilt (#2130, #2135)",
@@ -1612,6 +1610,15 @@ def awq_choice(state: dict[str, torch.Tensor], labels: dict[str, str], hessians:
     return None if best is None else (best[1], best[2])
 
 
+def grouped(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x's values flattened into rows of `group`, the last padded with 0 (LQER's B: one scale per row)."""
+    return F.pad(x.flatten(), (0, -x.numel() % group)).view(-1, group)
+
+
+def ungrouped(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return flat.flatten()[:like.numel()].view_as(like)
+
+
 def lqer_factors(err: torch.Tensor, rank: int, group: int) -> dict[str, np.ndarray]:
     """LQER (#1797, as #1855 ships it): err ~ A B from its rank-r SVD, A = U S [rows, r] as int2 codes {-2..1} on one
     scale max|A| / 1.5, B = V^T [r, cols] as int4 codes {-8..7}, one scale (max / 7.5) per `group` values of B flat."""
@@ -1619,9 +1626,9 @@ def lqer_factors(err: torch.Tensor, rank: int, group: int) -> dict[str, np.ndarr
     r = min(rank, S.numel())
     a, b = U[:, :r] * S[:r], Vh[:r]
     sa = (a.abs().amax().clamp_min(FP16_TINY) / 1.5).half()
-    flat = F.pad(b.flatten(), (0, -b.numel() % group)).view(-1, group)
+    flat = grouped(b, group)
     sb = (flat.abs().amax(dim=1).clamp_min(FP16_TINY) / 7.5).half()
-    qb = torch.clamp(torch.round(flat / sb.float()[:, None]), -8, 7).flatten()[:b.numel()].view_as(b)
+    qb = ungrouped(torch.clamp(torch.round(flat / sb.float()[:, None]), -8, 7), b)
     return dict(lqer_a=torch.clamp(torch.round(a / sa.float()), -2, 1).to(torch.int8).numpy(),
                 lqer_a_scale=sa.reshape(1).numpy(), lqer_b=qb.to(torch.int8).numpy(), lqer_b_scale=sb.numpy())
 
@@ -1638,9 +1645,7 @@ def dequantize(p: dict[str, np.ndarray], note: dict) -> torch.Tensor:
         w[:, a:b] = q[:, a:b] * torch.from_numpy(p["fine_scale"]).float()[:, None]
     if "lqer_a" in p:
         qb = torch.from_numpy(p["lqer_b"]).float()
-        group = note["lqer_group"]
-        flat = F.pad(qb.flatten(), (0, -qb.numel() % group)).view(-1, group)
-        b = (flat * torch.from_numpy(p["lqer_b_scale"]).float()[:, None]).flatten()[:qb.numel()].view_as(qb)
+        b = ungrouped(grouped(qb, note["lqer_group"]) * torch.from_numpy(p["lqer_b_scale"]).float()[:, None], qb)
         w += (torch.from_numpy(p["lqer_a"]).float() * float(p["lqer_a_scale"][0])) @ b
     return w
 
