@@ -321,6 +321,7 @@ DEVICE_CHOICES = {"compile": {"auto": (True, False), "1": (True, True), "0": (Fa
 OTHER_SOFTWARE = {"NUM_THREADS"}
 
 # Names other submissions (or earlier versions of this script) use: a copied launch command fails loudly.
+# A plain literal: tools/gpu_check.py reads it from the source with ast.literal_eval (no torch there).
 NOT_OURS = {"WARMDOWN_ITERS": "use WARMDOWN_FRAC (a fraction of the expected run)",
             "EVAL_BATCH_SEQS": "use EVAL_BATCH_WINDOWS",
             "NUM_LOOPS": "use LOOP_PASSES, its value + 1 (the passes in all), with LOOP_LAYERS; RECUR_LAYERS repeats "
@@ -371,8 +372,10 @@ NOT_OURS = {"WARMDOWN_ITERS": "use WARMDOWN_FRAC (a fraction of the expected run
             "TTT_BETA2": "use LORA_BETA2", "TTT_WEIGHT_DECAY": "use LORA_WEIGHT_DECAY",
             "TTT_LORA_ALPHA": "use LORA_ALPHA",
             "TTT_WARM_START_A": "use LORA_CARRY", "GLOBAL_TTT_MOMENTUM": "use PHASE_MOMENTUM",
-            **dict.fromkeys(("TTT_K_LORA", "TTT_Q_LORA", "TTT_V_LORA", "TTT_MASK"),
-                            "the document LoRA always adapts Q, K, V, O, the MLP and the head"),
+            "TTT_K_LORA": "the document LoRA always adapts Q, K, V, O, the MLP and the head",
+            "TTT_Q_LORA": "the document LoRA always adapts Q, K, V, O, the MLP and the head",
+            "TTT_V_LORA": "the document LoRA always adapts Q, K, V, O, the MLP and the head",
+            "TTT_MASK": "the document LoRA always adapts Q, K, V, O, the MLP and the head",
             "FUSED_CE_ENABLED": "this script has no fused cross-entropy kernel",
             "ASYM_LOGIT_RESCALE": "not built: a no-op in #1945-#2135 (its two parameters are in no optimizer)",
             "NGRAM_TILT_ENABLED": "this script has no n-gram tilt (#2130, #2135)",
